@@ -1,0 +1,258 @@
+"""Covariance families: each one is a small parameterization of the covariances over one raw tensor.
+
+Everything else (likelihood, fit loop, EM, resets) is shared; a family only says how its unconstrained
+raw tensor maps to covariances, where the variance floor (the clamp) acts, and how a covariance matrix
+maps back to raw values.
+
+| family             | raw shape   | raw holds                                    | covariance          |
+|--------------------|-------------|----------------------------------------------|---------------------|
+| `full`             | (K, D, D)   | strict lower triangle of L_k, log diag(L_k)  | L_k L_k^T           |
+| `tied`             | (1, D, D)   | the same for one shared L                    | L L^T, all k        |
+| `diagonal`         | (K, D)      | log variances                                | diag(s2_k1..s2_kD)  |
+| `isotropic`        | (K, 1)      | log variance                                 | s2_k I              |
+| `shared_isotropic` | (1, 1)      | log variance                                 | s2 I, all k         |
+| `constant`         | (1, 1)      | log of the fixed variance (a buffer)         | v I, all k, fixed   |
+
+The clamp: after every optimizer step every diagonal element of every covariance is >= clamp (variance
+units). Cholesky families clamp L_kk >= sqrt(clamp) (so Sigma_kk = sum_j L_kj^2 >= clamp); the others
+clamp the log variance at log(clamp). One in-place op covers all components.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._validation import check_choice
+
+FAMILIES: tuple[str, ...] = ("full", "tied", "diagonal", "isotropic", "shared_isotropic", "constant")
+
+
+class Covariance(NamedTuple):
+    """A covariance in the form the likelihood consumes. K' is K, or 1 for shared families."""
+
+    scale_tril: Tensor | None  # (K', D, D) lower Cholesky factor, or None
+    variances: Tensor | None  # (K', D) diagonal variances, or None
+    half_log_det: Tensor  # (K',) 0.5 * log det(Sigma_k)
+
+
+class Family:
+    """Base class: a parameterization of K covariances of dimension D by one raw tensor."""
+
+    name: str = ""
+    shared: bool = False  # one covariance for all components (K' = 1)
+    cholesky: bool = False  # full matrices through a Cholesky factor, else diagonal variances
+    trainable: bool = True
+    # raw floor = log(clamp) * floor_scale: log L_kk >= 0.5 log(clamp), log var >= log(clamp)
+    floor_scale: float = 1.0
+
+    def __init__(self, num_dims: int):
+        self.num_dims = num_dims
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_dims={self.num_dims})"
+
+    def raw_shape(self, num_components: int, num_dims: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def covariance(self, raw: Tensor) -> Covariance:
+        """Raw tensor -> the likelihood's covariance form, differentiable."""
+        raise NotImplementedError
+
+    def from_covariances(self, covariances: Tensor, weights: Tensor | None = None) -> Tensor:
+        """(K, D, D) SPD matrices -> raw values: the closest member of this family.
+
+        Shared families pool the matrices with `weights` (uniform by default). This projection is also
+        the closed-form EM M-step of the family given per-component scatter matrices.
+        """
+        raise NotImplementedError
+
+    def num_parameters(self, num_components: int, num_dims: int) -> int:
+        raise NotImplementedError
+
+    # -- shared behaviour ---------------------------------------------------------------------------
+    def floor_view(self, raw: Tensor) -> Tensor:
+        """The raw entries the clamp acts on, as a (K', m) view into `raw`."""
+        return raw
+
+    def raw_floor(self, clamp: float) -> float:
+        return math.log(clamp) * self.floor_scale
+
+    @torch.no_grad()
+    def clamp_(self, raw: Tensor, clamp: float) -> tuple[Tensor, Tensor]:
+        """Raise every floored entry of `raw` to the floor, in place.
+
+        Returns:
+            (clamped, smallest): (K',) bool, whether any entry of that covariance was raised, and (K',)
+            the smallest variance (or L_kk^2) before clamping.
+        """
+        view = self.floor_view(raw)
+        floor = self.raw_floor(clamp)
+        smallest = view.amin(-1)
+        clamped = smallest < floor
+        view.clamp_(min=floor)
+        return clamped, smallest.mul(1.0 / self.floor_scale).exp()
+
+    def variances_of(self, raw: Tensor) -> Tensor:
+        """(K', D) diagonal of each covariance."""
+        cov = self.covariance(raw)
+        if cov.variances is not None:
+            return cov.variances
+        return cov.scale_tril.square().sum(-1)
+
+    def covariances(self, raw: Tensor, num_components: int) -> Tensor:
+        """(K, D, D) full covariance matrices for every component."""
+        cov = self.covariance(raw)
+        if cov.scale_tril is not None:
+            mat = cov.scale_tril @ cov.scale_tril.transpose(-1, -2)
+        else:
+            mat = torch.diag_embed(cov.variances)
+        return mat.expand(num_components, -1, -1)
+
+
+def _pool(covariances: Tensor, weights: Tensor | None) -> Tensor:
+    """Weighted mean over components: (K, ...) -> (1, ...)."""
+    if weights is None:
+        return covariances.mean(0, keepdim=True)
+    w = weights / weights.sum()
+    return torch.einsum("k,k...->...", w.to(covariances.dtype), covariances).unsqueeze(0)
+
+
+def _raw_tril(covariances: Tensor) -> Tensor:
+    chol, info = torch.linalg.cholesky_ex(covariances)
+    if bool((info != 0).any()):
+        raise ValueError(
+            "a covariance matrix is not positive definite; increase clamp, use fewer components, "
+            "or scale the input data"
+        )
+    return chol.tril(-1) + torch.diag_embed(chol.diagonal(dim1=-2, dim2=-1).log())
+
+
+class _Cholesky(Family):
+    cholesky = True
+    floor_scale = 0.5
+
+    def covariance(self, raw: Tensor) -> Covariance:
+        log_diag = raw.diagonal(dim1=-2, dim2=-1)  # (K', D)
+        scale_tril = raw.tril(-1) + torch.diag_embed(log_diag.exp())
+        return Covariance(scale_tril, None, log_diag.sum(-1))
+
+    def floor_view(self, raw: Tensor) -> Tensor:
+        return raw.diagonal(dim1=-2, dim2=-1)
+
+
+class Full(_Cholesky):
+    name = "full"
+
+    def raw_shape(self, num_components, num_dims):
+        return (num_components, num_dims, num_dims)
+
+    def from_covariances(self, covariances, weights=None):
+        return _raw_tril(covariances)
+
+    def num_parameters(self, num_components, num_dims):
+        return num_components * num_dims * (num_dims + 1) // 2
+
+
+class Tied(_Cholesky):
+    name = "tied"
+    shared = True
+
+    def raw_shape(self, num_components, num_dims):
+        return (1, num_dims, num_dims)
+
+    def from_covariances(self, covariances, weights=None):
+        return _raw_tril(_pool(covariances, weights))
+
+    def num_parameters(self, num_components, num_dims):
+        return num_dims * (num_dims + 1) // 2
+
+
+class _Diagonal(Family):
+    def _log_variances(self, covariances: Tensor) -> Tensor:
+        return covariances.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(covariances.dtype).tiny).log()
+
+
+class Diagonal(_Diagonal):
+    name = "diagonal"
+
+    def raw_shape(self, num_components, num_dims):
+        return (num_components, num_dims)
+
+    def covariance(self, raw):
+        return Covariance(None, raw.exp(), 0.5 * raw.sum(-1))
+
+    def from_covariances(self, covariances, weights=None):
+        return self._log_variances(covariances)
+
+    def num_parameters(self, num_components, num_dims):
+        return num_components * num_dims
+
+
+class Isotropic(_Diagonal):
+    """One variance per component; the raw (K, 1) log variance is broadcast over D."""
+
+    name = "isotropic"
+
+    def raw_shape(self, num_components, num_dims):
+        return (num_components, 1)
+
+    def covariance(self, raw):
+        return Covariance(None, raw.exp().expand(-1, self.num_dims), (0.5 * self.num_dims) * raw[:, 0])
+
+    def from_covariances(self, covariances, weights=None):
+        mean_var = covariances.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)
+        return mean_var.clamp_min(torch.finfo(covariances.dtype).tiny).log()
+
+    def num_parameters(self, num_components, num_dims):
+        return num_components
+
+
+class SharedIsotropic(Isotropic):
+    name = "shared_isotropic"
+    shared = True
+
+    def raw_shape(self, num_components, num_dims):
+        return (1, 1)
+
+    def from_covariances(self, covariances, weights=None):
+        return super().from_covariances(_pool(covariances, weights))
+
+    def num_parameters(self, num_components, num_dims):
+        return 1
+
+
+class Constant(SharedIsotropic):
+    """v I for every component with a fixed v: nothing is learned and the clamp does not apply."""
+
+    name = "constant"
+    trainable = False
+
+    def num_parameters(self, num_components, num_dims):
+        return 0
+
+    @torch.no_grad()
+    def clamp_(self, raw, clamp):
+        return torch.zeros(1, dtype=torch.bool, device=raw.device), raw.exp().reshape(1)
+
+
+_FAMILIES: dict[str, type[Family]] = {
+    "full": Full,
+    "tied": Tied,
+    "diagonal": Diagonal,
+    "isotropic": Isotropic,
+    "shared_isotropic": SharedIsotropic,
+    "constant": Constant,
+}
+
+
+def get_family(name: str, num_dims: int) -> Family:
+    """The family called `name`, ready for data of `num_dims` dimensions.
+
+    Raises:
+        ValueError: unknown name (the closest known name is suggested).
+    """
+    return _FAMILIES[check_choice(name, FAMILIES, "family")](num_dims)

@@ -1,0 +1,402 @@
+"""The one gradient-descent loop shared by every family: Adam on the mean NLL, clamp, collapse resets.
+
+Each iteration t = 1..T:
+  1. the step function computes the NLL of the current parameters (history[t-1]) and its gradients,
+     and Adam updates the parameters (two groups: weight logits at `mixture_lr`, means and covariance
+     parameters at `component_lr`, both scaled by the learning-rate schedule);
+  2. the clamp raises every covariance diagonal element below `clamp` to it (a "clamp" event per
+     component touched);
+  3. collapse rule: a component is *collapsed* when the clamp touched its covariance at this step AND its
+     responsibility mass sum_n p(k | x_n) (computed exactly from the weight-logit gradient,
+     mass_k = N (pi_k - dNLL/dlogit_k)) is below `reset_min_mass` (default D + 1: fewer points than a
+     D-dimensional covariance needs). A collapsed component is *reset*: its mean moves to a data point
+     drawn with the fit's generator from the 10% of points the model explains worst, its covariance to
+     cov(X) / K^(2/D) (not for shared covariances), its weight logit to the mean logit, and its Adam
+     moments to zero so momentum does not push it straight back (a "reset" event).
+history[T] is the exact NLL after the last update, which `fit` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import likelihood
+from ._validation import check_choice, check_data, check_float, check_int, make_generator
+from .init import INITS, base_covariance, initialize
+from .model import MixtureModel, chunk_rows
+from .optim import FusedAdam
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "constant")
+GRADIENTS = ("autograd", "analytic")
+_CHECK_EVERY = 50  # steps between checks that the NLL is finite
+_WORST_FRACTION = 0.1  # resets draw from this fraction of worst-explained points
+_QUADRATIC_MIN_ELEMENTS = 1 << 22  # auto: quadratic path once N * K * D reaches this
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Options of `fit`, with their defaults. Pass any of them as keywords to `model.fit`."""
+
+    num_iterations: int = 1000  # Adam steps
+    mixture_lr: float = 1e-2  # Adam lr of the weight logits; 0 freezes the weights
+    component_lr: float = 1e-2  # Adam lr of means and covariance parameters; 0 freezes them
+    clamp: float = 1e-6  # variance floor, in variance units (not std), for every covariance diagonal
+    init: str = "kmeans++"  # "kmeans++", "random", "radius" (uniform in +-radius) or "keep"
+    radius: float | None = None  # half-width for init="radius"; default max |x|
+    reset: bool = True  # reset collapsed components (see module docstring)
+    reset_min_mass: float | None = None  # collapse threshold on responsibility mass; default D + 1
+    lr_schedule: str = "cosine"  # "cosine" annealing to 0 over the fit, or "constant"
+    seed: int | None = 0  # seeds the fit's generator (init and resets), unless `generator` is given
+    generator: torch.Generator | None = None
+    tol: float | None = None  # stop when |NLL[t] - NLL[t-1]| < tol; off by default
+    log_freq: int | None = None  # steps between callback calls and log lines; default T // 100
+    callback: Callable[[int, float, list], None] | None = None  # callback(step, nll, new_events)
+    gradients: str = "autograd"  # "autograd" or "analytic" (hand-derived, gmm.scratch)
+    compile: bool = False  # torch.compile the step (analytic gradients); falls back to eager
+    quadratic: bool | None = None  # quadratic-expansion likelihood; None = auto (large N*K*D)
+    batch_size: int | None = None  # mini-batch size; None = full batch
+    device: str | torch.device | None = None  # default: the model's
+    dtype: torch.dtype | None = None  # default: the model's
+    progress: bool | None = None  # tqdm bar; None = only on a terminal and for long fits
+
+
+@dataclass(frozen=True)
+class FitEvent:
+    """A clamp or reset. `component` is -1 for a shared covariance."""
+
+    step: int
+    component: int
+    kind: str  # "clamp" or "reset"
+    detail: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The whole record of one fit.
+
+    Attributes:
+        nll_history: (T + 1,) float64; entry t is the mean NLL after t updates (entry 0: the start).
+        events: every clamp and reset, in order.
+        num_iterations: updates run (fewer than asked when `tol` stopped the fit).
+        wall_time: seconds in the loop (init and compilation excluded).
+        init_time, compile_time: seconds spent initializing and compiling.
+        converged: `tol` was reached.
+        final_nll: nll_history[-1].
+        completed: False when the fit was interrupted (the record then ends where it stopped).
+    """
+
+    nll_history: Tensor
+    events: tuple[FitEvent, ...]
+    num_iterations: int
+    wall_time: float
+    init_time: float
+    compile_time: float
+    converged: bool
+    final_nll: float
+    options: FitOptions = field(repr=False)
+    completed: bool = True
+
+    @property
+    def clamp_count(self) -> int:
+        return sum(e.kind == "clamp" for e in self.events)
+
+    @property
+    def reset_count(self) -> int:
+        return sum(e.kind == "reset" for e in self.events)
+
+    @property
+    def iterations_per_second(self) -> float:
+        return self.num_iterations / self.wall_time if self.wall_time > 0 else float("inf")
+
+
+class NonFiniteNLLError(FloatingPointError):
+    """The NLL became NaN or infinite; `step` says when."""
+
+    def __init__(self, step: int, value: float):
+        self.step = step
+        super().__init__(
+            f"the NLL became non-finite ({value}) at step {step}; lower the learning rates, raise clamp, "
+            "or scale the data"
+        )
+
+
+def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
+    """FitOptions from defaults (or `options`) and keyword overrides, validated. Unknown keys raise."""
+    base = options if options is not None else FitOptions()
+    names = {f.name for f in dataclasses.fields(FitOptions)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
+        hint = "".join(f" (did you mean {h[0]!r}?)" for h in hints if h)
+        raise TypeError(f"unknown fit option(s) {', '.join(unknown)}{hint}; see gmm.FitOptions")
+    opts = dataclasses.replace(base, **overrides)
+    check_int(opts.num_iterations, "num_iterations", minimum=1)
+    check_float(opts.mixture_lr, "mixture_lr", nonnegative=True)
+    check_float(opts.component_lr, "component_lr", nonnegative=True)
+    check_float(opts.clamp, "clamp", positive=True)
+    check_choice(opts.init, INITS, "init")
+    check_choice(opts.lr_schedule, SCHEDULES, "lr_schedule")
+    check_choice(opts.gradients, GRADIENTS, "gradients")
+    if opts.radius is not None:
+        check_float(opts.radius, "radius", positive=True)
+    if opts.reset_min_mass is not None:
+        check_float(opts.reset_min_mass, "reset_min_mass", nonnegative=True)
+    if opts.tol is not None:
+        check_float(opts.tol, "tol", positive=True)
+    if opts.log_freq is not None:
+        check_int(opts.log_freq, "log_freq", minimum=1)
+    if opts.batch_size is not None:
+        check_int(opts.batch_size, "batch_size", minimum=1)
+    if opts.callback is not None and not callable(opts.callback):
+        raise TypeError(f"callback must be callable; got {type(opts.callback).__name__}")
+    return opts
+
+
+def lr_factor(schedule: str, step: int, num_iterations: int) -> float:
+    """Learning-rate multiplier at `step` (0-based): cosine annealing from 1 to 0, or constant 1."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / num_iterations))
+
+
+# -- step functions ---------------------------------------------------------------------------------------
+class AutogradStep:
+    """NLL + autograd + torch's fused Adam, over chunks of N so memory stays bounded.
+
+    `step(lr_mixture, lr_component)` returns the NLL (a 0-d tensor) of the parameters before the update.
+    `mass()` gives the responsibility mass of each component at those parameters.
+    """
+
+    def __init__(self, model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool):
+        self.model = model
+        self.num_samples = x.shape[0]
+        self.quadratic = quadratic
+        components = [model.locs] + ([model.raw_cov] if model.family.trainable else [])
+        self.optimizer = FusedAdam([[model.logits], components])
+        self.params = self.optimizer.params
+        rows = chunk_rows(model.num_components, model.num_dims)
+        if quadratic:
+            self.center = x.mean(0)
+            rows *= 4  # the quadratic path keeps only (rows, K) intermediates
+            self.chunks = [
+                likelihood.quadratic_features(c, self.center, model.family.cholesky) for c in x.split(rows)
+            ]
+        else:
+            self.chunks = list(x.split(rows))
+        self.logits_before = model.logits.detach().clone()
+
+    def _loss(self, chunk: Tensor) -> Tensor:
+        m = self.model
+        cov = m.covariance()
+        if self.quadratic:
+            joint = chunk @ likelihood.quadratic_weights(m.logits, m.locs, cov, self.center)
+        else:
+            joint = likelihood.joint_log_prob(chunk, m.logits, m.locs, cov)
+        return likelihood.logsumexp(joint).sum() * (-1.0 / self.num_samples)
+
+    def step(self, lr_mixture: float, lr_component: float) -> Tensor:
+        for p in self.params:
+            p.grad = None
+        if len(self.chunks) == 1:
+            loss = self._loss(self.chunks[0])
+            loss.backward()
+            nll = loss.detach()
+        else:
+            nll = torch.zeros((), dtype=torch.float64, device=self.model.device)
+            for chunk in self.chunks:
+                loss = self._loss(chunk)
+                loss.backward()
+                nll += loss.detach()
+        self.logits_before.copy_(self.model.logits.detach())
+        self.optimizer.step([lr_mixture, lr_component])
+        return nll
+
+    def mass(self) -> Tensor:
+        """(K,) sum_n p(k | x_n) at the parameters of the last step, from the logit gradient."""
+        grad = self.model.logits.grad.detach()
+        return (torch.softmax(self.logits_before, -1) - grad) * self.num_samples
+
+    def reset_moments(self, components: Tensor) -> None:
+        m = self.model
+        per_component = [m.logits, m.locs] + ([m.raw_cov] if m.family.trainable and not m.family.shared else [])
+        self.optimizer.reset_rows(per_component, components)
+
+
+def make_step(model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool):
+    """The step function for `opts.gradients` / `opts.compile`."""
+    if opts.gradients == "analytic" or opts.compile:
+        from . import scratch  # noqa: PLC0415  (optional path, imported only when asked)
+
+        return scratch.make_step(model, x, opts, quadratic)
+    return AutogradStep(model, x, opts, quadratic)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------
+def _use_quadratic(opts: FitOptions, n: int, k: int, d: int) -> bool:
+    return opts.quadratic if opts.quadratic is not None else n * k * d >= _QUADRATIC_MIN_ELEMENTS
+
+
+def _progress_bar(opts: FitOptions, total: int):
+    show = opts.progress if opts.progress is not None else (sys.stderr.isatty() and total >= 2000)
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="fit", unit="step", leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def _reset(model: MixtureModel, x: Tensor, components: list[int], g: torch.Generator, reset_raw: Tensor) -> list[int]:
+    """Reset `components` (see module docstring); returns the data rows their means moved to."""
+    lp = model.log_prob(x)
+    worst = lp.topk(max(len(components), math.ceil(_WORST_FRACTION * x.shape[0])), largest=False).indices
+    rows = worst[torch.randperm(worst.shape[0], generator=g)[: len(components)].to(worst.device)]
+    idx = torch.tensor(components, device=x.device)
+    model.locs[idx] = x[rows]
+    model.logits[idx] = model.logits.mean()
+    if model.family.trainable and not model.family.shared:
+        model.raw_cov[idx] = reset_raw[idx]
+    return rows.tolist()
+
+
+def fit(model: MixtureModel, data, options: FitOptions | None = None, **overrides) -> FitResult:
+    """Fit `model` to `data` (N, D) by Adam on the mean NLL. See `FitOptions` and the module docstring.
+
+    Returns:
+        The FitResult, also stored as `model.fit_result_` (a partial one, `completed=False`, when the
+        fit raises, e.g. on KeyboardInterrupt, a non-finite NLL or an exception from the callback).
+
+    Raises:
+        ValueError / TypeError: bad data or options, with the fix in the message.
+        NonFiniteNLLError: the NLL became NaN or infinite.
+    """
+    opts = make_options(options, **overrides)
+    if opts.device is not None or opts.dtype is not None:
+        model.to(device=opts.device, dtype=opts.dtype)
+    x = check_data(data, num_dims=model.num_dims, min_samples=model.num_components, dtype=model.dtype, device=model.device)
+    n, k, d = x.shape[0], model.num_components, model.num_dims
+    g = make_generator(None if opts.generator is not None else opts.seed, opts.generator)
+    total = opts.num_iterations
+    min_mass = float(d + 1) if opts.reset_min_mass is None else opts.reset_min_mass
+    log_freq = opts.log_freq or max(1, total // 100)
+
+    t0 = time.perf_counter()
+    initialize(model, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
+    model.family.clamp_(model.raw_cov, opts.clamp)
+    reset_raw = model.family.from_covariances(
+        base_covariance(x, k, opts.clamp).to(model.device, model.dtype).expand(k, d, d)
+    )
+    init_time = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    stepper = make_step(model, x, opts, _use_quadratic(opts, n, k, d))
+    compile_time = getattr(stepper, "compile_time", time.perf_counter() - t0)
+
+    history: list[Tensor] = []  # 0-d NLL tensors; appending is far cheaper than writing into a tensor
+    events: list[FitEvent] = []
+    reported = 0  # events already passed to the callback
+    checked = 0  # history entries already checked for finiteness
+    converged = False
+    bar = _progress_bar(opts, total)
+    step = 0
+
+    def record(completed: bool, wall: float) -> FitResult:
+        kept = _stack(history)
+        final = float(kept[-1]) if len(history) else float("nan")
+        result = FitResult(
+            kept, tuple(events), max(0, len(history) - 1), wall, init_time, compile_time, converged, final, opts,
+            completed,
+        )
+        model.fit_result_ = result
+        return result
+
+    start = time.perf_counter()
+    try:
+        for step in range(1, total + 1):
+            factor = lr_factor(opts.lr_schedule, step - 1, total)
+            history.append(stepper.step(opts.mixture_lr * factor, opts.component_lr * factor))
+            clamped, smallest = model.family.clamp_(model.raw_cov, opts.clamp)
+            if bool(clamped.any()):
+                _on_clamp(model, x, stepper, step, clamped, smallest, opts, min_mass, g, reset_raw, events)
+            if step - checked >= _CHECK_EVERY or step == total:
+                _check_finite(history, checked, step)
+                checked = step
+            if opts.tol is not None and step >= 2 and abs(float(history[-1] - history[-2])) < opts.tol:
+                converged = True
+                break
+            if step % log_freq == 0:
+                nll = float(history[-1])
+                log.debug("step %d: nll %.6f", step, nll)
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(nll=f"{nll:.4f}", refresh=False)
+                if opts.callback is not None:
+                    opts.callback(step, nll, events[reported:])
+                    reported = len(events)
+        history.append(torch.tensor(-model.score(x), dtype=torch.float64))
+        _check_finite(history, checked, len(history))
+    except BaseException:
+        # keep what was recorded: the history up to the last finished step, and every event
+        record(False, time.perf_counter() - start)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - start
+    if opts.callback is not None and (total % log_freq != 0 or converged or events[reported:]):
+        opts.callback(step, float(history[-1]), events[reported:])
+    return record(True, wall)
+
+
+def _stack(history: list[Tensor]) -> Tensor:
+    if not history:
+        return torch.empty(0, dtype=torch.float64)
+    return torch.stack([h.to("cpu", torch.float64) for h in history])
+
+
+def _check_finite(history: list[Tensor], start: int, stop: int) -> None:
+    if stop <= start:
+        return
+    window = _stack(history[start:stop])
+    bad = (~torch.isfinite(window)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise NonFiniteNLLError(start + i, float(window[i]))
+
+
+def _on_clamp(model, x, stepper, step, clamped, smallest, opts, min_mass, g, reset_raw, events) -> None:
+    """Record clamp events for the components touched and reset the collapsed ones."""
+    shared = model.family.shared
+    for c in clamped.nonzero()[:, 0].tolist():
+        events.append(
+            FitEvent(step, -1 if shared else c, "clamp", f"variance {float(smallest[c]):.3g} raised to {opts.clamp:.3g}")
+        )
+    if not opts.reset:
+        return
+    mass = stepper.mass()
+    touched = clamped.expand(model.num_components) if shared else clamped
+    collapsed = (touched & (mass < min_mass)).nonzero()[:, 0].tolist()
+    if not collapsed:
+        return
+    rows = _reset(model, x, collapsed, g, reset_raw)
+    stepper.reset_moments(torch.tensor(collapsed, device=model.device))
+    for c, row in zip(collapsed, rows, strict=True):
+        events.append(
+            FitEvent(step, c, "reset", f"mass {float(mass[c]):.3g} < {min_mass:.3g} on the floor; mean -> sample {row}")
+        )

@@ -1,0 +1,104 @@
+"""Data-driven starting points, shared by gradient descent and EM so both can start from the same place.
+
+| init         | means                                          | covariances                              | weights        |
+|--------------|------------------------------------------------|------------------------------------------|----------------|
+| `kmeans++`   | k-means++ seeding + Lloyd iterations           | within-cluster scatter, shrunk to `base` | cluster shares |
+| `random`     | K distinct data points                         | `base`                                   | equal          |
+| `radius`     | uniform in [-radius, radius]^D (the original)  | identity                                 | equal          |
+| `keep`       | the model's current parameters                 |                                          |                |
+
+`base` is the data covariance shrunk to one cluster's share of the volume: cov(X) / K^(2/D). It is also
+the covariance a collapsed component is reset to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INITS: tuple[str, ...] = ("kmeans++", "random", "radius", "keep")
+_KMEANS_MAX_SAMPLES = 100_000
+_KMEANS_ITERATIONS = 20
+
+
+def base_covariance(x: Tensor, num_components: int, floor: float) -> Tensor:
+    """(D, D) cov(X) / K^(2/D), with its diagonal at least `floor` (float64)."""
+    xd = x.double()
+    num_dims = x.shape[1]
+    centred = xd - xd.mean(0)
+    cov = centred.T @ centred / max(1, x.shape[0] - 1)
+    cov = cov / num_components ** (2.0 / num_dims)
+    # a zero-variance dimension or a single point still gives an SPD matrix
+    scale = max(float(cov.diagonal().mean()), floor, 1e-12)
+    return cov + torch.eye(num_dims, dtype=torch.float64) * max(floor, 1e-6 * scale)
+
+
+def kmeans_plus_plus(x: Tensor, num_components: int, g: torch.Generator) -> Tensor:
+    """(K, D) seeds: the first uniformly, each next with probability proportional to D(x)^2."""
+    n = x.shape[0]
+    first = int(torch.randint(n, (1,), generator=g))
+    centers = [x[first]]
+    closest = (x - x[first]).square().sum(-1)
+    for _ in range(1, num_components):
+        total = float(closest.sum())
+        if total > 0:
+            idx = int(torch.multinomial((closest / total).cpu(), 1, generator=g))
+        else:  # all points coincide with a center: any point will do
+            idx = int(torch.randint(n, (1,), generator=g))
+        centers.append(x[idx])
+        closest = torch.minimum(closest, (x - x[idx]).square().sum(-1))
+    return torch.stack(centers)
+
+
+def kmeans(x: Tensor, num_components: int, g: torch.Generator, iterations: int = _KMEANS_ITERATIONS):
+    """Lloyd's algorithm from k-means++ seeds. Returns (centers (K, D), labels (N,))."""
+    centers = kmeans_plus_plus(x, num_components, g)
+    labels = torch.cdist(x, centers).argmin(-1)
+    for _ in range(iterations):
+        one_hot = torch.nn.functional.one_hot(labels, num_components).to(x.dtype)  # (N, K)
+        counts = one_hot.sum(0)
+        sums = one_hot.T @ x
+        centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
+        new_labels = torch.cdist(x, centers).argmin(-1)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    return centers, labels
+
+
+def scatter_covariances(x: Tensor, resp: Tensor, means: Tensor, base: Tensor, prior: float) -> Tensor:
+    """(K, D, D) responsibility-weighted scatter, shrunk toward `base` with `prior` pseudo-samples."""
+    counts = resp.sum(0)  # (K,)
+    diff = x.unsqueeze(1) - means  # (N, K, D)
+    scatter = torch.einsum("nk,nkd,nke->kde", resp, diff, diff)
+    return (scatter + prior * base) / (counts + prior)[:, None, None]
+
+
+@torch.no_grad()
+def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: float, radius: float | None = None):
+    """Set `model`'s parameters from data `x` (N, D) by `method` (one of INITS), drawing from `g`."""
+    if method == "keep":
+        return
+    k, d = model.num_components, model.num_dims
+    base = base_covariance(x, k, clamp)
+    xs = x.double()
+    if method == "kmeans++":
+        if xs.shape[0] > _KMEANS_MAX_SAMPLES:
+            xs = xs[torch.randperm(xs.shape[0], generator=g)[:_KMEANS_MAX_SAMPLES].to(xs.device)]
+        means, labels = kmeans(xs, k, g)
+        resp = torch.nn.functional.one_hot(labels, k).double()
+        covariances = scatter_covariances(xs, resp, means, base.to(xs.device), prior=d + 1.0)
+        weights = (resp.sum(0) + 1.0) / (xs.shape[0] + k)
+    elif method == "random":
+        idx = torch.randperm(xs.shape[0], generator=g)[:k].to(xs.device)
+        means = xs[idx]
+        covariances = base.expand(k, d, d)
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    elif method == "radius":
+        r = float(x.abs().max()) if radius is None else radius
+        means = (torch.rand(k, d, generator=g, dtype=torch.float64) * 2 - 1) * r
+        covariances = torch.eye(d, dtype=torch.float64).expand(k, d, d)
+        weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown init {method!r}; choose one of {', '.join(INITS)}")
+    model.set_parameters(means=means, covariances=covariances, weights=weights)

@@ -1,0 +1,57 @@
+"""Adam with torch's fused kernel, called directly: the same arithmetic as `torch.optim.Adam(fused=True)`
+without the optimizer's per-step Python bookkeeping, which dominates a step at small sizes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class FusedAdam:
+    """Adam over parameter groups `[(params, lr), ...]`; `step(lrs)` applies one update with those lrs.
+
+    Moments live in `exp_avg` / `exp_avg_sq` (one tensor per parameter), so rows can be reset in place.
+    Falls back to the foreach implementation where no fused kernel exists (device or dtype).
+    """
+
+    def __init__(self, groups: list[list[Tensor]], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.groups = [list(g) for g in groups]
+        self.params = [p for g in self.groups for p in g]
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.exp_avg = {p: torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params}
+        self.exp_avg_sq = {p: torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params}
+        self.steps = {p: torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params}
+        self._fused = hasattr(torch, "_fused_adam_") and all(
+            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in self.params
+        )
+        self._lists = [
+            ([self.exp_avg[p] for p in g], [self.exp_avg_sq[p] for p in g], [self.steps[p] for p in g])
+            for g in self.groups
+        ]
+        self._all_steps = [self.steps[p] for p in self.params]
+
+    @torch.no_grad()
+    def step(self, lrs: list[float]) -> None:
+        torch._foreach_add_(self._all_steps, 1)
+        for group, (avgs, sqs, steps), lr in zip(self.groups, self._lists, lrs, strict=True):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+            if self._fused:
+                torch._fused_adam_(
+                    group, grads, avgs, sqs, [], steps, lr=lr, beta1=self.beta1, beta2=self.beta2,
+                    weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                )
+            else:
+                torch.optim.adam.adam(
+                    group, grads, avgs, sqs, [], steps, foreach=True, lr=lr, beta1=self.beta1,
+                    beta2=self.beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                    capturable=False, differentiable=False, fused=None, grad_scale=None, found_inf=None,
+                    has_complex=False, decoupled_weight_decay=False,
+                )
+
+    @torch.no_grad()
+    def reset_rows(self, params: list[Tensor], rows: Tensor) -> None:
+        """Zero the moments of `rows` (first dimension) of each of `params`."""
+        for p in params:
+            self.exp_avg[p][rows] = 0
+            self.exp_avg_sq[p][rows] = 0
