@@ -1,0 +1,26 @@
+"""Shared fixtures: real MLflow and Optuna stores in a temporary folder, one torch thread per worker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# pytest-xdist runs two workers on two cores: one intra-op thread each avoids oversubscription
+torch.set_num_threads(1)
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path) -> str:
+    """A fresh SQLite MLflow tracking store; artifacts go under tmp_path/artifacts."""
+    os.environ["MLFLOW_ARTIFACT_ROOT_FOR_TESTS"] = str(tmp_path / "artifacts")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def optuna_storage(tmp_path) -> str:
+    """A fresh Optuna RDB storage URL on SQLite."""
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
