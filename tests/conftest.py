@@ -14,9 +14,10 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
 @pytest.fixture
-def mlflow_uri(tmp_path) -> str:
-    """A fresh SQLite MLflow tracking store; artifacts go under tmp_path/artifacts."""
-    os.environ["MLFLOW_ARTIFACT_ROOT_FOR_TESTS"] = str(tmp_path / "artifacts")
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow tracking store. The working directory moves to tmp_path, so artifacts of
+    experiments created without an explicit artifact location land there and not in the repository."""
+    monkeypatch.chdir(tmp_path)
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
