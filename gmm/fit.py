@@ -179,9 +179,15 @@ def lr_factor(schedule: str, step: int, num_iterations: int) -> float:
 class AutogradStep:
     """NLL + autograd + torch's fused Adam, over chunks of N so memory stays bounded.
 
-    `step(lr_mixture, lr_component)` returns the NLL (a 0-d tensor) of the parameters before the update.
-    `mass()` gives the responsibility mass of each component at those parameters.
+    The interface every step function implements (see also gmm.scratch):
+    - `step(lr_mixture, lr_component)` -> 0-d tensor: the NLL of the parameters before the update; updates them.
+    - `clamp(clamp)` -> (clamped (K',) bool, smallest (K',)): the variance floor after the update.
+    - `mass()` -> (K,): responsibility mass of each component at the parameters of the last step.
+    - `reset_moments(components)`: zero the optimizer moments of those components.
+    - `compile_time`: seconds spent compiling (0 for eager).
     """
+
+    compile_time = 0.0
 
     def __init__(self, model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool):
         self.model = model
@@ -226,6 +232,10 @@ class AutogradStep:
         self.logits_before.copy_(self.model.logits.detach())
         self.optimizer.step([lr_mixture, lr_component])
         return nll
+
+    def clamp(self, clamp: float) -> tuple[Tensor, Tensor]:
+        """Apply the variance floor after the update: (clamped (K',) bool, smallest variance (K',))."""
+        return self.model.family.clamp_(self.model.raw_cov, clamp)
 
     def mass(self) -> Tensor:
         """(K,) sum_n p(k | x_n) at the parameters of the last step, from the logit gradient."""
@@ -304,9 +314,8 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
     )
     init_time = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
     stepper = make_step(model, x, opts, _use_quadratic(opts, n, k, d))
-    compile_time = getattr(stepper, "compile_time", time.perf_counter() - t0)
+    compile_time = stepper.compile_time
 
     history: list[Tensor] = []  # 0-d NLL tensors; appending is far cheaper than writing into a tensor
     events: list[FitEvent] = []
@@ -331,7 +340,7 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
         for step in range(1, total + 1):
             factor = lr_factor(opts.lr_schedule, step - 1, total)
             history.append(stepper.step(opts.mixture_lr * factor, opts.component_lr * factor))
-            clamped, smallest = model.family.clamp_(model.raw_cov, opts.clamp)
+            clamped, smallest = stepper.clamp(opts.clamp)
             if bool(clamped.any()):
                 _on_clamp(model, x, stepper, step, clamped, smallest, opts, min_mass, g, reset_raw, events)
             if step - checked >= _CHECK_EVERY or step == total:
