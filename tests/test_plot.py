@@ -1,0 +1,239 @@
+"""gmm.plot: figures render headless for every family and D = 1, 2, 5; the ellipses are the model's
+covariances (checked by rebuilding each covariance from its drawn ellipse); the D > 2 projection matches
+scikit-learn's PCA; NLL curves mark resets and reference lines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Ellipse
+from sklearn.decomposition import PCA
+
+import gmm
+from gmm.fit import FitEvent
+from gmm.plot import (
+    check_figure_path,
+    component_colors,
+    make_figure,
+    plot_data_and_model,
+    plot_nll_curve,
+    save_figure,
+)
+
+MIN_PNG_BYTES = 10_000
+
+
+def _fitted(family: str, num_components: int = 3, num_dims: int = 2, steps: int = 30, seed: int = 0):
+    mock = gmm.generate_data(300, num_components, num_dims, radius=6.0, family=family, seed=seed)
+    model = gmm.make_model(family, num_components, num_dims)
+    result = gmm.fit(model, mock.data, num_iterations=steps, component_lr=5e-2, mixture_lr=5e-2, seed=seed)
+    return mock, model, result
+
+
+def _ellipses(ax) -> list[Ellipse]:
+    return [p for p in ax.patches if isinstance(p, Ellipse)]
+
+
+def _covariance_of(ellipse: Ellipse, sigma: float) -> np.ndarray:
+    """The 2x2 covariance whose `sigma` ellipse is `ellipse`: R diag(a^2, b^2) R^T with semi-axes a, b."""
+    theta = math.radians(ellipse.angle)
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    semi = np.array([ellipse.width, ellipse.height]) / (2.0 * sigma)
+    return rot @ np.diag(semi**2) @ rot.T
+
+
+@pytest.fixture(autouse=True)
+def _no_pyplot_figures():
+    """No test may leave a pyplot-managed figure behind (the plots build Figures without pyplot)."""
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    yield
+    assert plt.get_fignums() == before
+
+
+@pytest.mark.parametrize("family", gmm.FAMILIES)
+def test_every_family_renders_with_its_covariances(family, tmp_path):
+    mock, model, _ = _fitted(family)
+    fig = plot_data_and_model(mock.data, model)
+    assert isinstance(fig, Figure)
+    path = save_figure(fig, tmp_path / "fit" / f"{family}.png")  # the parent folder is created
+    assert path.stat().st_size > MIN_PNG_BYTES
+    ax = fig.axes[0]
+    ellipses = _ellipses(ax)
+    assert len(ellipses) == 3 * model.num_components  # 1, 2 and 3 sigma per component
+    covariances = model.covariances.double().numpy()  # (K, D, D)
+    means = model.means.double().numpy()
+    for k in range(model.num_components):
+        for i, sigma in enumerate((1.0, 2.0, 3.0)):
+            e = ellipses[3 * k + i]
+            np.testing.assert_allclose(e.center, means[k], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(_covariance_of(e, sigma), covariances[k], rtol=1e-5, atol=1e-6)
+    assert ax.get_aspect() == 1.0
+    assert family in ax.get_title()
+
+
+def test_ellipse_axes_are_variances_not_stds():
+    """A diagonal component with variances (4, 1) has 1-sigma semi-axes 2 and 1 along x and y."""
+    model = gmm.MixtureModel.from_parameters(
+        "diagonal",
+        means=torch.tensor([[0.0, 0.0], [8.0, 0.0]], dtype=torch.float64),
+        covariances=torch.diag_embed(torch.tensor([[4.0, 1.0], [0.25, 9.0]], dtype=torch.float64)),
+        weights=torch.tensor([0.5, 0.5], dtype=torch.float64),
+    )
+    x, _ = model.sample(200, seed=0)
+    fig = plot_data_and_model(x, model, sigmas=(1.0,))
+    first, second = _ellipses(fig.axes[0])
+    assert sorted([first.width, first.height]) == pytest.approx([2.0, 4.0])
+    assert sorted([second.width, second.height]) == pytest.approx([1.0, 6.0])
+    assert math.cos(math.radians(2 * first.angle)) == pytest.approx(1.0)  # axis-aligned
+
+
+def test_five_dimensions_projects_onto_principal_components(tmp_path):
+    mock, model, _ = _fitted("full", num_components=4, num_dims=5)
+    fig = plot_data_and_model(mock.data, model)
+    assert save_figure(fig, tmp_path / "d5.png").stat().st_size > MIN_PNG_BYTES
+    ax = fig.axes[0]
+    assert "principal components" in ax.get_title()
+    # oracle: scikit-learn's PCA; directions agree up to sign, so compare |coordinates| and eigenvalues
+    x = mock.data.double().numpy()
+    pca = PCA(n_components=2).fit(x)
+    points = _data_offsets(ax, len(x))
+    np.testing.assert_allclose(np.abs(points), np.abs(pca.transform(x)), rtol=1e-6, atol=1e-6)
+    basis = pca.components_  # (2, D)
+    covariances = model.covariances.double().numpy()
+    for k, e in enumerate(_ellipses(ax)[::3]):
+        expected = np.linalg.eigvalsh(basis @ covariances[k] @ basis.T)
+        np.testing.assert_allclose(np.linalg.eigvalsh(_covariance_of(e, 1.0)), expected, rtol=1e-6)
+
+
+def _data_offsets(ax, num_samples: int) -> np.ndarray:
+    (points,) = [c.get_offsets() for c in ax.collections if len(c.get_offsets()) == num_samples]
+    return np.asarray(points)
+
+
+def test_one_dimension_draws_histogram_and_density(tmp_path):
+    mock, model, _ = _fitted("isotropic", num_components=2, num_dims=1)
+    fig = plot_data_and_model(mock.data, model)
+    assert save_figure(fig, tmp_path / "d1.png").stat().st_size > MIN_PNG_BYTES
+    ax = fig.axes[0]
+    assert len(ax.patches) >= 10  # histogram bars
+    (mixture,) = [line for line in ax.lines if line.get_label() == "mixture density"]
+    xs, ys = mixture.get_data()
+    expected = model.log_prob(torch.as_tensor(xs, dtype=torch.float32)[:, None]).exp().numpy()
+    np.testing.assert_allclose(ys, expected, rtol=1e-5)
+    assert np.trapezoid(ys, xs) == pytest.approx(1.0, abs=0.02)
+
+
+def test_many_components_get_distinct_colours(tmp_path):
+    for k in (5, 12, 25):
+        colours = component_colors(k)
+        assert len({tuple(np.round(c, 6)) for c in colours}) == k
+    mock, model, _ = _fitted("diagonal", num_components=12, steps=10)
+    fig = plot_data_and_model(mock.data, model, labels=mock.labels, title="twelve")
+    ax = fig.axes[0]
+    edge = {tuple(np.round(e.get_edgecolor()[:3], 6)) for e in _ellipses(ax)}
+    assert len(edge) == 12
+    assert ax.get_title() == "twelve"
+
+
+def test_draws_on_given_axes():
+    mock, model, result = _fitted("tied")
+    fig, (left, right) = make_figure(2)
+    assert plot_data_and_model(mock.data, model, ax=left) is fig
+    assert plot_nll_curve(result, ax=right) is fig
+    assert len(_ellipses(left)) == 9 and len(right.lines) >= 1
+
+
+def test_bad_inputs_raise_clear_errors():
+    mock, model, _ = _fitted("full", steps=5)
+    with pytest.raises(TypeError, match="gmm.MixtureModel"):
+        plot_data_and_model(mock.data, "not a model")
+    with pytest.raises(ValueError, match="dimensions"):
+        plot_data_and_model(mock.data[:, :1], model)
+    with pytest.raises(ValueError, match="labels must be"):
+        plot_data_and_model(mock.data, model, labels=np.zeros(3, dtype=int))
+    with pytest.raises(ValueError, match="sigmas"):
+        plot_data_and_model(mock.data, model, sigmas=(1.0, -2.0))
+    with pytest.raises(TypeError, match="Axes"):
+        plot_data_and_model(mock.data, model, ax="left")
+    with pytest.raises(ValueError, match="unknown format 'xyz'"):
+        save_figure(Figure(), "plot.xyz")
+    with pytest.raises(ValueError, match="no suffix"):
+        check_figure_path("plot")
+    with pytest.raises(TypeError, match="Figure"):
+        save_figure("figure", "plot.png")
+
+
+# -- NLL curves ---------------------------------------------------------------------------------------------
+def _fit_with_reset():
+    """A real fit with a collapse: two duplicated far-away points attract a component onto the floor."""
+    mock = gmm.generate_data(200, 2, 2, seed=0)
+    x = torch.cat([mock.data, torch.tensor([[30.0, 30.0], [30.0, 30.0]])])
+    model = gmm.make_model("full", 3, 2)
+    result = gmm.fit(model, x, num_iterations=100, component_lr=0.1, clamp=1e-3, seed=0)
+    assert result.reset_count >= 1
+    return result
+
+
+def _vertical_lines(ax) -> list[float]:
+    return [
+        line.get_xdata()[0]
+        for line in ax.lines
+        if np.ptp(line.get_xdata()) == 0 and len(line.get_xdata()) == 2
+    ]
+
+
+def test_nll_curve_marks_resets_and_references(tmp_path):
+    result = _fit_with_reset()
+    fig = plot_nll_curve(result, log_x=True, reference={"EM": 3.61, "truth": 3.65})
+    assert save_figure(fig, tmp_path / "nll.png").stat().st_size > MIN_PNG_BYTES
+    ax = fig.axes[0]
+    curve = ax.lines[0]
+    np.testing.assert_array_equal(curve.get_ydata(), result.nll_history.numpy())
+    np.testing.assert_array_equal(curve.get_xdata(), np.arange(result.num_iterations + 1))
+    resets = sorted({e.step for e in result.events if e.kind == "reset"})
+    assert sorted(_vertical_lines(ax)) == resets
+    horizontal = sorted(line.get_ydata()[0] for line in ax.lines if np.ptp(line.get_ydata()) == 0)
+    assert horizontal == [3.61, 3.65]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "EM: 3.6100" in labels and "truth: 3.6500" in labels and "resets" in labels
+    assert ax.get_xscale() == "symlog"
+
+
+def test_nll_curve_events_only_marks_resets():
+    history = torch.linspace(5.0, 3.0, 51, dtype=torch.float64)
+    events = (
+        FitEvent(10, 1, "reset", "mass 1 < 3"),
+        FitEvent(20, 0, "clamp", "variance raised"),
+        FitEvent(30, 2, "reset", "mass 0 < 3"),
+    )
+    ax = plot_nll_curve(history, events).axes[0]
+    assert sorted(_vertical_lines(ax)) == [10, 30]
+    assert ax.get_xscale() == "linear"
+
+
+def test_nll_curve_overlays():
+    result = _fit_with_reset()
+    em_like = [4.0, 3.8, 3.7, 3.65]
+    ax = plot_nll_curve({"GD": result, "EM": em_like}).axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels[0] == "GD" and "EM" in labels and "resets (GD)" in labels
+    ax = plot_nll_curve([result.nll_history, np.array(em_like)]).axes[0]
+    assert [line.get_label() for line in ax.lines[:1]] == ["run 0"]
+    assert "run 1" in ax.get_legend_handles_labels()[1]
+
+
+def test_nll_curve_bad_inputs():
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        plot_nll_curve([])
+    with pytest.raises(ValueError, match="dict name -> events"):
+        plot_nll_curve({"a": [1.0, 0.5], "b": [2.0, 1.0]}, events=[FitEvent(1, 0, "reset", "")])
+    with pytest.raises(TypeError, match="reference"):
+        plot_nll_curve([1.0, 0.5], reference="EM")
+    with pytest.raises(TypeError, match="history"):
+        plot_nll_curve("3.6")
