@@ -1,0 +1,239 @@
+"""The study objective: one trial = one fit per dataset of the family, scored by the mean validation NLL.
+
+Training NLL rewards collapse (a component shrinking onto duplicated points drives it down without bound);
+validation NLL punishes it, so the objective is the validation NLL averaged over the family's datasets.
+
+Every fit goes through `experiments.run.run_experiment`, nested in MLflow as
+    study invocation (parent run) > trial run (params, final metrics) > one run per dataset (curves, events).
+While a fit runs, its `on_eval` callback reports the running objective to Optuna every `eval_every` steps:
+at global step i * iterations + s (dataset i, fit step s) it reports
+    (sum of the final validation NLLs of datasets 0..i-1 + the current validation NLL of dataset i) / (i + 1),
+which is comparable between trials at equal steps (same datasets, same order) and ends at the trial's value.
+A pruned trial stops through `experiments.StopRun` (its MLflow runs end KILLED) and becomes
+optuna.TrialPruned; a fit whose NLL goes non-finite or whose linear algebra fails raises `TrialFailed`
+(runs end FAILED), which the study catches, recording the reason in the trial's user attribute "fail_reason".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+from experiments.config import ExperimentConfig
+from experiments.run import StopRun, run_experiment
+from experiments.tracking import log_metric_history, log_params, tracked_run
+from mlflow.entities import Metric
+
+from .space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+WORKER_TAG = "studies.worker"  # MLflow tag "<host>:<pid>" of the process that owns a run (orphan clean-up)
+
+
+class TrialFailed(Exception):
+    """A trial's fit diverged (non-finite NLL, failed factorization); the study records it and goes on."""
+
+
+def worker_tag() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything that defines what a study's trials measure; a resumed study must keep it unchanged.
+
+    Attributes:
+        family: the covariance family fitted (and the family that generated the datasets).
+        datasets: names in experiments.datasets.DATASETS, fitted in this order by every trial.
+        space: the search space (studies/space.yaml, maybe overridden).
+        iterations: Adam steps per fit.
+        eval_every: steps between validation NLLs (each one is an Optuna report: a chance to prune).
+        seed: fit seed (initialization and resets), the same for every trial: trials differ only in params.
+        log_every: step of the training-NLL curve each dataset run logs to MLflow.
+        fingerprints: {dataset: sha256} of the data the study was started on.
+    """
+
+    family: str
+    datasets: tuple[str, ...]
+    space: SearchSpace
+    iterations: int = 1000
+    eval_every: int = 50
+    seed: int = 42
+    log_every: int = 10
+    fingerprints: dict = field(default_factory=dict)
+
+    def config(self, dataset: str, overrides: dict) -> ExperimentConfig:
+        """The ExperimentConfig of one fit of a trial: study settings, then the trial's `overrides`."""
+        base = ExperimentConfig(
+            dataset=dataset,
+            family=self.family,
+            iterations=self.iterations,
+            eval_every=self.eval_every,
+            seed=self.seed,
+            log_every=self.log_every,
+            log_figures=False,  # figures per trial fit cost more than the fit; the study logs its own plots
+            log_model=False,
+        )
+        return base.replace(**overrides)
+
+    def as_dict(self) -> dict:
+        """JSON-able; stored as the study's user attribute "settings" and checked on resume."""
+        return {
+            "family": self.family,
+            "datasets": list(self.datasets),
+            "space": self.space.as_dict(),
+            "iterations": self.iterations,
+            "eval_every": self.eval_every,
+            "seed": self.seed,
+            "fingerprints": dict(self.fingerprints),
+        }
+
+
+class Objective:
+    """Callable objective for `study.optimize`: returns the mean validation NLL of the trial's fits.
+
+    Args:
+        settings: the study's settings.
+        tracking_uri: MLflow tracking URI (see experiments.tracking.resolve_tracking_uri).
+        experiment_name: MLflow experiment of the study's runs.
+        parent_run_id: the study invocation's MLflow run; trial runs nest under it.
+        study_name: recorded as a tag on every run.
+    """
+
+    def __init__(
+        self,
+        settings: StudySettings,
+        tracking_uri: str,
+        experiment_name: str,
+        parent_run_id: str | None = None,
+        study_name: str | None = None,
+    ):
+        self.settings = settings
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.parent_run_id = parent_run_id
+        self.study_name = study_name
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        s = self.settings
+        overrides = s.space.suggest(trial)
+        configs = [s.config(name, overrides) for name in s.datasets]  # fails fast on a bad override
+        tags = {
+            "study": self.study_name or "",
+            "trial": str(trial.number),
+            "family": s.family,
+            WORKER_TAG: worker_tag(),
+        }
+        state = _TrialState(trial, s.iterations, len(s.datasets))
+        start = time.perf_counter()
+        try:
+            with tracked_run(
+                self.tracking_uri,
+                self.experiment_name,
+                run_name=f"trial {trial.number}",
+                parent_run_id=self.parent_run_id,
+                tags={**tags, "kind": "trial"},
+            ) as (client, run_id):
+                trial.set_user_attr("mlflow_run_id", run_id)
+                log_params(client, run_id, {**trial.params, **overrides, "datasets": ",".join(s.datasets)})
+                try:
+                    for i, (name, config) in enumerate(zip(s.datasets, configs, strict=True)):
+                        state.begin(i, name)
+                        try:
+                            result = run_experiment(
+                                config,
+                                self.tracking_uri,
+                                self.experiment_name,
+                                parent_run_id=run_id,
+                                run_name=f"trial {trial.number} {name}",
+                                tags={**tags, "kind": "fit", "dataset": name},
+                                on_eval=state.on_eval,
+                            )
+                        except (FloatingPointError, torch.linalg.LinAlgError) as e:
+                            raise StopRun(f"{name}: {e}", status="FAILED") from e
+                        state.end(name, result)
+                finally:
+                    state.wall_time = time.perf_counter() - start
+                    state.record(client, run_id)
+        except StopRun as e:
+            reason = str(getattr(e, "reason", e))
+            if state.pruned:
+                trial.set_user_attr("prune_reason", reason)
+                raise optuna.TrialPruned(reason) from None
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason) from None
+        if not math.isfinite(state.value):
+            reason = f"the mean validation NLL is {state.value}"
+            trial.set_user_attr("fail_reason", reason)
+            raise TrialFailed(reason)
+        return state.value
+
+
+class _TrialState:
+    """What one trial has measured so far; reports to Optuna and decides pruning."""
+
+    def __init__(self, trial: optuna.Trial, iterations: int, num_datasets: int):
+        self.trial = trial
+        self.iterations = iterations
+        self.num_datasets = num_datasets
+        self.index = 0
+        self.name = ""
+        self.final_val: list[float] = []
+        self.attrs: dict[str, float | int] = {}
+        self.steps: list[int] = []
+        self.reports: list[float] = []
+        self.pruned = False
+        self.wall_time = 0.0
+        self.value = math.nan
+
+    def begin(self, index: int, name: str) -> None:
+        self.index, self.name = index, name
+
+    def on_eval(self, step: int, val_nll: float) -> None:
+        if not math.isfinite(val_nll):
+            raise StopRun(f"{self.name}: the validation NLL became {val_nll} at step {step}", status="FAILED")
+        value = (sum(self.final_val) + val_nll) / (self.index + 1)
+        global_step = self.index * self.iterations + step
+        self.trial.report(value, global_step)
+        self.steps.append(global_step)
+        self.reports.append(value)
+        if self.trial.should_prune():
+            self.pruned = True
+            raise StopRun(
+                f"pruned at step {global_step} ({self.name} step {step}): running objective {value:.4f}",
+                status="KILLED",
+            )
+
+    def end(self, name: str, result) -> None:
+        self.final_val.append(float(result.val_nll))
+        self.attrs[f"val_nll/{name}"] = float(result.val_nll)
+        self.attrs[f"train_nll/{name}"] = float(result.train_nll)
+        self.attrs[f"clamp_count/{name}"] = int(result.clamp_count)
+        self.attrs[f"reset_count/{name}"] = int(result.reset_count)
+        self.attrs[f"fit_time/{name}"] = float(result.wall_time)
+        self.value = sum(self.final_val) / len(self.final_val)
+
+    def record(self, client, run_id: str) -> None:
+        """User attributes on the trial, final metrics and the reported curve on its MLflow run."""
+        counts = {
+            "clamp_count": sum(v for k, v in self.attrs.items() if k.startswith("clamp_count/")),
+            "reset_count": sum(v for k, v in self.attrs.items() if k.startswith("reset_count/")),
+            "datasets_done": len(self.final_val),
+            "wall_time": self.wall_time,
+        }
+        for key, value in {**self.attrs, **counts}.items():
+            self.trial.set_user_attr(key, value)
+        metrics = {**self.attrs, **counts}
+        if len(self.final_val) == self.num_datasets:
+            metrics["val_nll_mean"] = self.value  # the objective, only for a trial that fitted every dataset
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        if self.steps:
+            log_metric_history(client, run_id, "objective_reported", self.reports, self.steps)

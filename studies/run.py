@@ -1,0 +1,733 @@
+"""Run an Optuna study of clamp and learning rates for one covariance family (or all), tracked in MLflow.
+
+    python -m studies.run --family full                          # 40 trials; resumes the study "full-v1"
+    python -m studies.run --family full --trials 30 --jobs 2     # two worker processes share the study
+    python -m studies.run --family all --timeout 300             # every family in turn, 5 minutes each
+    python -m studies.run --family full --storage sqlite:///studies.db --space my_space.yaml
+    make study FAMILY=full [TRIALS=30] [JOBS=2] [STORAGE=URL]
+
+Each invocation adds `--trials` trials to the study "<family>-v1" (created on first use, resumed after: the
+storage keeps every trial) and stops early after `--timeout` seconds. Storage: the journal file
+studies.log in the project by default (see studies/storage.py). MLflow: one parent run per invocation
+(experiment "study-<study name>"), one nested run per trial, one per fit; the parent gets best_params.json,
+trials.csv and Optuna's plots. At the end a table shows each study's best value, best parameters, trial
+counts and collapse (reset) counts, and the best parameters go to studies/best/<study>.json, a config file
+for `python -m experiments.run --config FILE` (`make run CONFIG=FILE`).
+
+Exit status: 0 done, 1 a worker process died, 2 bad input (one line on stderr), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+import gmm
+
+from . import STUDY_VERSION
+from .storage import PROJECT_ROOT, fail_stale_trials, open_storage, resolve_storage_url
+
+log = logging.getLogger("studies.run")
+
+DEFAULT_TRIALS = 40
+DEFAULT_ITERATIONS = 1000
+DEFAULT_EVAL_EVERY = 50
+DEFAULT_TIMEOUT = (
+    480.0  # seconds per family: with start-up and the closing plots, one family stays under 10 minutes
+)
+DEFAULT_STUDY = "{family}-" + STUDY_VERSION
+BEST_DIR = PROJECT_ROOT / "studies" / "best"
+PRUNERS = ("median", "hyperband", "none")
+
+
+# -- command line -------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit 2 (no usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m studies.run",
+        description="Optuna study of clamp and learning rates per covariance family, tracked in MLflow.",
+    )
+    p.add_argument(
+        "--family", default="full", help=f"one of {', '.join(gmm.FAMILIES)}, or 'all' (default: full)"
+    )
+    p.add_argument(
+        "--trials", type=int, default=DEFAULT_TRIALS, help=f"trials to add (default {DEFAULT_TRIALS})"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the study (default 1)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="journal file PATH.log, sqlite:///FILE.db or another "
+        "SQLAlchemy URL (default: $OPTUNA_STORAGE, else studies.log in the project)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds per family after which no new trial starts; 0 = none (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--study",
+        default=DEFAULT_STUDY,
+        help=f"study name; '{{family}}' is replaced by the family (default {DEFAULT_STUDY})",
+    )
+    p.add_argument("--space", default=None, help="search-space file overriding studies/space.yaml")
+    p.add_argument(
+        "--datasets", default=None, help="comma-separated dataset names (default: the family's three)"
+    )
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=DEFAULT_ITERATIONS,
+        help=f"Adam steps per fit (default {DEFAULT_ITERATIONS})",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=DEFAULT_EVAL_EVERY,
+        help=f"steps between validation NLLs reported to the pruner (default {DEFAULT_EVAL_EVERY})",
+    )
+    p.add_argument("--seed", type=int, default=42, help="fit seed, the same for every trial (default 42)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    p.add_argument("--pruner", choices=PRUNERS, default="median", help="median (default), hyperband or none")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project)",
+    )
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: study-<study name>)")
+    p.add_argument("--best-dir", default=str(BEST_DIR), help="folder of the best-parameter config files")
+    p.add_argument("--heartbeat-interval", type=int, default=5, help="seconds between trial heartbeats")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=60,
+        help="seconds without heartbeat before another host's running trial is failed",
+    )
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="always show the bar"
+    )
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every trial and Optuna's messages")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """The families to run; raises ValueError on a bad value (the CLI prints it and exits 2)."""
+    if args.family == "all":
+        families = list(gmm.FAMILIES)
+    elif args.family in gmm.FAMILIES:
+        families = [args.family]
+    else:
+        import difflib
+
+        hint = difflib.get_close_matches(args.family, [*gmm.FAMILIES, "all"], n=1)
+        raise ValueError(
+            f"unknown family {args.family!r}; choose one of {', '.join(gmm.FAMILIES)} or all"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+    for name, low in (
+        ("trials", 0),
+        ("jobs", 1),
+        ("iterations", 1),
+        ("eval_every", 1),
+        ("heartbeat_interval", 1),
+        ("grace_period", 1),
+    ):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}; got {getattr(args, name)}")
+    if args.timeout < 0 or not math.isfinite(args.timeout):
+        raise ValueError(f"--timeout must be >= 0 seconds (0 = none); got {args.timeout}")
+    if len(families) > 1 and "{family}" not in args.study:
+        raise ValueError(
+            f"--family all needs '{{family}}' in --study to name one study per family; got {args.study!r}"
+        )
+    if args.datasets is not None and len(families) > 1:
+        raise ValueError("--datasets names one family's datasets; use it with a single --family")
+    return families
+
+
+# -- one worker: a sampler, a pruner, study.optimize ------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerJob:
+    """What a worker process needs to run its share of a study (picklable, for spawned processes)."""
+
+    storage_url: str
+    study_name: str
+    settings: object  # studies.objective.StudySettings
+    n_trials: int
+    timeout: float | None
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    sampler_seed: int
+    pruner: str
+    threads: int
+    heartbeat_interval: int
+    grace_period: int
+    parallel: bool = False  # other workers share the study: the sampler lies about their running trials
+    verbose: bool = False
+
+
+def make_sampler(seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            n_startup_trials=10, multivariate=True, group=True, constant_liar=parallel, seed=seed
+        )
+
+
+def make_pruner(name: str, settings) -> optuna.pruners.BasePruner:
+    total = settings.iterations * len(settings.datasets)
+    if name == "median":  # no pruning in the first half of the first fit, nor before 5 trials have finished
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=settings.iterations // 2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, settings.iterations // 4), max_resource=total
+        )
+    return optuna.pruners.NopPruner()
+
+
+def _sampler_seed(seed: int, existing: int, worker: int) -> int:
+    """Distinct per worker and per resumption, so a resumed study does not redraw its first random trials."""
+    return int(np.random.SeedSequence([seed, existing, worker]).generate_state(1)[0])
+
+
+class _QuietTrialFailed(logging.Filter):
+    """Optuna logs a traceback for every caught exception; a diverged fit needs only its reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .objective import TrialFailed
+
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
+            record.exc_info = None
+        return True
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("studies").setLevel(logging.INFO if verbose else logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    optuna.logging.get_logger("optuna").addFilter(_QuietTrialFailed())
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
+    """Run `job.n_trials` trials (or until `job.timeout`) of the study in this process."""
+    import torch
+
+    from .objective import Objective, TrialFailed
+
+    torch.set_num_threads(job.threads)
+    storage = open_storage(
+        job.storage_url,
+        heartbeat_interval=job.heartbeat_interval,
+        grace_period=job.grace_period,
+        stale_callback=partial(_on_stale_trial, job.tracking_uri, job.experiment),
+    )
+    study = optuna.load_study(
+        study_name=job.study_name,
+        storage=storage,
+        sampler=make_sampler(job.sampler_seed, parallel=job.parallel),
+        pruner=make_pruner(job.pruner, job.settings),
+    )
+    objective = Objective(job.settings, job.tracking_uri, job.experiment, job.parent_run_id, job.study_name)
+    study.optimize(
+        objective,
+        n_trials=job.n_trials,
+        timeout=job.timeout,
+        catch=(TrialFailed,),
+        callbacks=callbacks,
+        gc_after_trial=False,
+    )
+
+
+def _worker_main(job: WorkerJob) -> None:
+    """Entry point of a spawned worker process."""
+    configure_logging(job.verbose)
+    try:
+        optimize(job)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# -- MLflow runs orphaned by a killed process --------------------------------------------------------------
+def end_orphan_runs(tracking_uri: str, experiment: str) -> int:
+    """End (KILLED) RUNNING runs of `experiment` owned by a dead process on this host; returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    from .objective import WORKER_TAG
+    from .storage import _process_alive
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    host, ended = socket.gethostname(), 0
+    for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        owner = run.data.tags.get(WORKER_TAG, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            client.set_tag(run.info.run_id, "stop_reason", f"process {pid} died while the run was open")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended += 1
+    return ended
+
+
+def _on_stale_trial(tracking_uri: str, experiment: str, study: optuna.Study, trial: FrozenTrial) -> None:
+    log.warning(
+        "trial %d was left RUNNING by a dead worker; marked FAIL (%s)",
+        trial.number,
+        trial.user_attrs.get("fail_reason", "stale heartbeat"),
+    )
+    try:
+        end_orphan_runs(tracking_uri, experiment)
+    except Exception as e:  # clean-up must never stop the study
+        log.warning("could not end the MLflow runs of trial %d: %s", trial.number, e)
+
+
+# -- summary, best parameters, study-level artifacts ---------------------------------------------------------
+@dataclass(frozen=True)
+class StudySummary:
+    """One study after an invocation (the counts cover the whole study, not only this invocation)."""
+
+    study_name: str
+    family: str
+    added: int  # trials this invocation finished
+    complete: int
+    pruned: int
+    failed: int
+    running: int
+    best_value: float | None
+    best_trial: int | None
+    best_config: dict | None  # ExperimentConfig overrides of the best trial
+    resets_best: int | None  # collapse resets in the best trial's fits
+    resets_all: int  # collapse resets over every finished trial
+    wall_time: float  # seconds this invocation spent on the study
+    best_file: str | None
+
+
+def summarize(
+    study: optuna.Study, settings, added: int, wall_time: float, best_file: str | None
+) -> StudySummary:
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in TrialState}
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    return StudySummary(
+        study_name=study.study_name,
+        family=settings.family,
+        added=added,
+        complete=count[TrialState.COMPLETE],
+        pruned=count[TrialState.PRUNED],
+        failed=count[TrialState.FAIL],
+        running=count[TrialState.RUNNING],
+        best_value=best.value if best else None,
+        best_trial=best.number if best else None,
+        best_config=settings.space.to_config(best.params) if best else None,
+        resets_best=int(best.user_attrs.get("reset_count", 0)) if best else None,
+        resets_all=int(sum(t.user_attrs.get("reset_count", 0) for t in trials)),
+        wall_time=wall_time,
+        best_file=best_file,
+    )
+
+
+def best_config_dict(settings, overrides: dict) -> dict:
+    """The best trial as an ExperimentConfig file: the family, the study's fit length, the tuned values."""
+    from experiments.config import ExperimentConfig
+
+    d = {"family": settings.family, "iterations": settings.iterations, "seed": settings.seed, **overrides}
+    ExperimentConfig.from_dict(d)  # validates; the file keeps only the keys that matter
+    return d
+
+
+def write_best(study: optuna.Study, settings, folder: Path) -> Path | None:
+    """Write <folder>/<study>.json (ExperimentConfig.from_file format) of the best trial, or None if none."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    path = Path(folder) / f"{study.study_name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(best_config_dict(settings, settings.space.to_config(best.params)), indent=2) + "\n"
+    )
+    return path
+
+
+def _fmt_params(config: dict | None) -> str:
+    if not config:
+        return "-"
+    parts = []
+    for k, v in config.items():
+        if k == "mixture_lr" and v == 0:
+            parts.append("mixture_lr=frozen")
+        else:
+            parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def format_table(summaries: list[StudySummary]) -> str:
+    """The closing table: one row per study."""
+    head = (
+        "study",
+        "best val NLL",
+        "trial",
+        "complete",
+        "pruned",
+        "failed",
+        "resets best/all",
+        "time",
+        "best params",
+    )
+    rows = [head]
+    for s in summaries:
+        rows.append(
+            (
+                s.study_name,
+                f"{s.best_value:.4f}" if s.best_value is not None else "-",
+                f"#{s.best_trial}" if s.best_trial is not None else "-",
+                str(s.complete),
+                str(s.pruned),
+                str(s.failed) + (f" (+{s.running} running)" if s.running else ""),
+                f"{s.resets_best if s.resets_best is not None else '-'}/{s.resets_all}",
+                f"{s.wall_time:.0f} s",
+                _fmt_params(s.best_config),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def log_study_artifacts(client, run_id: str, study: optuna.Study, summary: StudySummary, settings) -> None:
+    """best_params.json, trials.csv and Optuna's matplotlib plots on the invocation's parent run."""
+    from mlflow.entities import Metric
+
+    best = None
+    if summary.best_trial is not None:
+        trial = study.best_trial
+        best = {
+            "study": study.study_name,
+            "value": trial.value,
+            "trial": trial.number,
+            "params": trial.params,
+            "config": best_config_dict(settings, summary.best_config),
+            "user_attrs": trial.user_attrs,
+        }
+    client.log_dict(run_id, best or {"study": study.study_name, "value": None}, "best_params.json")
+    frame = study.trials_dataframe()
+    client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
+    now = int(time.time() * 1000)
+    metrics = {
+        "trials_complete": summary.complete,
+        "trials_pruned": summary.pruned,
+        "trials_failed": summary.failed,
+        "trials_added": summary.added,
+        "resets_all": summary.resets_all,
+        "study_time": summary.wall_time,
+    }
+    if summary.best_value is not None:
+        metrics["best_value"] = summary.best_value
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    for name, fig in study_figures(study):
+        client.log_figure(run_id, fig, f"plots/{name}.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def study_figures(study: optuna.Study):
+    """(name, matplotlib Figure) for each of Optuna's plots the study has enough trials for."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as vm
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = {p for t in complete for p in t.params}
+    plots = []
+    if complete:
+        plots += [("optimization_history", vm.plot_optimization_history), ("slice", vm.plot_slice)]
+    if len(complete) >= 2:  # importances need a fit over at least two trials
+        plots.append(("param_importances", vm.plot_param_importances))
+    if len(complete) >= 2 and len(names) >= 2:
+        plots.append(("contour", vm.plot_contour))
+    if any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        plots.append(("intermediate_values", vm.plot_intermediate_values))
+    for name, fn in plots:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = fn(study)
+        except (
+            Exception
+        ) as e:  # a plot the data cannot support (e.g. importances of constant params): skip it
+            log.warning("skipped the %s plot: %s", name, e)
+            continue
+        first = axes.flat[0] if isinstance(axes, np.ndarray) else axes
+        yield name, first.figure
+
+
+# -- one study --------------------------------------------------------------------------------------------
+class _Progress:
+    """tqdm bar of this invocation's finished trials and the study's best value (only on a terminal)."""
+
+    def __init__(self, total: int, name: str, show: bool | None, start_number: int):
+        from tqdm.auto import tqdm
+
+        enabled = sys.stderr.isatty() if show is None else show
+        self.bar = tqdm(total=total, desc=name, unit="trial", disable=not enabled, dynamic_ncols=True)
+        self.start_number = start_number
+        self.done = 0
+
+    def __call__(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> None:  # an Optuna callback (in-process worker)
+        self.update(study)
+
+    def update(self, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        mine = [t for t in trials if t.number >= self.start_number and t.state.is_finished()]
+        count = {
+            s: sum(t.state == s for t in mine)
+            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        }
+        values = [t.value for t in trials if t.state == TrialState.COMPLETE]
+        if len(mine) > self.done:
+            for t in sorted(mine, key=lambda t: t.number)[self.done :]:
+                log.info(
+                    "trial %d %s%s",
+                    t.number,
+                    t.state.name.lower(),
+                    f": {t.value:.4f}" if t.value is not None else f" ({_reason(t)})",
+                )
+            self.bar.update(len(mine) - self.done)
+            self.done = len(mine)
+        self.bar.set_postfix(
+            best=f"{min(values):.4f}" if values else "-",
+            pruned=count[TrialState.PRUNED],
+            failed=count[TrialState.FAIL],
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _reason(trial: FrozenTrial) -> str:
+    return str(trial.user_attrs.get("prune_reason") or trial.user_attrs.get("fail_reason") or "")
+
+
+def _settings_for(args: argparse.Namespace, family: str):
+    from .datasets import dataset_fingerprints, study_datasets
+    from .objective import StudySettings
+    from .space import load_space
+
+    names = study_datasets(family, args.datasets.split(",") if args.datasets else None)
+    return StudySettings(
+        family=family,
+        datasets=names,
+        space=load_space(family, args.space),
+        iterations=args.iterations,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        fingerprints=dataset_fingerprints(names),
+    )
+
+
+def open_study(storage, study_name: str, settings) -> optuna.Study:
+    """Create the study or load it; a loaded study must have been made with the same settings."""
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, direction="minimize", load_if_exists=True
+    )
+    recorded = study.user_attrs.get("settings")
+    wanted = json.loads(json.dumps(settings.as_dict()))
+    if recorded is None:
+        study.set_user_attr("settings", wanted)
+        study.set_user_attr("created_by", f"studies.run {STUDY_VERSION}")
+    elif recorded != wanted:
+        diff = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
+        raise ValueError(
+            f"study {study_name!r} was started with other settings ({', '.join(diff)} differ); "
+            "rerun with the same options, or name a new study with --study"
+        )
+    return study
+
+
+def run_study(args: argparse.Namespace, settings, tracking_uri: str) -> tuple[StudySummary, bool]:
+    """Run one family's study; returns its summary and whether every worker ended cleanly."""
+    from experiments.tracking import log_params, tracked_run
+
+    from .objective import WORKER_TAG, worker_tag
+
+    family = settings.family
+    study_name = args.study.replace("{family}", family)
+    experiment = args.experiment or f"study-{study_name}"
+    storage_url = resolve_storage_url(args.storage)
+    storage = open_storage(
+        storage_url,
+        heartbeat_interval=args.heartbeat_interval,
+        grace_period=args.grace_period,
+        stale_callback=partial(_on_stale_trial, tracking_uri, experiment),
+    )
+    study = open_study(storage, study_name, settings)
+    fail_stale_trials(study)  # a worker SIGKILLed in an earlier run leaves RUNNING trials: fail them now
+    ended = end_orphan_runs(tracking_uri, experiment)
+    if ended:
+        log.warning("ended %d MLflow run(s) left open by dead processes", ended)
+    start_number = len(study.get_trials(deepcopy=False))
+    jobs = max(1, min(args.jobs, args.trials)) if args.trials else 1
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    timeout = args.timeout or None
+    start = time.perf_counter()
+    clean = True
+    tags = {"kind": "study", "study": study_name, "family": family, WORKER_TAG: worker_tag()}
+    with tracked_run(tracking_uri, experiment, run_name=f"{study_name} +{args.trials} trials", tags=tags) as (
+        client,
+        parent_id,
+    ):
+        log_params(
+            client,
+            parent_id,
+            {
+                "study": study_name,
+                "family": family,
+                "storage": storage_url,
+                "trials": args.trials,
+                "jobs": jobs,
+                "timeout": args.timeout,
+                "iterations": settings.iterations,
+                "eval_every": settings.eval_every,
+                "seed": settings.seed,
+                "datasets": ",".join(settings.datasets),
+                "space": settings.space.describe(),
+                "pruner": args.pruner,
+                "sampler": "TPE (multivariate, group)",
+                "sampler_seed": args.sampler_seed,
+            },
+        )
+        shares = [args.trials // jobs + (i < args.trials % jobs) for i in range(jobs)]
+        job = WorkerJob(
+            storage_url,
+            study_name,
+            settings,
+            shares[0],
+            timeout,
+            tracking_uri,
+            experiment,
+            parent_id,
+            _sampler_seed(args.sampler_seed, start_number, 0),
+            args.pruner,
+            threads,
+            args.heartbeat_interval,
+            args.grace_period,
+            jobs > 1,
+            args.verbose,
+        )
+        progress = _Progress(args.trials, study_name, args.progress, start_number)
+        try:
+            if args.trials == 0:
+                pass
+            elif jobs == 1:
+                optimize(job, callbacks=[progress])
+            else:
+                workers = [
+                    dataclasses.replace(
+                        job, n_trials=n, sampler_seed=_sampler_seed(args.sampler_seed, start_number, i)
+                    )
+                    for i, n in enumerate(shares)
+                ]
+                clean = _run_workers(workers, study, progress)
+        finally:
+            progress.close()
+        wall = time.perf_counter() - start
+        added = len([t for t in study.get_trials(deepcopy=False) if t.number >= start_number])
+        best_file = write_best(study, settings, Path(args.best_dir))
+        summary = summarize(study, settings, added, wall, str(best_file) if best_file else None)
+        log_study_artifacts(client, parent_id, study, summary, settings)
+    return summary, clean
+
+
+def _run_workers(jobs: list[WorkerJob], study: optuna.Study, progress: _Progress) -> bool:
+    """Spawn one process per job, update the bar until all end; False if one died."""
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
+    procs = [
+        ctx.Process(target=_worker_main, args=(job,), name=f"study-worker-{i}") for i, job in enumerate(jobs)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):  # is_alive also reaps a dead worker, so it is no zombie
+            progress.update(study)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=10)  # the workers got the same SIGINT: Optuna fails their trials and they exit
+            if p.is_alive():
+                p.terminate()
+        raise
+    progress.update(study)
+    bad = [(p.name, p.exitcode) for p in procs if p.exitcode != 0]
+    for name, code in bad:
+        log.error("%s ended with exit status %s; its remaining trials did not run", name, code)
+    return not bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    if args.progress is None and not sys.stderr.isatty():
+        logging.getLogger("studies").setLevel(logging.INFO)  # no bar: one line per trial instead
+    try:
+        families = check_args(args)
+        from experiments.tracking import resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+        open_storage(args.storage)  # a bad URL fails here, before any study starts
+        all_settings = [_settings_for(args, family) for family in families]  # bad space/datasets fail here
+        summaries, clean = [], True
+        for settings in all_settings:
+            summary, ok = run_study(args, settings, tracking_uri)
+            summaries.append(summary)
+            clean &= ok
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    print(format_table(summaries))
+    for s in summaries:
+        if s.best_file:
+            print(f"best parameters of {s.study_name}: {s.best_file}")
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Where studies live: storage URLs, and heartbeats so that a dead worker's trial does not stay RUNNING.
+
+Storage forms (`--storage`):
+    (none)                   the journal file <project root>/studies.log (the default)
+    PATH.log, journal:PATH   an Optuna journal file (JournalFileBackend: appends under a file lock, so several
+                             worker processes on one machine share a study without "database is locked")
+    sqlite:///FILE.db        an Optuna RDB storage (also postgresql://..., mysql://...)
+
+Both kinds record a heartbeat for every running trial (every `heartbeat_interval` seconds) and the host:pid of
+the process running it. `fail_stale_trials` (called when a study starts, and by Optuna before every trial)
+fails a RUNNING trial whose worker is a dead process on this host, or whose heartbeat is older than
+`grace_period` seconds (a worker on another host). Optuna 5's JournalStorage has no heartbeat of its own, so
+`HeartbeatJournalStorage` adds one (timestamps in trial system attributes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_STORAGE = str(PROJECT_ROOT / "studies.log")
+JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
+HEARTBEAT_INTERVAL = 5  # seconds between heartbeats of a running trial
+GRACE_PERIOD = 60  # seconds without a heartbeat before another host's RUNNING trial counts as dead
+OWNER_KEY = "studies:worker"  # trial system attr: "<host>:<pid>" of the process running the trial
+BEAT_KEY = "studies:heartbeat"  # trial system attr (journal storage): unix time of the last heartbeat
+
+StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
+
+
+def resolve_storage_url(url: str | None = None) -> str:
+    """`url`, else $OPTUNA_STORAGE, else the default journal file <project root>/studies.log."""
+    return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+
+
+def journal_path(url: str) -> Path | None:
+    """The journal file named by `url` (PATH.log or journal:PATH), or None for an RDB URL."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:").removeprefix("//"))
+    if "://" not in url and url.endswith(JOURNAL_SUFFIXES):
+        return Path(url)
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host and is not a zombie."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child not yet reaped by its parent is a zombie: dead for our purposes
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+class _OwnedTrials:
+    """Mixin for heartbeat storages: record which process runs each trial; fail trials of dead processes."""
+
+    grace_period: int | None
+    heartbeat_interval: int | None
+    heartbeat_stale_trial_callback: StaleCallback | None
+
+    def _record_owner(self, trial_id: int) -> None:
+        owned = self.__dict__.setdefault("_owned_trial_ids", set())
+        if trial_id not in owned:
+            self.set_trial_system_attr(trial_id, OWNER_KEY, f"{socket.gethostname()}:{os.getpid()}")
+            owned.add(trial_id)
+
+    def _dead_owner_trial_ids(self, study_id: int) -> dict[int, str]:
+        host = socket.gethostname()
+        dead: dict[int, str] = {}
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = trial.system_attrs.get(OWNER_KEY)
+            if not isinstance(owner, str) or ":" not in owner:
+                continue
+            owner_host, pid = owner.rsplit(":", 1)
+            if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+                dead[trial._trial_id] = f"worker process {pid} died while the trial was running"
+        return dead
+
+    def _mark_stale(self, reasons: dict[int, str]) -> list[int]:
+        for trial_id, reason in reasons.items():
+            try:  # the reason shows in trials.csv and the dashboard
+                self.set_trial_user_attr(trial_id, "fail_reason", reason)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        return list(reasons)
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> StaleCallback | None:
+        return self.heartbeat_stale_trial_callback
+
+
+class HeartbeatJournalStorage(_OwnedTrials, JournalStorage, BaseHeartbeat):
+    """Optuna's JournalStorage plus heartbeats (as trial system attributes) and dead-worker detection."""
+
+    def __init__(
+        self,
+        backend,
+        heartbeat_interval: int = HEARTBEAT_INTERVAL,
+        grace_period: int | None = GRACE_PERIOD,
+        heartbeat_stale_trial_callback: StaleCallback | None = None,
+    ):
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self._record_owner(trial_id)
+            self.set_trial_system_attr(trial_id, BEAT_KEY, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # failed as stale by another process meanwhile: nothing left to keep alive
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        now = time.time()
+        reasons = self._dead_owner_trial_ids(study_id)
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = trial.system_attrs.get(BEAT_KEY)
+            if beat is None and trial.datetime_start is not None:
+                beat = trial.datetime_start.timestamp()  # killed before its first heartbeat
+            if beat is not None and now - beat > grace and trial._trial_id not in reasons:
+                reasons[trial._trial_id] = f"no heartbeat for {now - beat:.0f} s (grace period {grace} s)"
+        return self._mark_stale(reasons)
+
+
+class HeartbeatRDBStorage(_OwnedTrials, RDBStorage):
+    """Optuna's RDBStorage (which has heartbeats) plus dead-worker detection on this host."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self._record_owner(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return
+        super().record_heartbeat(trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        reasons = self._dead_owner_trial_ids(study_id)
+        for trial_id in super()._get_stale_trial_ids(study_id):
+            reasons.setdefault(trial_id, f"no heartbeat within the grace period ({self.grace_period} s)")
+        return self._mark_stale(reasons)
+
+
+def open_storage(
+    url: str | None = None,
+    *,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL,
+    grace_period: int = GRACE_PERIOD,
+    stale_callback: StaleCallback | None = None,
+) -> BaseStorage:
+    """The Optuna storage named by `url` (see the module docstring), with heartbeats on.
+
+    Raises:
+        ValueError: an unknown URL form, a missing folder, or a database that cannot be opened.
+    """
+    url = resolve_storage_url(url)
+    path = journal_path(url)
+    if path is not None:
+        if not path.parent.is_dir():
+            raise ValueError(
+                f"storage {url!r}: folder {str(path.parent)!r} does not exist; create it or fix the path"
+            )
+        try:
+            backend = JournalFileBackend(str(path))
+        except OSError as e:
+            raise ValueError(f"storage {url!r}: cannot open the journal file: {e.strerror or e}") from e
+        return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, stale_callback)
+    if "://" not in url:
+        raise ValueError(
+            f"unknown storage {url!r}; use a journal file (PATH.log or journal:PATH), sqlite:///FILE.db, "
+            "or another SQLAlchemy URL (postgresql://user@host/db)"
+        )
+    import sqlalchemy.exc
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return HeartbeatRDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=stale_callback,
+            )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot open storage {url!r}: {first}") from e
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the study's RUNNING trials whose worker died (see the module docstring)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
