@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import gmm
@@ -153,7 +154,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             parser.error(f"--out: {err}")
 
-    fit_options = dict(
+    try:
+        return _run(args, out)
+    except ValueError as err:  # a bad value, reported by the library with its fix
+        parser.error(str(err))
+    except ImportError as err:  # --gradients analytic / --compile without gmm.scratch
+        parser.error(
+            f"--gradients {args.gradients}{' --compile' if args.compile else ''} is unavailable: {err}"
+        )
+    except FloatingPointError as err:  # the NLL became non-finite: a failed fit, not a usage error
+        print(f"{parser.prog}: fit failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, out: str | None) -> int:
+    """Data -> gradient-descent fit (-> EM) -> printed summary (-> figure)."""
+    mock = gmm.generate_data(
+        args.samples, args.components, args.dims, radius=args.radius, family=args.family, seed=args.seed
+    )
+    print(
+        f"Data: {args.samples} samples from a {args.components}-component {args.family} mixture in "
+        f"{args.dims} dims (radius {args.radius:g}, seed {args.seed})",
+        flush=True,
+    )
+    model = gmm.make_model(args.family, args.components, args.dims)
+    result = gmm.fit(
+        model,
+        mock.data,
         num_iterations=args.iterations,
         mixture_lr=args.mixture_lr,
         component_lr=args.component_lr,
@@ -164,34 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_freq=args.log_freq,
         gradients=args.gradients,
         compile=args.compile,
-        progress=False,
+        progress=False,  # the progress lines below take its place
+        callback=_progress(len(str(args.iterations))),
     )
-    try:
-        mock = gmm.generate_data(
-            args.samples, args.components, args.dims, radius=args.radius, family=args.family, seed=args.seed
-        )
-        model = gmm.make_model(args.family, args.components, args.dims)
-        print(
-            f"Data: {args.samples} samples from a {args.components}-component {args.family} mixture in "
-            f"{args.dims} dims (radius {args.radius:g}, seed {args.seed})",
-            flush=True,
-        )
-        result = gmm.fit(model, mock.data, **fit_options, callback=_progress(len(str(args.iterations))))
-    except ValueError as err:
-        parser.error(str(err))
-    except ImportError as err:  # --gradients analytic / --compile without gmm.scratch
-        parser.error(
-            f"--gradients {args.gradients}{' --compile' if args.compile else ''} is unavailable: {err}"
-        )
-    except FloatingPointError as err:  # the NLL became non-finite: not a usage error
-        print(f"{parser.prog}: fit failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        partial = model.fit_result_
-        done = partial.num_iterations if partial is not None else 0
-        print(f"{parser.prog}: interrupted after {done} iterations", file=sys.stderr)
-        return 130
-
     true_nll = mock.true_model().nll(mock.data)
     print(f"Final Loss: {result.final_nll:.2f}")
     print(
@@ -205,12 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gmm.em import fit_em
 
         em_model = gmm.make_model(args.family, args.components, args.dims)
-        try:
+        with warnings.catch_warnings():  # "not converged" is printed on the EM line instead
+            warnings.simplefilter("ignore", UserWarning)
             em_result = fit_em(
                 em_model, mock.data, init=args.init, clamp=args.clamp, radius=args.radius, seed=args.seed
             )
-        except ValueError as err:
-            parser.error(str(err))
         state = "converged" if em_result.converged else "not converged"
         print(
             f"EM NLL: {em_result.final_nll:.6f} ({em_result.num_iterations} iterations, "
