@@ -82,19 +82,21 @@ class Family:
         return math.log(clamp) * self.floor_scale
 
     @torch.no_grad()
-    def clamp_(self, raw: Tensor, clamp: float) -> tuple[Tensor, Tensor]:
+    def clamp_(self, raw: Tensor, clamp: float) -> tuple[Tensor, Tensor] | None:
         """Raise every floored entry of `raw` to the floor, in place.
 
         Returns:
-            (clamped, smallest): (K',) bool, whether any entry of that covariance was raised, and (K',)
-            the smallest variance (or L_kk^2) before clamping.
+            None when nothing was below the floor (the common case: one reduction, no further work), else
+            (clamped, smallest): (K',) bool, whether any entry of that covariance was raised, and (K',) the
+            smallest variance (or L_kk^2) before clamping.
         """
         view = self.floor_view(raw)
         floor = self.raw_floor(clamp)
+        if not bool(view.amin() < floor):
+            return None
         smallest = view.amin(-1)
-        clamped = smallest < floor
         view.clamp_(min=floor)
-        return clamped, smallest.mul(1.0 / self.floor_scale).exp()
+        return smallest < floor, smallest.mul(1.0 / self.floor_scale).exp()
 
     def variances_of(self, raw: Tensor) -> Tensor:
         """(K', D) diagonal of each covariance."""
@@ -234,9 +236,8 @@ class Constant(SharedIsotropic):
     def num_parameters(self, num_components, num_dims):
         return 0
 
-    @torch.no_grad()
     def clamp_(self, raw, clamp):
-        return torch.zeros(1, dtype=torch.bool, device=raw.device), raw.exp().reshape(1)
+        return None
 
 
 _FAMILIES: dict[str, type[Family]] = {

@@ -63,7 +63,7 @@ class FitOptions:
     log_freq: int | None = None  # steps between callback calls and log lines; default T // 100
     callback: Callable[[int, float, list], None] | None = None  # callback(step, nll, new_events)
     gradients: str = "autograd"  # "autograd" or "analytic" (hand-derived, gmm.scratch)
-    compile: bool = False  # torch.compile the step (analytic gradients); falls back to eager
+    compile: bool = False  # torch.compile the step (cold compile: seconds, reported apart); eager on failure
     quadratic: bool | None = None  # quadratic-expansion likelihood; None = auto (large N*K*D)
     batch_size: int | None = None  # mini-batch size; None = full batch
     device: str | torch.device | None = None  # default: the model's
@@ -181,7 +181,8 @@ class AutogradStep:
 
     The interface every step function implements (see also gmm.scratch):
     - `step(lr_mixture, lr_component)` -> 0-d tensor: the NLL of the parameters before the update; updates them.
-    - `clamp(clamp)` -> (clamped (K',) bool, smallest (K',)): the variance floor after the update.
+    - `clamp(clamp)` -> None if nothing was below the floor, else (clamped (K',) bool, smallest variance
+      (K',) before clamping): applies the variance floor after the update (see Family.clamp_).
     - `mass()` -> (K,): responsibility mass of each component at the parameters of the last step.
     - `reset_moments(components)`: zero the optimizer moments of those components.
     - `compile_time`: seconds spent compiling (0 for eager).
@@ -204,8 +205,25 @@ class AutogradStep:
                 likelihood.quadratic_features(c, self.center, model.family.cholesky) for c in x.split(rows)
             ]
         else:
-            self.chunks = list(x.split(rows))
+            self.chunks = [likelihood.augment(c) for c in x.split(rows)]
         self.logits_before = model.logits.detach().clone()
+        self._loss_fn = self._loss
+        if opts.compile:
+            self._compile()
+
+    def _compile(self) -> None:
+        """torch.compile the chunk loss (forward and backward graphs); eager when that fails."""
+        t0 = time.perf_counter()
+        try:
+            compiled = torch.compile(self._loss, dynamic=False)
+            compiled(self.chunks[0]).backward()  # compile now, so the loop's wall time excludes it
+            self._loss_fn = compiled
+        except Exception as err:  # noqa: BLE001  (any compiler failure: fall back, say so)
+            log.warning("torch.compile failed (%s: %s); running eagerly", type(err).__name__, err)
+        finally:
+            for p in self.params:
+                p.grad = None
+        self.compile_time = time.perf_counter() - t0
 
     def _loss(self, chunk: Tensor) -> Tensor:
         m = self.model
@@ -213,28 +231,29 @@ class AutogradStep:
         if self.quadratic:
             joint = chunk @ likelihood.quadratic_weights(m.logits, m.locs, cov, self.center)
         else:
-            joint = likelihood.joint_log_prob(chunk, m.logits, m.locs, cov)
+            joint = likelihood.joint_log_prob(chunk, m.logits, m.locs, cov, augmented=True)
         return likelihood.logsumexp(joint).sum() * (-1.0 / self.num_samples)
 
     def step(self, lr_mixture: float, lr_component: float) -> Tensor:
         for p in self.params:
             p.grad = None
         if len(self.chunks) == 1:
-            loss = self._loss(self.chunks[0])
+            loss = self._loss_fn(self.chunks[0])
             loss.backward()
             nll = loss.detach()
         else:
             nll = torch.zeros((), dtype=torch.float64, device=self.model.device)
             for chunk in self.chunks:
-                loss = self._loss(chunk)
+                loss = self._loss_fn(chunk)
                 loss.backward()
                 nll += loss.detach()
         self.logits_before.copy_(self.model.logits.detach())
         self.optimizer.step([lr_mixture, lr_component])
         return nll
 
-    def clamp(self, clamp: float) -> tuple[Tensor, Tensor]:
-        """Apply the variance floor after the update: (clamped (K',) bool, smallest variance (K',))."""
+    def clamp(self, clamp: float) -> tuple[Tensor, Tensor] | None:
+        """Apply the variance floor after the update: None when nothing was below it, else
+        (clamped (K',) bool, smallest variance (K',) before clamping)."""
         return self.model.family.clamp_(self.model.raw_cov, clamp)
 
     def mass(self) -> Tensor:
@@ -250,7 +269,7 @@ class AutogradStep:
 
 def make_step(model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool):
     """The step function for `opts.gradients` / `opts.compile`."""
-    if opts.gradients == "analytic" or opts.compile:
+    if opts.gradients == "analytic":
         from . import scratch  # noqa: PLC0415  (optional path, imported only when asked)
 
         return scratch.make_step(model, x, opts, quadratic)
@@ -340,9 +359,9 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
         for step in range(1, total + 1):
             factor = lr_factor(opts.lr_schedule, step - 1, total)
             history.append(stepper.step(opts.mixture_lr * factor, opts.component_lr * factor))
-            clamped, smallest = stepper.clamp(opts.clamp)
-            if bool(clamped.any()):
-                _on_clamp(model, x, stepper, step, clamped, smallest, opts, min_mass, g, reset_raw, events)
+            hit = stepper.clamp(opts.clamp)
+            if hit is not None:
+                _on_clamp(model, x, stepper, step, *hit, opts, min_mass, g, reset_raw, events)
             if step - checked >= _CHECK_EVERY or step == total:
                 _check_finite(history, checked, step)
                 checked = step

@@ -35,6 +35,30 @@ def _ones(n: int, like: Tensor) -> Tensor:
     return torch.ones(n, dtype=like.dtype, device=like.device)
 
 
+class _TrilInverse(torch.autograd.Function):
+    """L^{-1} of lower-triangular (..., D, D) matrices, with the closed-form backward
+    d(L^{-1}) = -L^{-1} dL L^{-1}, i.e. grad_L = -L^{-T} G L^{-T}; torch's generic backward of
+    solve_triangular (for any right-hand side) costs several times more at small sizes."""
+
+    @staticmethod
+    def forward(ctx, tril: Tensor) -> Tensor:
+        eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device).expand_as(tril)
+        inv = torch.linalg.solve_triangular(tril, eye, upper=False)
+        ctx.save_for_backward(inv)
+        return inv
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (inv,) = ctx.saved_tensors
+        inv_t = inv.transpose(-1, -2)
+        return -(inv_t @ grad @ inv_t).tril()
+
+
+def tril_inverse(tril: Tensor) -> Tensor:
+    """(..., D, D) lower-triangular L -> L^{-1}, differentiable."""
+    return _TrilInverse.apply(tril)
+
+
 def logsumexp(joint: Tensor) -> Tensor:
     """(N, K) -> (N,) log sum_k exp(joint_nk), without the slow underflow path of exp on CPU."""
     peak = joint.detach().amax(-1, keepdim=True)
@@ -60,26 +84,39 @@ def _log_norm(cov: Covariance, num_dims: int) -> Tensor:
     return cov.half_log_det + 0.5 * num_dims * LOG_2PI
 
 
-def _mahalanobis(x: Tensor, means: Tensor, cov: Covariance) -> Tensor:
-    """(N, K) squared Mahalanobis distances (x_n - mu_k)^T Sigma_k^{-1} (x_n - mu_k)."""
-    num_samples, num_dims = x.shape
+def augment(x: Tensor) -> Tensor:
+    """(N, D) -> (N, D + 1) with a column of ones, so that a mean shift folds into one matrix product."""
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def _mahalanobis(x: Tensor, means: Tensor, cov: Covariance, augmented: bool = False) -> Tensor:
+    """(N, K) squared Mahalanobis distances (x_n - mu_k)^T Sigma_k^{-1} (x_n - mu_k).
+
+    With `augmented`, x is `augment(data)` and the mean shift rides in the same matrix product.
+    """
+    num_components, num_dims = means.shape
+    num_samples = x.shape[0]
     if cov.scale_tril is not None:
-        tril = cov.scale_tril  # (K', D, D)
-        eye = torch.eye(num_dims, dtype=x.dtype, device=x.device).expand_as(tril)
-        inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # L^{-1} (K', D, D)
-        k_shared = tril.shape[0]
-        # x_n @ L_k^{-T} for all k at once: one (N, D) x (D, K' D) product
-        xz = (x @ inv.permute(2, 0, 1).reshape(num_dims, k_shared * num_dims)).view(num_samples, k_shared, num_dims)
-        z = xz - (inv @ means.unsqueeze(-1)).squeeze(-1)  # (N, K, D) L_k^{-1} (x_n - mu_k)
+        inv = tril_inverse(cov.scale_tril).expand(num_components, -1, -1)  # L_k^{-1} (K, D, D)
+        # x_n @ B = L_k^{-1} x_n for all k at once: one (N, D) x (D, K D) product
+        proj = inv.permute(2, 0, 1).reshape(num_dims, num_components * num_dims)
+        shift = (inv @ means.unsqueeze(-1)).reshape(1, num_components * num_dims)  # L_k^{-1} mu_k
+        if augmented:
+            z = x @ torch.cat([proj, -shift])
+        else:
+            z = x @ proj - shift
+        z = z.view(num_samples, num_components, num_dims)  # L_k^{-1} (x_n - mu_k)
     else:
+        if augmented:
+            x = x[:, :num_dims]
         z = (x.unsqueeze(1) - means) * cov.variances.rsqrt()  # (N, K, D)
-    return z.square() @ _ones(num_dims, x)
+    return z.square() @ _ones(num_dims, z)
 
 
-def joint_log_prob(x: Tensor, logits: Tensor, means: Tensor, cov: Covariance) -> Tensor:
-    """(N, K) log pi_k + log N(x_n | mu_k, Sigma_k), exact path."""
+def joint_log_prob(x: Tensor, logits: Tensor, means: Tensor, cov: Covariance, augmented: bool = False) -> Tensor:
+    """(N, K) log pi_k + log N(x_n | mu_k, Sigma_k), exact path (`augmented`: x is `augment(data)`)."""
     bias = torch.log_softmax(logits, -1) - _log_norm(cov, means.shape[1])  # (K,)
-    return torch.add(bias, _mahalanobis(x, means, cov), alpha=-0.5)
+    return torch.add(bias, _mahalanobis(x, means, cov, augmented), alpha=-0.5)
 
 
 def log_prob(x: Tensor, logits: Tensor, means: Tensor, cov: Covariance) -> Tensor:
@@ -108,8 +145,7 @@ def quadratic_weights(logits: Tensor, means: Tensor, cov: Covariance, center: Te
     num_components, num_dims = means.shape
     mc = means - center  # (K, D)
     if cov.scale_tril is not None:
-        eye = torch.eye(num_dims, dtype=means.dtype, device=means.device).expand_as(cov.scale_tril)
-        inv = torch.linalg.solve_triangular(cov.scale_tril, eye, upper=False)  # L^{-1} (K', D, D)
+        inv = tril_inverse(cov.scale_tril)  # L^{-1} (K', D, D)
         precision = (inv.transpose(-1, -2) @ inv).expand(num_components, -1, -1)  # (K, D, D)
         rows, cols = torch.triu_indices(num_dims, num_dims, device=means.device)
         off = torch.where(rows == cols, -0.5, -1.0).to(means.dtype)

@@ -1,0 +1,214 @@
+"""The shared fit loop: quality against scikit-learn's EM, the clamp invariant, events, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.mixture import GaussianMixture
+
+import gmm
+from gmm.fit import FitOptions, lr_factor, make_options
+
+SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
+
+
+@pytest.fixture(scope="module")
+def demo_data():
+    return {f: gmm.generate_data(1000, 5, 2, 8.0, f, seed=42) for f in ("full", "diagonal", "isotropic", "tied")}
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
+def test_reaches_em_nll_at_demo_defaults(family, demo_data):
+    mock = demo_data[family]
+    model = gmm.make_model(family, 5, 2)
+    loss = model.fit(mock.data, num_iterations=1000, mixture_lr=5e-2, component_lr=5e-2)
+    x = mock.data.double().numpy()
+    em = GaussianMixture(5, covariance_type=SK[family], tol=1e-7, max_iter=5000, random_state=0).fit(x)
+    em_nll = -em.score(x)
+    assert loss <= em_nll + 0.02, f"{family}: GD {loss:.4f} vs EM {em_nll:.4f}"
+    assert loss < float(model.fit_result_.nll_history[0])
+
+
+def test_returns_final_nll_as_float(demo_data):
+    model = gmm.GmmFull(5, 2)
+    loss = model.fit(demo_data["full"].data, num_iterations=50)
+    assert isinstance(loss, float) and f"{loss:.2f}"
+    result = model.fit_result_
+    assert result.nll_history.shape == (51,) and result.num_iterations == 50 and result.completed
+    assert loss == pytest.approx(-model.score(demo_data["full"].data), abs=1e-9)
+    assert loss == result.final_nll == float(result.nll_history[-1])
+
+
+def test_same_seed_same_history_bit_for_bit(demo_data):
+    def run(seed):
+        model = gmm.GmmFull(5, 2)
+        model.fit(demo_data["full"].data, num_iterations=100, seed=seed, init="random")
+        return model.fit_result_.nll_history
+
+    a, b, c = run(3), run(3), run(4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_numpy_input_and_float64(demo_data):
+    model = gmm.GmmDiagonal(5, 2, dtype=torch.float64)
+    loss = model.fit(demo_data["diagonal"].data.double().numpy(), num_iterations=30)
+    assert model.means.dtype == torch.float64 and loss == loss
+
+
+@pytest.mark.parametrize("family", gmm.FAMILIES)
+def test_clamp_invariant_every_step(family):
+    """Every diagonal element >= clamp and covariances SPD after every step, even on collapsing data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 2, generator=g), torch.tensor([[9.0, 9.0]]).repeat(3, 1)])
+    clamp = 1e-3
+    seen = []
+
+    def check(step, nll, events):
+        cov = model.covariances
+        seen.append(step)
+        assert bool((cov.diagonal(dim1=-2, dim2=-1) >= clamp * (1 - 1e-5)).all()), cov
+        assert bool((torch.linalg.cholesky_ex(cov.double()).info == 0).all())
+
+    model = gmm.make_model(family, 4, 2)
+    model.fit(x, num_iterations=200, clamp=clamp, component_lr=0.1, log_freq=1, callback=check)
+    assert len(seen) == 200
+
+
+def test_collapse_is_reset_and_reported():
+    """One far, isolated point: a component collapses onto it, hits the floor and is reset."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(200, 2, generator=g), torch.tensor([[30.0, 30.0]])])
+    model = gmm.GmmFull(2, 2)
+    model.fit(x, num_iterations=400, component_lr=0.1, clamp=1e-4, lr_schedule="constant")
+    result = model.fit_result_
+    kinds = {e.kind for e in result.events}
+    assert "clamp" in kinds and "reset" in kinds, result.events[:5]
+    assert result.clamp_count >= result.reset_count >= 1
+    reset = next(e for e in result.events if e.kind == "reset")
+    assert reset.component in (0, 1) and "mass" in reset.detail
+    assert torch.isfinite(result.nll_history).all()
+
+
+def test_reset_off_records_clamps_only():
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(200, 2, generator=g), torch.tensor([[30.0, 30.0]])])
+    model = gmm.GmmFull(2, 2)
+    model.fit(x, num_iterations=300, component_lr=0.1, clamp=1e-4, reset=False, lr_schedule="constant")
+    assert model.fit_result_.clamp_count > 0 and model.fit_result_.reset_count == 0
+
+
+def test_zero_learning_rate_freezes_group(demo_data):
+    model = gmm.GmmFull(5, 2)
+    model.fit(demo_data["full"].data, num_iterations=1, init="random")  # a start
+    weights = model.weights.clone()
+    model.fit(demo_data["full"].data, num_iterations=50, mixture_lr=0.0, init="keep")
+    torch.testing.assert_close(model.weights, weights, rtol=0, atol=0)
+
+
+def test_tol_stops_early(demo_data):
+    model = gmm.GmmFull(5, 2)
+    model.fit(demo_data["full"].data, num_iterations=5000, tol=1e-5, component_lr=0.05)
+    result = model.fit_result_
+    assert result.converged and result.num_iterations < 5000
+
+
+def test_callback_receives_steps_and_can_stop(demo_data):
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def callback(step, nll, events):
+        calls.append((step, nll))
+        if step >= 30:
+            raise Stop
+
+    model = gmm.GmmFull(5, 2)
+    with pytest.raises(Stop):
+        model.fit(demo_data["full"].data, num_iterations=100, log_freq=10, callback=callback)
+    assert [s for s, _ in calls] == [10, 20, 30]
+    partial = model.fit_result_
+    assert not partial.completed and len(partial.nll_history) == 30
+
+
+def test_non_finite_nll_raises_with_step(demo_data):
+    def poison(step, nll, events):
+        if step == 20:
+            with torch.no_grad():
+                model.locs[0, 0] = float("nan")
+
+    model = gmm.GmmFull(5, 2)
+    with pytest.raises(gmm.NonFiniteNLLError, match="non-finite") as info:
+        model.fit(demo_data["full"].data, num_iterations=200, log_freq=10, callback=poison)
+    assert info.value.step == 20
+    assert not model.fit_result_.completed
+
+
+def test_chunked_autograd_equals_single_pass(demo_data, monkeypatch):
+    x = demo_data["full"].data.double()
+    a = gmm.GmmFull(5, 2, dtype=torch.float64)
+    a.fit(x, num_iterations=30)
+    monkeypatch.setattr(gmm.model, "_CHUNK_ELEMENTS", 16)  # 1024-row chunks: the fit sums 1 + partial
+    b = gmm.GmmFull(5, 2, dtype=torch.float64)
+    b.fit(x, num_iterations=30)
+    torch.testing.assert_close(a.fit_result_.nll_history, b.fit_result_.nll_history, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal", "tied"])
+def test_quadratic_fit_matches_difference_fit(family, demo_data):
+    x = demo_data["full"].data.double()
+    hist = []
+    for quadratic in (False, True):
+        model = gmm.make_model(family, 5, 2, dtype=torch.float64)
+        model.fit(x, num_iterations=100, quadratic=quadratic)
+        hist.append(model.fit_result_.nll_history)
+    torch.testing.assert_close(hist[0], hist[1], rtol=1e-8, atol=1e-8)
+
+
+def test_lr_schedule():
+    assert lr_factor("cosine", 0, 100) == 1.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert lr_factor("constant", 99, 100) == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_iterations": 0}, "num_iterations must be >= 1"),
+        ({"mixture_lr": -1.0}, "mixture_lr must be >= 0"),
+        ({"component_lr": float("nan")}, "component_lr must be finite"),
+        ({"clamp": 0.0}, "clamp must be > 0"),
+        ({"init": "kmeans"}, "did you mean 'kmeans\\+\\+'|Did you mean 'kmeans\\+\\+'"),
+        ({"lr_schedule": "linear"}, "unknown lr_schedule"),
+    ],
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_options(**kwargs)
+
+
+def test_unknown_option_suggests():
+    with pytest.raises(TypeError, match="did you mean 'num_iterations'"):
+        make_options(num_iteration=10)
+    assert make_options(FitOptions(clamp=1e-3)).clamp == 1e-3
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (torch.zeros(5), "must be 2-D .* x\\[:, None\\]"),
+        (torch.zeros(0, 2), "empty"),
+        (torch.tensor([[0.0, float("nan")]] * 10), "non-finite .* row 0, column 1"),
+        (torch.zeros(3, 2), "3 samples but the model has 5 components"),
+        (torch.zeros(10, 3), "3 dimensions but the model has num_dims=2"),
+    ],
+)
+def test_bad_data(data, match):
+    with pytest.raises(ValueError, match=match):
+        gmm.GmmFull(5, 2).fit(data, num_iterations=5)
+
+
+def test_bad_data_type():
+    with pytest.raises(TypeError, match="torch.Tensor or a NumPy array"):
+        gmm.GmmFull(2, 2).fit("not data")
