@@ -1,0 +1,453 @@
+"""ExperimentConfig: everything one tracked fit depends on, as a frozen dataclass with commented defaults.
+
+A config comes from keywords, a dict, a YAML/JSON file or command-line flags; each path checks it strictly:
+unknown keys are a ValueError naming them (with the closest field names), wrong types a TypeError, bad
+values a ValueError saying what was received and what would work.
+
+    cfg = ExperimentConfig(family="diagonal", iterations=5000)
+    cfg = ExperimentConfig.from_file("configs/full.yaml")            # flat mapping of field: value
+    cfg = cfg.replace(clamp=1e-4)
+    model.fit(train, **cfg.fit_options())
+
+Config files are flat mappings (YAML or JSON), e.g.
+
+    family: full
+    dataset: full-collapse      # a name in experiments.datasets.DATASETS; omit to use the data fields
+    iterations: 5000
+    clamp: 1.0e-4               # YAML 1.1 reads a bare 1e-4 as a string; float fields accept numeric strings
+    em: true
+
+Precedence on the command line: field defaults < the --config file < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gmm
+from gmm._validation import check_choice, check_float, check_int
+
+from .datasets import PERTURBATIONS, DataSpec, get_spec
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+INITS = tuple(gmm.INITS)
+SCHEDULES = ("cosine", "constant")
+GRADIENTS = ("autograd", "analytic")
+_CURVE_POINTS = 500  # the automatic log_every keeps the logged train-NLL curve near this many points
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: the data, the model, the fit and what to log. Every field has a default.
+
+    The data is either a named dataset (`dataset`) or `gmm.generate_data(samples, components, dims, radius,
+    data_family, seed=data_seed)` with an optional perturbation; setting both is an error. The model has
+    `num_components` components (default: the data's number of clusters) of covariance `family`.
+    """
+
+    # -- data ---------------------------------------------------------------------------------------
+    dataset: str | None = (
+        None  # a name in experiments.datasets.DATASETS; None: generate from the fields below
+    )
+    samples: int = 1000  # N, points in the whole dataset (train + validation)
+    components: int = 5  # true clusters K of the generated data
+    dims: int = 2  # D
+    radius: float = 8.0  # true means are uniform in [-radius, radius]^D
+    data_family: str | None = "full"  # covariance family of the generating mixture; None: same as `family`
+    data_seed: int = 0  # seed of the generated data (the split uses data_seed + 1)
+    perturbation: str | None = None  # None, "duplicates" or "tiny_cluster" (see experiments.datasets)
+    val_fraction: float = 0.2  # held-out fraction in [0, 1): fit on the rest, report the NLL on both
+    # -- model --------------------------------------------------------------------------------------
+    family: str = "full"  # covariance family of the fitted model (one of gmm.FAMILIES)
+    num_components: int | None = None  # components of the model; None: as many as the data's clusters
+    device: str = "cpu"  # torch device of the model and data
+    dtype: str = "float32"  # "float32" or "float64"
+    # -- fit (gmm.FitOptions) -------------------------------------------------------------------------
+    iterations: int = 2000  # Adam steps
+    mixture_lr: float = 1e-2  # Adam lr of the weight logits; 0 freezes the weights
+    component_lr: float = 1e-2  # Adam lr of means and covariance parameters
+    clamp: float = 1e-6  # variance floor, in variance units (not std)
+    init: str = "kmeans++"  # "kmeans++", "random", "radius" or "keep"
+    init_radius: float | None = None  # half-width of init="radius"; None: max |x|
+    reset: bool = True  # reset collapsed components (gmm.fit module docstring)
+    reset_min_mass: float | None = None  # collapse threshold on responsibility mass; None: D + 1
+    lr_schedule: str = "cosine"  # "cosine" (annealed to 0 over the fit) or "constant"
+    seed: int = 42  # seed of the fit: init and resets
+    tol: float | None = None  # stop when the NLL changes by less than tol in one step; None: run all steps
+    gradients: str = "autograd"  # "autograd" or "analytic" (gmm.scratch)
+    compile: bool = False  # torch.compile the step (compile time is reported apart from the fit)
+    # -- evaluation and logging -----------------------------------------------------------------------
+    eval_every: int | None = None  # steps between validation NLLs (and on_eval calls); None: iterations // 20
+    log_every: int | None = None  # step of the logged train-NLL curve; None: ceil(iterations / 500)
+    em: bool = False  # also fit EM from the same start and log its NLL (gmm.em)
+    em_iterations: int = 1000  # EM max_iter
+    em_tol: float = 1e-8  # EM tolerance, nats per iteration
+    log_figures: bool = True  # log the fit and NLL-curve figures (matplotlib; slower than the logging)
+    log_model: bool = True  # log the fitted state_dict + config, for experiments.load_model(run_id)
+
+    def __post_init__(self):
+        if self.dataset is not None:
+            get_spec(self.dataset)  # ValueError with close names
+        check_int(self.samples, "samples", minimum=1)
+        check_int(self.components, "components", minimum=1)
+        check_int(self.dims, "dims", minimum=1)
+        check_float(self.radius, "radius", positive=True)
+        if self.data_family is not None:
+            check_choice(self.data_family, gmm.FAMILIES, "data_family")
+        check_int(self.data_seed, "data_seed", minimum=0)
+        if self.perturbation is not None:
+            check_choice(self.perturbation, PERTURBATIONS, "perturbation")
+        vf = check_float(self.val_fraction, "val_fraction", nonnegative=True)
+        if vf >= 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1); got {vf}. Use e.g. 0.2 to hold out 20%")
+        check_choice(self.family, gmm.FAMILIES, "family")
+        if self.num_components is not None:
+            check_int(self.num_components, "num_components", minimum=1)
+        if not isinstance(self.device, str) or not self.device:
+            raise TypeError(f"device must be a device name such as 'cpu' or 'cuda'; got {self.device!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(
+                f"device {self.device!r} is not a torch device name ({err}); use e.g. 'cpu'"
+            ) from None
+        check_choice(self.dtype, DTYPES, "dtype")
+        check_int(self.iterations, "iterations", minimum=1)
+        check_float(self.mixture_lr, "mixture_lr", nonnegative=True)
+        check_float(self.component_lr, "component_lr", nonnegative=True)
+        check_float(self.clamp, "clamp", positive=True)
+        check_choice(self.init, INITS, "init")
+        if self.init_radius is not None:
+            check_float(self.init_radius, "init_radius", positive=True)
+        _check_bool(self.reset, "reset")
+        if self.reset_min_mass is not None:
+            check_float(self.reset_min_mass, "reset_min_mass", nonnegative=True)
+        check_choice(self.lr_schedule, SCHEDULES, "lr_schedule")
+        check_int(self.seed, "seed", minimum=0)
+        if self.tol is not None:
+            check_float(self.tol, "tol", positive=True)
+        check_choice(self.gradients, GRADIENTS, "gradients")
+        if self.eval_every is not None:
+            check_int(self.eval_every, "eval_every", minimum=1)
+        if self.log_every is not None:
+            check_int(self.log_every, "log_every", minimum=1)
+        check_int(self.em_iterations, "em_iterations", minimum=1)
+        check_float(self.em_tol, "em_tol", nonnegative=True)
+        for name in ("compile", "em", "log_figures", "log_model"):
+            _check_bool(getattr(self, name), name)
+        if self.dataset is not None:
+            clash = [name for name in _DATA_FIELDS if getattr(self, name) != _DATA_DEFAULTS[name]]
+            if clash:
+                raise ValueError(
+                    f"dataset={self.dataset!r} fixes the data, so {', '.join(clash)} cannot be set with it; "
+                    "drop them, or drop dataset to generate data from them"
+                )
+        spec = self.data_spec()
+        k = self.model_components
+        if k > spec.num_samples:
+            raise ValueError(
+                f"num_components={k} exceeds the {spec.num_samples} samples; use fewer components"
+            )
+
+    # -- derived values ---------------------------------------------------------------------------------
+    def data_spec(self) -> DataSpec:
+        """The DataSpec of the data: the named dataset's (with this val_fraction) or one from the fields."""
+        if self.dataset is not None:
+            return dataclasses.replace(get_spec(self.dataset), val_fraction=self.val_fraction)
+        return DataSpec(
+            num_samples=self.samples,
+            num_components=self.components,
+            num_dims=self.dims,
+            radius=self.radius,
+            family=self.data_family if self.data_family is not None else self.family,
+            seed=self.data_seed,
+            perturbation=self.perturbation,
+            val_fraction=self.val_fraction,
+        )
+
+    @property
+    def model_components(self) -> int:
+        """Components of the fitted model: num_components, else the data's number of clusters."""
+        if self.num_components is not None:
+            return self.num_components
+        return get_spec(self.dataset).num_components if self.dataset is not None else self.components
+
+    @property
+    def model_dims(self) -> int:
+        return get_spec(self.dataset).num_dims if self.dataset is not None else self.dims
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def resolved_eval_every(self) -> int:
+        return self.eval_every if self.eval_every is not None else max(1, self.iterations // 20)
+
+    @property
+    def resolved_log_every(self) -> int:
+        return (
+            self.log_every
+            if self.log_every is not None
+            else max(1, math.ceil(self.iterations / _CURVE_POINTS))
+        )
+
+    def fit_options(self) -> dict[str, Any]:
+        """Keyword options of `model.fit` / `gmm.fit` (callback and log_freq are the runner's to add)."""
+        return {
+            "num_iterations": self.iterations,
+            "mixture_lr": self.mixture_lr,
+            "component_lr": self.component_lr,
+            "clamp": self.clamp,
+            "init": self.init,
+            "radius": self.init_radius,
+            "reset": self.reset,
+            "reset_min_mass": self.reset_min_mass,
+            "lr_schedule": self.lr_schedule,
+            "seed": self.seed,
+            "tol": self.tol,
+            "gradients": self.gradients,
+            "compile": self.compile,
+            "device": self.device,
+            "dtype": self.torch_dtype,
+        }
+
+    def em_options(self) -> dict[str, Any]:
+        """Keyword options of `gmm.em.fit_em`: the same start (init, seed, clamp) as the gradient fit."""
+        return {
+            "max_iter": self.em_iterations,
+            "tol": self.em_tol,
+            "clamp": self.clamp,
+            "init": self.init,
+            "seed": self.seed,
+            "radius": self.init_radius,
+        }
+
+    # -- conversions ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, by name (JSON-serializable; from_dict(to_dict()) gives back an equal config)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def flat(self) -> dict[str, str]:
+        """MLflow params: every field as a string, plus the resolved values (data spec, components, intervals)."""
+        params = {k: _param(v) for k, v in self.to_dict().items()}
+        spec = self.data_spec()
+        params.update({f"data.{k}": _param(v) for k, v in spec.as_dict().items()})
+        params["resolved.num_components"] = str(self.model_components)
+        params["resolved.eval_every"] = str(self.resolved_eval_every)
+        params["resolved.log_every"] = str(self.resolved_log_every)
+        return params
+
+    def replace(self, **changes) -> ExperimentConfig:
+        """A copy with `changes` (checked like from_dict: unknown keys and bad values raise)."""
+        return ExperimentConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        """A config from a flat mapping of field names to values.
+
+        Raises:
+            ValueError: unknown keys (the closest field names are suggested) or bad values.
+            TypeError: `d` is not a mapping, or a value of the wrong type.
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"an experiment config must be a mapping of field: value; got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"unknown config key(s) {', '.join(hints)}; the fields are: {', '.join(names)}")
+        return cls(**{k: _coerce(k, v) for k, v in d.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ExperimentConfig:
+        """A config from a YAML (.yaml/.yml) or JSON (.json) file holding a flat mapping.
+
+        Raises:
+            ValueError: a missing or unreadable file, invalid YAML/JSON, a file that is not a mapping,
+                unknown keys or bad values (the message names the file).
+            TypeError: a value of the wrong type.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ValueError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
+        try:
+            if path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except (json.JSONDecodeError, ValueError) as err:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+        except Exception as err:  # yaml.YAMLError and its subclasses
+            first = " ".join(str(err).split())
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"config file {str(path)!r} must hold a mapping of field: value; got a {type(data).__name__}"
+            )
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{path}: {err}") from None
+
+    def to_file(self, path: str | Path) -> Path:
+        """Write the config as JSON (.json) or YAML (any other suffix); from_file reads it back."""
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        else:
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+_DATA_FIELDS = ("samples", "components", "dims", "radius", "data_family", "data_seed", "perturbation")
+_DATA_DEFAULTS = {f.name: f.default for f in fields(ExperimentConfig) if f.name in _DATA_FIELDS}
+
+# -- field types ------------------------------------------------------------------------------------------
+_FLOATS = {f.name for f in fields(ExperimentConfig) if "float" in str(f.type)}
+_NULLABLE = {f.name for f in fields(ExperimentConfig) if "None" in str(f.type)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Accept ints for float fields and numeric strings for float fields (YAML 1.1 reads 1e-6 as a string)."""
+    if value is None and name not in _NULLABLE:
+        raise TypeError(f"{name} cannot be null; remove the key to use the default")
+    if name in _FLOATS and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError(f"{name} must be a number; got {value!r}") from None
+    if name in _FLOATS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _param(value: Any) -> str:
+    return "None" if value is None else str(value)
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def _flag_names(name: str, demo: bool) -> list[str]:
+    dashed = f"--{name.replace('_', '-')}"
+    underscored = f"--{name}"
+    if dashed == underscored:
+        return [dashed]
+    return [underscored, dashed] if demo else [dashed, underscored]
+
+
+# field -> (help, demo-style flag); the demo's own flags keep their underscores (--mixture_lr) and also
+# accept dashes, the runner's new flags are dashed (--val-fraction) and also accept underscores
+_FLAGS: dict[str, tuple[str, bool]] = {
+    "dataset": (
+        "a named dataset (python -m experiments.datasets lists them); overrides the data flags",
+        False,
+    ),
+    "samples": ("data points N (train + validation)", True),
+    "components": ("true clusters K of the generated data (and of the model unless --num-components)", True),
+    "dims": ("dimensions D", True),
+    "radius": ("true means are uniform in [-radius, radius]^D", True),
+    "data_family": ("covariance family of the generated data (default full)", False),
+    "data_seed": ("seed of the generated data", False),
+    "perturbation": ("perturb the generated data: duplicates or tiny_cluster", False),
+    "val_fraction": ("held-out fraction of the data, in [0, 1)", False),
+    "family": ("covariance family of the model", True),
+    "num_components": ("components of the model (default: the data's clusters)", False),
+    "device": ("torch device", False),
+    "dtype": ("float32 or float64", False),
+    "iterations": ("Adam steps", True),
+    "mixture_lr": ("Adam learning rate of the weight logits", True),
+    "component_lr": ("Adam learning rate of means and covariances", True),
+    "clamp": ("variance floor, in variance units", True),
+    "init": ("initialization: kmeans++, random, radius or keep", True),
+    "init_radius": ("half-width of --init radius", False),
+    "reset": ("reset collapsed components (--no-reset turns it off)", False),
+    "reset_min_mass": ("collapse threshold on responsibility mass (default D + 1)", False),
+    "lr_schedule": ("cosine or constant", False),
+    "seed": ("seed of the fit (init and resets)", True),
+    "tol": ("stop when the NLL changes by less than this in one step", False),
+    "gradients": ("autograd or analytic", False),
+    "compile": ("torch.compile the step", False),
+    "eval_every": ("steps between validation NLLs (default iterations // 20)", False),
+    "log_every": ("step of the logged train-NLL curve (default ceil(iterations / 500))", False),
+    "em": ("also fit EM from the same start and log its NLL", False),
+    "em_iterations": ("EM iterations at most", False),
+    "em_tol": ("EM tolerance, nats per iteration", False),
+    "log_figures": ("log the fit and NLL-curve figures (--no-log-figures turns it off)", False),
+    "log_model": ("log the fitted model (--no-log-model turns it off)", False),
+}
+
+
+def _none_or(kind):
+    def parse(text: str):
+        if text.lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --config FILE and one flag per ExperimentConfig field to `parser`.
+
+    Flags default to "not given" (argparse.SUPPRESS), so `from_args` applies only what was typed, on top
+    of the --config file, on top of the field defaults. Booleans are --em / --no-em style switches.
+    """
+    parser.add_argument(
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML or JSON config file"
+    )
+    defaults = ExperimentConfig()
+    for f in fields(ExperimentConfig):
+        help_text, demo = _FLAGS[f.name]
+        default = getattr(defaults, f.name)
+        flags = _flag_names(f.name, demo)
+        common = {"dest": f.name, "default": argparse.SUPPRESS}
+        if isinstance(default, bool):
+            parser.add_argument(
+                *flags,
+                action=argparse.BooleanOptionalAction,
+                help=f"{help_text} [default: {default}]",
+                **common,
+            )
+            continue
+        kind = int if "int" in str(f.type) else float if f.name in _FLOATS else str
+        if f.name in _NULLABLE:
+            kind = _none_or(kind)
+        parser.add_argument(
+            *flags, type=kind, metavar=f.name.upper(), help=f"{help_text} [default: {default}]", **common
+        )
+    return parser
+
+
+def from_args(ns: argparse.Namespace) -> ExperimentConfig:
+    """The config of parsed flags: defaults, then the --config file, then every flag given."""
+    given = {f.name: getattr(ns, f.name) for f in fields(ExperimentConfig) if hasattr(ns, f.name)}
+    config_file = getattr(ns, "config", None)
+    base = ExperimentConfig.from_file(config_file) if config_file else ExperimentConfig()
+    return base.replace(**given) if given else base
