@@ -70,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--samples", type=int, default=1000, help="number of data points N")
-    p.add_argument(
-        "--components", type=int, default=5, help="mixture components K (of the data and the model)"
-    )
+    p.add_argument("--components", type=int, default=5, help="mixture components K (of the data and the model)")
     p.add_argument("--dims", type=int, default=2, help="dimensions D")
     p.add_argument("--iterations", type=int, default=20_000, help="Adam steps")
     p.add_argument(
@@ -84,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_freq", type=int, default=5_000, help="steps between progress lines")
     p.add_argument("--radius", type=float, default=8.0, help="true means are uniform in [-radius, radius]^D")
     p.add_argument("--mixture_lr", type=float, default=3e-5, help="Adam learning rate of the weight logits")
-    p.add_argument(
-        "--component_lr", type=float, default=1e-2, help="Adam learning rate of means and covariances"
-    )
+    p.add_argument("--component_lr", type=float, default=1e-2, help="Adam learning rate of means and covariances")
     p.add_argument(
         "--visualize",
         type=parse_bool,
@@ -159,9 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # a bad value, reported by the library with its fix
         parser.error(str(err))
     except ImportError as err:  # --gradients analytic / --compile without gmm.scratch
-        parser.error(
-            f"--gradients {args.gradients}{' --compile' if args.compile else ''} is unavailable: {err}"
-        )
+        parser.error(f"--gradients {args.gradients}{' --compile' if args.compile else ''} is unavailable: {err}")
     except FloatingPointError as err:  # the NLL became non-finite: a failed fit, not a usage error
         print(f"{parser.prog}: fit failed: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
@@ -212,9 +206,7 @@ def _run(args: argparse.Namespace, out: str | None) -> int:
         em_model = gmm.make_model(args.family, args.components, args.dims)
         with warnings.catch_warnings():  # "not converged" is printed on the EM line instead
             warnings.simplefilter("ignore", UserWarning)
-            em_result = fit_em(
-                em_model, mock.data, init=args.init, clamp=args.clamp, radius=args.radius, seed=args.seed
-            )
+            em_result = fit_em(em_model, mock.data, init=args.init, clamp=args.clamp, radius=args.radius, seed=args.seed)
         state = "converged" if em_result.converged else "not converged"
         print(
             f"EM NLL: {em_result.final_nll:.6f} ({em_result.num_iterations} iterations, "
@@ -228,14 +220,21 @@ def _run(args: argparse.Namespace, out: str | None) -> int:
 
 
 def _visualize(mock, model, result, em_result, true_nll: float, out: str | None) -> None:
+    """Three panels: the data with the true mixture, with the fitted one, and the NLL curves."""
     from gmm.plot import make_figure, plot_data_and_model, plot_nll_curve, save_figure
 
     show = out is None
-    fig, (ax_fit, ax_nll) = make_figure(2, figsize=(13.0, 5.8), show=show)
-    plot_data_and_model(mock.data, model, ax=ax_fit)
-    curves = (
-        {"gradient descent": result} if em_result is None else {"gradient descent": result, "EM": em_result}
+    fig, (ax_true, ax_fit, ax_nll) = make_figure(3, figsize=(19.0, 5.8), show=show)
+    k, d = model.num_components, model.num_dims
+    plot_data_and_model(
+        mock.data,
+        mock.true_model(),
+        ax=ax_true,
+        labels=mock.labels,
+        title=f"true {mock.family} mixture, K={k}, D={d}: NLL {true_nll:.4f} nats/sample",
     )
+    plot_data_and_model(mock.data, model, ax=ax_fit)
+    curves = {"gradient descent": result} if em_result is None else {"gradient descent": result, "EM": em_result}
     plot_nll_curve(curves, ax=ax_nll, log_x=True, reference={"true parameters": true_nll})
     ax_nll.set_title(f"NLL per step ({mock.family}, seed {result.options.seed})", fontsize=10)
     if show:
