@@ -41,7 +41,7 @@ SCHEDULES = ("cosine", "constant")
 GRADIENTS = ("autograd", "analytic")
 _CHECK_EVERY = 50  # steps between checks that the NLL is finite
 _WORST_FRACTION = 0.1  # resets draw from this fraction of worst-explained points
-_QUADRATIC_MIN_ELEMENTS = 1 << 22  # auto: quadratic path once N * K * D reaches this
+_QUADRATIC_MIN_ELEMENTS = 1 << 20  # auto: quadratic path once N * K * D reaches this (float32 caveat: likelihood.py)
 
 
 @dataclass(frozen=True)

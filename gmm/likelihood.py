@@ -132,9 +132,8 @@ def quadratic_features(x: Tensor, center: Tensor, cholesky: bool) -> Tensor:
     (T = 2D + 1) for diagonal covariances.
     """
     xc = x - center
-    if cholesky:
-        rows, cols = torch.triu_indices(x.shape[1], x.shape[1], device=x.device)
-        quad = xc[:, rows] * xc[:, cols]
+    if cholesky:  # row i of the upper triangle: x_i * x_j for j >= i (a loop over D, not over N or K)
+        quad = torch.cat([xc[:, i : i + 1] * xc[:, i:] for i in range(x.shape[1])], dim=1)
     else:
         quad = xc.square()
     return torch.cat([quad, xc, torch.ones_like(xc[:, :1])], dim=1)

@@ -1,0 +1,101 @@
+"""Large-N benchmark: ms per iteration and peak memory of this project's fit against the original-style
+baseline, each in its own process (so peak resident memory is measured per variant), same run.
+
+    python -m bench.large                  # N=1e5/K=8/D=8 and N=1e6/K=16/D=16, full
+    python -m bench.large --quick          # smaller sizes, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIZES = [(100_000, 8, 8), (1_000_000, 16, 16)]
+QUICK_SIZES = [(20_000, 4, 4), (100_000, 8, 8)]
+
+
+def _child(variant: str, n: int, k: int, d: int, iters: int) -> dict:
+    import torch
+
+    import gmm
+
+    x = gmm.generate_data(n, k, d, 8.0, "full", seed=0).data
+    times = []
+    if variant == "baseline":
+        from bench.baseline import OriginalFull, make_fit
+
+        model = OriginalFull(k, d, x)
+        step = make_fit(model, x, 1000)
+        setup = 0.0
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    else:
+        from gmm.fit import AutogradStep, make_options
+
+        model = gmm.GmmFull(k, d)
+        model.fit(x[: max(k, 10_000)], num_iterations=1, init="random")  # parameters at a sensible start
+        t0 = time.perf_counter()
+        stepper = AutogradStep(model, x, make_options(), quadratic=(variant == "quadratic"))
+        setup = time.perf_counter() - t0
+        for _ in range(iters + 1):
+            t0 = time.perf_counter()
+            stepper.step(1e-2, 1e-2)
+            stepper.clamp(1e-6)
+            times.append(time.perf_counter() - t0)
+        times = times[1:]  # first step warms allocator caches
+        del torch
+    return {
+        "ms_per_iter": 1000 * statistics.median(times),
+        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "setup_s": setup,
+    }
+
+
+def _run(variant: str, n: int, k: int, d: int, iters: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.large", "--child", variant, str(n), str(k), str(d), str(iters)],
+        capture_output=True, text=True, check=False,
+    )
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        variant, *nums = args.child
+        print(json.dumps(_child(variant, *map(int, nums))))
+        return 0
+    sizes = QUICK_SIZES if args.quick else SIZES
+    print("Large N, full covariance, float32, one process per row (peak = max resident memory of that process)")
+    print(f"{'N':>9} {'K':>3} {'D':>3}  {'variant':<22} {'ms/iter':>9} {'peak GB':>8} {'setup s':>8} {'speedup':>8}")
+    for n, k, d in sizes:
+        base = _run("baseline", n, k, d, 2 if n >= 1_000_000 else 5)
+        rows = [("baseline (original)", base)]
+        rows.append(("difference path", _run("difference", n, k, d, 3)))
+        rows.append(("quadratic path", _run("quadratic", n, k, d, 5)))
+        for name, r in rows:
+            if "error" in r:
+                print(f"{n:>9} {k:>3} {d:>3}  {name:<22} error: {r['error']}")
+                continue
+            ratio = base.get("ms_per_iter", float("nan")) / r["ms_per_iter"]
+            print(
+                f"{n:>9} {k:>3} {d:>3}  {name:<22} {r['ms_per_iter']:>9.1f} {r['peak_gb']:>8.2f} "
+                f"{r['setup_s']:>8.2f} {ratio:>7.1f}x"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
