@@ -190,26 +190,34 @@ class AutogradStep:
 
     compile_time = 0.0
 
-    def __init__(self, model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool):
+    def __init__(
+        self, model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool, generator: torch.Generator | None = None
+    ):
         self.model = model
         self.num_samples = x.shape[0]
         self.quadratic = quadratic
         components = [model.locs] + ([model.raw_cov] if model.family.trainable else [])
         self.optimizer = FusedAdam([[model.logits], components])
         self.params = self.optimizer.params
-        rows = chunk_rows(model.num_components, model.num_dims)
-        if quadratic:
-            self.center = x.mean(0)
-            rows *= 4  # the quadratic path keeps only (rows, K) intermediates
-            self.chunks = [
-                likelihood.quadratic_features(c, self.center, model.family.cholesky) for c in x.split(rows)
-            ]
+        self.rows = chunk_rows(model.num_components, model.num_dims) * (4 if quadratic else 1)
+        self.center = x.mean(0)
+        self.batch_size = opts.batch_size if opts.batch_size and opts.batch_size < x.shape[0] else None
+        if self.batch_size:  # mini-batches are drawn (and prepared) at every step
+            self.x, self.generator = x, generator if generator is not None else make_generator(0)
+            self.chunks = self._prepare(x[: self.batch_size])
         else:
-            self.chunks = [likelihood.augment(c) for c in x.split(rows)]
+            self.chunks = self._prepare(x)
+        self.scale = -1.0 / (self.batch_size or self.num_samples)
         self.logits_before = model.logits.detach().clone()
         self._loss_fn = self._loss
         if opts.compile:
             self._compile()
+
+    def _prepare(self, x: Tensor) -> list[Tensor]:
+        """Chunks of the loss input: quadratic features, or the data with a ones column (likelihood.py)."""
+        if self.quadratic:
+            return [likelihood.quadratic_features(c, self.center, self.model.family.cholesky) for c in x.split(self.rows)]
+        return [likelihood.augment(c) for c in x.split(self.rows)]
 
     def _compile(self) -> None:
         """torch.compile the chunk loss (forward and backward graphs); eager when that fails."""
@@ -232,11 +240,14 @@ class AutogradStep:
             joint = chunk @ likelihood.quadratic_weights(m.logits, m.locs, cov, self.center)
         else:
             joint = likelihood.joint_log_prob(chunk, m.logits, m.locs, cov, augmented=True)
-        return likelihood.logsumexp(joint).sum() * (-1.0 / self.num_samples)
+        return likelihood.logsumexp(joint).sum() * self.scale
 
     def step(self, lr_mixture: float, lr_component: float) -> Tensor:
         for p in self.params:
             p.grad = None
+        if self.batch_size:
+            rows = torch.randint(self.num_samples, (self.batch_size,), generator=self.generator)
+            self.chunks = self._prepare(self.x[rows.to(self.x.device)])
         if len(self.chunks) == 1:
             loss = self._loss_fn(self.chunks[0])
             loss.backward()
@@ -258,8 +269,8 @@ class AutogradStep:
 
     def mass(self) -> Tensor:
         """(K,) sum_n p(k | x_n) at the parameters of the last step, from the logit gradient."""
-        grad = self.model.logits.grad.detach()
-        return (torch.softmax(self.logits_before, -1) - grad) * self.num_samples
+        grad = self.model.logits.grad.detach()  # d mean-NLL / d logit_k = pi_k - mean_n p(k | x_n)
+        return (torch.softmax(self.logits_before, -1) - grad) * self.num_samples  # a batch's, scaled to N
 
     def reset_moments(self, components: Tensor) -> None:
         m = self.model
@@ -267,13 +278,15 @@ class AutogradStep:
         self.optimizer.reset_rows(per_component, components)
 
 
-def make_step(model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool):
-    """The step function for `opts.gradients` / `opts.compile`."""
+def make_step(model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool, generator: torch.Generator | None = None):
+    """The step function for `opts.gradients` / `opts.compile` (`generator` draws mini-batches)."""
     if opts.gradients == "analytic":
+        if opts.batch_size:
+            raise ValueError("batch_size needs gradients='autograd'; drop batch_size or use autograd gradients")
         from . import scratch  # noqa: PLC0415  (optional path, imported only when asked)
 
         return scratch.make_step(model, x, opts, quadratic)
-    return AutogradStep(model, x, opts, quadratic)
+    return AutogradStep(model, x, opts, quadratic, generator)
 
 
 # -- the loop ---------------------------------------------------------------------------------------------
@@ -333,7 +346,7 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
     )
     init_time = time.perf_counter() - t0
 
-    stepper = make_step(model, x, opts, _use_quadratic(opts, n, k, d))
+    stepper = make_step(model, x, opts, _use_quadratic(opts, n, k, d), g)
     compile_time = stepper.compile_time
 
     history: list[Tensor] = []  # 0-d NLL tensors; appending is far cheaper than writing into a tensor

