@@ -129,8 +129,7 @@ class NonFiniteNLLError(FloatingPointError):
     def __init__(self, step: int, value: float):
         self.step = step
         super().__init__(
-            f"the NLL became non-finite ({value}) at step {step}; lower the learning rates, raise clamp, "
-            "or scale the data"
+            f"the NLL became non-finite ({value}) at step {step}; lower the learning rates, raise clamp, or scale the data"
         )
 
 
@@ -361,7 +360,15 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
         kept = _stack(history)
         final = float(kept[-1]) if len(history) else float("nan")
         result = FitResult(
-            kept, tuple(events), max(0, len(history) - 1), wall, init_time, compile_time, converged, final, opts,
+            kept,
+            tuple(events),
+            max(0, len(history) - 1),
+            wall,
+            init_time,
+            compile_time,
+            converged,
+            final,
+            opts,
             completed,
         )
         model.fit_result_ = result

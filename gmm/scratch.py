@@ -411,8 +411,12 @@ class ScratchStep:
         t0 = time.perf_counter()
         try:
             self._use(fused)
-            key = (self.family.name, _spec(self.family, fused), tuple(_meta(t) for t in self._leaves),
-                   torch.get_num_threads())
+            key = (
+                self.family.name,
+                _spec(self.family, fused),
+                tuple(_meta(t) for t in self._leaves),
+                torch.get_num_threads(),
+            )
             direct = _COMPILED.get(key)
             if direct is None:
                 # compile now, on copies of the state, so that the fit's loop time excludes it
@@ -440,7 +444,12 @@ class ScratchStep:
 
     def _set_scalars(self, step: int, lr_mixture: float, lr_component: float) -> None:
         bc1 = 1.0 - BETA1**step
-        values = (lr_mixture / bc1, lr_component / bc1, math.sqrt(1.0 - BETA2**step), self.family.raw_floor(self.clamp_value))
+        values = (
+            lr_mixture / bc1,
+            lr_component / bc1,
+            math.sqrt(1.0 - BETA2**step),
+            self.family.raw_floor(self.clamp_value),
+        )
         if self._scalars_np is not None:
             self._scalars_np[:] = values  # no torch dispatch: cheaper than building a tensor
         else:

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import optuna
 import torch
+from mlflow.entities import Metric
+
 from experiments.config import ExperimentConfig
 from experiments.run import StopRun, run_experiment
 from experiments.tracking import log_metric_history, log_params, tracked_run
-from mlflow.entities import Metric
 
 from .space import SearchSpace
 
