@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from ._validation import check_data, check_float, make_generator
+from ._validation import check_data, check_float, check_int, make_generator
 from .fit import FitEvent, FitResult, NonFiniteNLLError, make_options
 from .init import initialize
 from .model import MixtureModel, chunk_rows
@@ -89,11 +89,23 @@ def fit_em(
         ValueError / TypeError: bad data or options.
         NonFiniteNLLError: the NLL became NaN or infinite.
     """
+    # checked here, under EM's own names (make_options would report max_iter as num_iterations)
+    check_int(max_iter, "max_iter", minimum=1)
     if tol is not None:
-        tol = check_float(tol, "tol", nonnegative=True)
+        tol = check_float(tol, "tol")
+        if tol < 0:
+            raise ValueError(f"tol must be >= 0 (0 or None runs all max_iter iterations); got {tol}")
     opts = make_options(
-        num_iterations=max_iter, tol=tol or None, clamp=clamp, init=init, seed=seed, generator=generator,
-        radius=radius, device=device, dtype=dtype, callback=callback,
+        num_iterations=max_iter,
+        tol=tol or None,
+        clamp=clamp,
+        init=init,
+        seed=seed,
+        generator=generator,
+        radius=radius,
+        device=device,
+        dtype=dtype,
+        callback=callback,
     )
     if opts.device is not None or opts.dtype is not None:
         model.to(device=opts.device, dtype=opts.dtype)
@@ -113,8 +125,16 @@ def fit_em(
     def record(completed: bool, wall: float) -> FitResult:
         final = history[-1] if history else float("nan")
         result = FitResult(
-            torch.tensor(history, dtype=torch.float64), tuple(events), max(0, len(history) - 1), wall, init_time,
-            0.0, converged, final, opts, completed,
+            torch.tensor(history, dtype=torch.float64),
+            tuple(events),
+            max(0, len(history) - 1),
+            wall,
+            init_time,
+            0.0,
+            converged,
+            final,
+            opts,
+            completed,
         )
         model.fit_result_ = result
         return result
@@ -203,7 +223,9 @@ def _m_step(model: MixtureModel, chunks: list[Tensor], resp: Tensor, clamp: floa
     acted = (smallest < clamp).nonzero()[:, 0].tolist()
     return [
         FitEvent(
-            iteration, -1 if family.shared else c, "clamp",
+            iteration,
+            -1 if family.shared else c,
+            "clamp",
             f"scatter variance {float(smallest[c]):.3g} below clamp {clamp:.3g}; the floor dominates",
         )
         for c in acted
