@@ -62,7 +62,7 @@ class ExperimentConfig:
     components: int = 5  # true clusters K of the generated data
     dims: int = 2  # D
     radius: float = 8.0  # true means are uniform in [-radius, radius]^D
-    data_family: str | None = "full"  # covariance family of the generating mixture; None: same as `family`
+    data_family: str | None = None  # covariance family of the generating mixture; None: same as `family`
     data_seed: int = 0  # seed of the generated data (the split uses data_seed + 1)
     perturbation: str | None = None  # None, "duplicates" or "tiny_cluster" (see experiments.datasets)
     val_fraction: float = 0.2  # held-out fraction in [0, 1): fit on the rest, report the NLL on both
@@ -372,7 +372,7 @@ _FLAGS: dict[str, tuple[str, bool]] = {
     "components": ("true clusters K of the generated data (and of the model unless --num-components)", True),
     "dims": ("dimensions D", True),
     "radius": ("true means are uniform in [-radius, radius]^D", True),
-    "data_family": ("covariance family of the generated data (default full)", False),
+    "data_family": ("covariance family of the generated data (default: the model's family)", False),
     "data_seed": ("seed of the generated data", False),
     "perturbation": ("perturb the generated data: duplicates or tiny_cluster", False),
     "val_fraction": ("held-out fraction of the data, in [0, 1)", False),

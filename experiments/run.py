@@ -159,12 +159,15 @@ class _Logger:
         self.client, self.run_id = client, run_id
         self.pending: list[Metric] = []
         self.seconds = 0.0
+        self.closing = False  # True while a failed run's record is written: signals are then dropped
         self.last_flush = time.perf_counter()
 
     def timed(self, fn: Callable, *args, **kwargs):
+        """Call fn, timed; Ctrl-C / SIGTERM arriving meanwhile waits until the store write is complete."""
         t0 = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            with deferred_signals(reraise=not self.closing):
+                return fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t0
 
@@ -285,6 +288,7 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     try:
         result = gmm.fit(model, train, **config.fit_options(), log_freq=config.resolved_eval_every, callback=evaluator)
     except BaseException:
+        logger.closing = True
         with deferred_signals(reraise=False):  # a second Ctrl-C must not lose what the first one left
             try:
                 _log_fit_record(logger, model.fit_result_, config)

@@ -1,0 +1,17 @@
+# Experiment runner (experiments/): `make run`, `make ui`. See README "Experiments".
+.PHONY: run ui
+
+RUN_ARGS ?=
+UI_PORT ?= 5000
+# the tracking store: $MLFLOW_TRACKING_URI, else MLflow's default local database in the project root
+TRACKING_URI ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+# pass FAMILY/SEED only when typed (make run FAMILY=tied) so that a CONFIG file's values are not overridden
+_given = $(filter command line environment,$(origin $(1)))
+
+run: $(STAMP) ## one tracked fit: [FAMILY=full] [SEED=42] [CONFIG=file.yaml|json] [RUN_ARGS="--em --iterations 5000"]
+	$(PY) -m experiments.run $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(call _given,FAMILY),--family $(FAMILY)) $(if $(call _given,SEED),--seed $(SEED)) $(RUN_ARGS)
+
+ui: $(STAMP) ## MLflow UI on the tracking store at http://127.0.0.1:5000 [UI_PORT=] [MLFLOW_TRACKING_URI=]
+	@test -n "$(MLFLOW_TRACKING_URI)" -o -f mlflow.db || echo "no runs yet: make run first (the UI starts anyway)"
+	$(PY) -m mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)

@@ -1,0 +1,254 @@
+"""experiments.run against a real MLflow store in a temporary folder: what a run logs, how it ends, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import adjusted_rand_score
+
+from experiments import ExperimentConfig, load_model, run_experiment
+from experiments.metrics import adjusted_rand_index, recovery_error
+from experiments.run import EVENT_COLUMNS, curve_steps, main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(samples=200, components=3, iterations=60, eval_every=10, log_every=1, mixture_lr=1e-2)
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [m.step for m in points], [m.value for m in points]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One short tracked run with EM, shared by the read-back tests."""
+    tmp = tmp_path_factory.mktemp("run")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    config = ExperimentConfig(**SMALL, em=True)
+    result = run_experiment(config, uri, "test-run")
+    return uri, config, result
+
+
+def test_run_finishes_with_params_and_tags(finished):
+    uri, config, result = finished
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == config.flat()
+    tags = run.data.tags
+    assert tags["dataset.fingerprint"] == result.fingerprint and len(result.fingerprint) == 64
+    for key in ("git.commit", "git.dirty", "version.torch", "version.numpy", "version.mlflow", "platform", "command"):
+        assert tags[key], key
+
+
+def test_metric_curves_match_the_fit_record(finished):
+    uri, config, result = finished
+    client = MlflowClient(uri)
+    steps, values = _history(client, result.run_id, "train_nll")
+    assert steps == list(range(config.iterations + 1))  # log_every=1: the whole curve
+    np.testing.assert_allclose(values, result.fit.nll_history.numpy(), rtol=0, atol=0)
+    val_steps, val_values = _history(client, result.run_id, "val_nll")
+    assert val_steps == list(range(10, config.iterations + 1, 10))
+    assert val_values[-1] == pytest.approx(result.val_nll, abs=1e-12)
+    assert all(math.isfinite(v) for v in val_values)
+    for key in ("clamp_count", "reset_count", "lr_mixture", "lr_component"):
+        assert [s for s, _ in zip(*_history(client, result.run_id, key), strict=True)][:6] == val_steps, key
+    lr_steps, lrs = _history(client, result.run_id, "lr_component")
+    assert lrs[0] > lrs[-1] >= 0  # cosine annealing
+
+
+def test_final_metrics(finished):
+    uri, config, result = finished
+    metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
+    for key in (
+        "true_nll_train",
+        "true_nll_val",
+        "em_nll_train",
+        "em_nll_val",
+        "gd_em_gap",
+        "recovery_error",
+        "ari",
+        "wall_time",
+        "iterations_per_second",
+        "tracking_overhead",
+        "figure_time",
+    ):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert metrics["train_nll"] == pytest.approx(result.train_nll, abs=1e-12)
+    assert metrics["em_nll_train"] == pytest.approx(result.em.final_nll, abs=1e-12)
+    assert metrics["num_iterations"] == config.iterations
+    assert 0.0 <= metrics["ari"] <= 1.0 and metrics["recovery_error"] >= 0
+
+
+def test_events_figures_and_model_artifacts(finished, tmp_path):
+    uri, config, result = finished
+    client = MlflowClient(uri)
+    text = Path(client.download_artifacts(result.run_id, "events.csv", str(tmp_path))).read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert tuple(csv.reader(io.StringIO(text)).__next__()) == EVENT_COLUMNS
+    assert len(rows) == len(result.fit.events)
+    figures = {Path(f.path).name: f.file_size for f in client.list_artifacts(result.run_id, "figures")}
+    assert set(figures) == {"fit.png", "nll_curve.png"} and min(figures.values()) > 10_000
+    model = load_model(result.run_id, uri)
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model.log_prob(x), result.model.log_prob(x), rtol=0, atol=0)
+
+
+def test_events_are_logged_when_components_collapse(mlflow_uri):
+    # one component more than the clusters: it settles on the duplicated points and hits the floor
+    config = ExperimentConfig(
+        dataset="full-collapse",
+        num_components=5,
+        iterations=300,
+        clamp=1e-3,
+        component_lr=5e-2,
+        log_figures=False,
+        log_model=False,
+    )
+    result = run_experiment(config, mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    rows = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(result.run_id, "events.csv", ".")).read_text())))
+    assert len(rows) == len(result.fit.events) and result.clamp_count > 0
+    assert client.get_run(result.run_id).data.metrics["clamp_count"] == result.clamp_count
+
+
+def test_a_raising_fit_ends_failed_and_keeps_its_curve(mlflow_uri):
+    def boom(step, val_nll):
+        if step >= 20:
+            raise RuntimeError("boom at the third evaluation")
+
+    with pytest.raises(RuntimeError, match="boom") as info:
+        run_experiment(ExperimentConfig(**SMALL), mlflow_uri, on_eval=boom)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(info.value.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: boom at the third evaluation"
+    steps, _ = _history(client, run.info.run_id, "train_nll")
+    assert steps == list(range(0, 20))  # the curve up to the failure was not lost
+    assert "Traceback" in Path(client.download_artifacts(run.info.run_id, "error.txt", ".")).read_text()
+
+
+def test_a_nan_ends_failed_with_the_message(mlflow_uri):
+    # Adam moves every raw parameter by about lr per step: 1e30 overflows the covariances at once
+    config = ExperimentConfig(**{**SMALL, "component_lr": 1e30}, log_figures=False)
+    with pytest.raises(FloatingPointError, match="non-finite") as info:
+        run_experiment(config, mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(info.value.run_id)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["error"]
+    assert all(math.isfinite(v) for _, v in zip(*_history(client, run.info.run_id, "train_nll"), strict=True))
+
+
+def _wait_for_running(uri: str, proc: subprocess.Popen, timeout: float = 60.0):
+    client = MlflowClient(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        exp = client.get_experiment_by_name("gmm") if Path(uri[len("sqlite:///") :]).exists() else None
+        if exp is not None:
+            runs = client.search_runs([exp.experiment_id])
+            if runs and runs[0].data.metrics.get("val_nll") is not None:
+                return runs[0].info.run_id
+        time.sleep(0.3)
+    raise AssertionError("the run did not start logging in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_ends_killed(tmp_path, sig):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--iterations",
+        "50000000",
+        "--eval-every",
+        "200",
+        "--log-every",
+        "100",
+        "--tracking-uri",
+        uri,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = _wait_for_running(uri, proc)  # val_nll is flushed after 5 s of fitting
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"run {run_id} marked KILLED" in err and "Traceback" not in err
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "interrupted" in run.data.tags["stop_reason"]
+    assert len(MlflowClient(uri).get_metric_history(run_id, "train_nll")) > 10
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--family", "fulll"], "Did you mean 'full'"),
+        (["--iterations", "0"], "iterations"),
+        (["--component_lr", "-1"], "component_lr"),
+        (["--config", "missing.yaml"], "cannot read config file"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(mlflow_uri, capsys, argv, match):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--tracking-uri", mlflow_uri])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1, err
+
+
+def test_cli_bad_config_file(mlflow_uri, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("family: full\ncomponnets: 3\n")
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(path), "--tracking-uri", mlflow_uri])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "componnets" in err and "components" in err and err.count("\n") == 1
+
+
+def test_cli_prints_run_id_and_ui_command(mlflow_uri, tmp_path, capsys):
+    path = tmp_path / "cfg.json"
+    ExperimentConfig(**SMALL, log_figures=False).to_file(path)
+    assert main(["--config", str(path), "--seed", "7", "--tracking-uri", mlflow_uri]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split("Run id: ")[1].split()[0]
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.data.params["seed"] == "7" and run.data.params["samples"] == "200"  # flag over file over default
+    assert "mlflow ui --backend-store-uri" in out and "Final Loss:" in out
+
+
+def test_curve_steps_always_end_on_the_last_step():
+    assert curve_steps(11, 5) == [0, 5, 10]
+    assert curve_steps(12, 5) == [0, 5, 10, 11]
+    assert curve_steps(1, 5) == [0]
+
+
+def test_metrics_against_scikit_learn():
+    g = np.random.default_rng(0)
+    for _ in range(20):
+        a, b = g.integers(0, 4, 60), g.integers(0, 5, 60)
+        assert adjusted_rand_index(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+    assert adjusted_rand_index([0, 0, 1, 1], [5, 5, 2, 2]) == 1.0
+    truth = g.normal(size=(4, 3))
+    assert recovery_error(truth[[2, 0, 3, 1]], truth) == pytest.approx(0.0, abs=1e-12)
+    assert recovery_error(truth + [1.0, 0, 0], truth) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same D"):
+        recovery_error(truth, truth[:, :2])
