@@ -1,0 +1,155 @@
+"""A tiny study end to end: real Optuna storage and a real MLflow store in a temporary folder.
+
+Trials land in the storage, nested MLflow runs sit under one parent per invocation with the trial's params,
+the parent holds best_params.json, trials.csv and Optuna's plots, the best-parameter file is a valid
+experiment config, a second invocation resumes the study, two worker processes share it, and a worker
+killed with SIGKILL leaves no trial RUNNING once the next invocation starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from experiments import ExperimentConfig
+from studies.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILY = "isotropic"
+STUDY = f"{FAMILY}-v1"
+TINY = ["--iterations", "40", "--eval-every", "20", "--no-progress"]
+
+
+def _args(tmp: Path, uri: str, trials: int, *extra: str) -> list[str]:
+    return [
+        "--family", FAMILY, "--trials", str(trials), "--storage", str(tmp / "journal.log"),
+        "--tracking-uri", uri, "--best-dir", str(tmp / "best"), *TINY, *extra,
+    ]  # fmt: skip
+
+
+def _study(tmp: Path) -> optuna.Study:
+    from studies.storage import open_storage
+
+    return optuna.load_study(study_name=STUDY, storage=open_storage(str(tmp / "journal.log")))
+
+
+def _runs(uri: str, kind: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"study-{STUDY}")
+    return client.search_runs([exp.experiment_id], f"tags.kind = '{kind}'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    assert main(_args(tmp, uri, 3)) == 0
+    return tmp, uri
+
+
+def test_trials_are_recorded_in_the_storage(tiny_study):
+    tmp, _ = tiny_study
+    trials = _study(tmp).get_trials(deepcopy=False)
+    assert len(trials) == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert done, "no trial completed"
+    for t in done:
+        assert {"clamp", "component_lr"} <= set(t.params)
+        assert all(f"val_nll/{FAMILY}-{kind}" in t.user_attrs for kind in ("separated", "overlapping", "collapse"))
+        assert t.intermediate_values  # reported for pruning
+
+
+def test_nested_mlflow_runs_under_one_parent(tiny_study):
+    tmp, uri = tiny_study
+    (parent,) = _runs(uri, "study")
+    trial_runs = _runs(uri, "trial")
+    assert len(trial_runs) == 3 and parent.info.status == "FINISHED"
+    study = _study(tmp)
+    for run in trial_runs:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        trial = study.trials[int(run.data.tags["trial"])]
+        assert float(run.data.params["clamp"]) == pytest.approx(trial.params["clamp"], rel=1e-12)
+    fits = _runs(uri, "fit")
+    trial_ids = {r.info.run_id for r in trial_runs}
+    assert fits and all(r.data.tags["mlflow.parentRunId"] in trial_ids for r in fits)
+    assert all(len(MlflowClient(uri).get_metric_history(r.info.run_id, "train_nll")) > 2 for r in fits[:3])
+
+
+def test_study_artifacts_and_best_file(tiny_study, tmp_path):
+    tmp, uri = tiny_study
+    (parent,) = _runs(uri, "study")
+    client = MlflowClient(uri)
+    names = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"best_params.json", "trials.csv", "plots"} <= names
+    plots = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "optimization_history.png" in plots
+    best = json.loads(Path(client.download_artifacts(parent.info.run_id, "best_params.json", str(tmp_path))).read_text())
+    study = _study(tmp)
+    assert best["value"] == pytest.approx(study.best_value)
+    config = ExperimentConfig.from_file(tmp / "best" / f"{STUDY}.json")  # `make run CONFIG=...` takes it
+    assert config.family == FAMILY and config.clamp == pytest.approx(study.best_params["clamp"])
+
+
+def test_rerunning_resumes_the_same_study(tiny_study):
+    tmp, uri = tiny_study
+    before = len(_study(tmp).trials)
+    assert main(_args(tmp, uri, 2)) == 0
+    trials = _study(tmp).trials
+    assert len(trials) == before + 2 and [t.number for t in trials] == list(range(before + 2))
+    assert len(_runs(uri, "study")) == 2  # one parent per invocation
+
+
+@pytest.mark.slow
+def test_two_worker_processes_account_for_every_trial(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(_args(tmp_path, uri, 4, "--jobs", "2")) == 0
+    trials = _study(tmp_path).trials
+    assert len(trials) == 4
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    assert len(_runs(uri, "trial")) == 4
+    assert all(r.info.status != "RUNNING" for r in _runs(uri, "trial") + _runs(uri, "fit"))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_no_running_trial(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _args(tmp_path, uri, 50)
+    args[args.index("40")] = "100000"  # long fits: the worker is surely mid-trial when it dies
+    cmd = [sys.executable, "-m", "studies.run", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the study ended before it could be killed"
+            if (tmp_path / "journal.log").exists():
+                try:
+                    if any(t.state == TrialState.RUNNING for t in _study(tmp_path).trials):
+                        break
+                except KeyError:  # the study is not created yet
+                    pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("no trial started in time")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert any(t.state == TrialState.RUNNING for t in _study(tmp_path).trials)
+    args[args.index("50")] = "0"  # the next invocation fails the dead worker's trial before adding any
+    assert main(args) == 0
+    trials = _study(tmp_path).trials
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+    assert trials[0].state == TrialState.FAIL
+    assert all(r.info.status != "RUNNING" for r in _runs(uri, "trial") + _runs(uri, "fit"))
