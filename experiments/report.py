@@ -339,6 +339,11 @@ def runs_sha256(runs: pd.DataFrame) -> str:
     return hashlib.sha256(runs_csv_text(runs.drop(columns=list(TIMING_COLUMNS))).encode()).hexdigest()
 
 
+# pandas < 3 parses floats with a fast, slightly inexact parser unless asked; pandas 3 round-trips by default
+# (and deprecates the option)
+_ROUND_TRIP = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+
+
 def read_runs_csv(path: Path) -> pd.DataFrame:
     """Read runs.csv back exactly (round-trip float parsing).
 
@@ -346,7 +351,7 @@ def read_runs_csv(path: Path) -> pd.DataFrame:
         ValueError: unreadable, or missing columns.
     """
     try:
-        df = pd.read_csv(path, float_precision="round_trip", keep_default_na=False, na_values=[""])
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], **_ROUND_TRIP)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {path}: {' '.join(str(err).split())}") from None
     missing = [c for c in RUN_COLUMNS if c not in df.columns]

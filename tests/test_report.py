@@ -1,0 +1,266 @@
+"""Seed reports (experiments.report): the folder's files, --verify (pass, a tampered number, tolerance),
+serial == parallel, atomic writes, and one-line errors with exit status 2.
+
+One tiny 3-seed report (200 samples, 100 steps) is written once per module; the tests read it or copy it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import shutil
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from experiments import report
+from experiments.config import ExperimentConfig
+from experiments.report import RUN_COLUMNS, TIMING_COLUMNS, main, read_runs_csv
+
+TINY = ["--samples", "200", "--iterations", "100", "--no-log-figures", "--no-log-model"]
+SEEDS = 3
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    """main(argv) in this process: (exit status, stdout, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A 3-seed report of the full family: (folder, tracking URI, stdout)."""
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    folder = root / "reports" / "tiny"
+    code = main(["--family", "full", "--seeds", str(SEEDS), *TINY, "--out", str(folder), "--tracking-uri", uri])
+    assert code == 0
+    return folder, uri
+
+
+def _one_line_error(code, err):
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert err.startswith("python -m experiments.report: error: ")
+
+
+# -- the folder --------------------------------------------------------------------------------------------
+def test_every_file_is_written_and_well_formed(written):
+    folder, _ = written
+    for name in ("report.md", "report.html", "runs.csv", "summary.csv", "manifest.json"):
+        assert (folder / name).is_file(), name
+    figures = sorted(p.name for p in (folder / "figures").iterdir())
+    assert figures == ["final_nll_full.png", "fit_full.png", "nll_curves_full.png"]
+    for name in figures:
+        assert (folder / "figures" / name).read_bytes().startswith(PNG)
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    runs = read_runs_csv(folder / "runs.csv")
+    assert tuple(runs.columns) == RUN_COLUMNS
+    assert len(runs) == 2 * SEEDS
+    assert runs.groupby("seed")["method"].apply(sorted).tolist() == [["em", "gd"]] * SEEDS
+    assert sorted(set(runs["seed"])) == [42, 43, 44] and sorted(set(runs["data_seed"])) == [0, 1, 2]
+    for column in ("train_nll", "val_nll", "true_nll_train", "recovery_error", "ari"):
+        assert runs[column].map(math.isfinite).all(), column
+    gd, em = runs[runs["method"] == "gd"], runs[runs["method"] == "em"]
+    assert gd["gd_em_gap"].map(math.isfinite).all() and em["gd_em_gap"].isna().all()
+    assert (gd["gd_em_gap"].to_numpy() == gd["train_nll"].to_numpy() - em["train_nll"].to_numpy()).all()
+    assert (gd["iterations"] == 100).all() and (em["iterations"] >= 1).all()
+
+    summary = pd.read_csv(folder / "summary.csv")
+    assert list(summary.columns) == ["family", "method", "metric", "count", "mean", "std", "min", "max"]
+    train = summary[(summary["metric"] == "train_nll")].set_index("method")
+    assert sorted(train.index) == ["em", "gd"]
+    for method in ("gd", "em"):
+        rows = runs[runs["method"] == method]["train_nll"]
+        assert train.loc[method, "count"] == SEEDS
+        assert train.loc[method, "mean"] == pytest.approx(rows.mean(), rel=1e-12)
+        assert train.loc[method, "min"] == rows.min() and train.loc[method, "max"] == rows.max()
+    assert not ((summary["method"] == "em") & (summary["metric"] == "gd_em_gap")).any()
+
+
+def test_html_is_self_contained_and_markdown_links_the_figures(written):
+    folder, _ = written
+    page = (folder / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count('<img src="data:image/png;base64,') == 3
+    assert 'src="figures/' not in page
+    first = page.split('<img src="data:image/png;base64,', 1)[1].split('"', 1)[0]
+    assert base64.b64decode(first).startswith(PNG)
+    assert "<table>" in page and "train_nll" in page
+    md = (folder / "report.md").read_text()
+    for name in ("nll_curves_full.png", "final_nll_full.png", "fit_full.png"):
+        assert f"](figures/{name})" in md
+    assert "| metric |" in md and "--verify" in md
+
+
+def test_manifest_records_what_reproduces_the_report(written):
+    folder, uri = written
+    manifest = json.loads((folder / "manifest.json").read_text())
+    config = ExperimentConfig.from_dict(manifest["config"])
+    assert (config.samples, config.iterations, config.em, config.family) == (200, 100, True, "full")
+    assert manifest["families"] == ["full"]
+    assert manifest["seeds"] == [{"seed": 42 + i, "data_seed": i} for i in range(SEEDS)]
+    assert len(manifest["runs"]) == SEEDS
+    for run in manifest["runs"]:
+        assert len(run["dataset_fingerprint"]) == 64 and int(run["dataset_fingerprint"], 16) >= 0
+    assert set(manifest["git"]) == {"commit", "dirty"} and manifest["git"]["dirty"] in (True, False, None)
+    assert {"python", "torch", "numpy", "pandas", "mlflow"} <= set(manifest["versions"])
+    assert {"platform", "system", "machine", "cpu_capability"} <= set(manifest["platform"])
+    assert manifest["runs_csv"]["excluded_from_sha256"] == list(TIMING_COLUMNS)
+    text = read_runs_csv(folder / "runs.csv").drop(columns=list(TIMING_COLUMNS))
+    expected = hashlib.sha256(text.to_csv(index=False, lineterminator="\n").encode()).hexdigest()
+    assert manifest["runs_csv"]["sha256"] == expected
+    assert manifest["mlflow"]["tracking_uri"] == uri
+
+
+def test_seeds_are_nested_mlflow_runs_and_the_folder_is_an_artifact(written):
+    folder, uri = written
+    manifest = json.loads((folder / "manifest.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = manifest["mlflow"]["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["report.name"] == "tiny"
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert {"report/manifest.json", "report/runs.csv", "report/report.html", "report/figures"} <= artifacts
+    for run in manifest["runs"]:
+        child = client.get_run(run["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == parent_id
+        assert child.data.tags["report.name"] == "tiny"
+        assert child.data.tags["dataset.fingerprint"] == run["dataset_fingerprint"]
+        assert "em_nll_train" in child.data.metrics
+
+
+# -- verification ------------------------------------------------------------------------------------------
+def test_verify_passes(written, mlflow_uri, capsys):
+    folder, _ = written
+    code, out, err = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
+    assert code == 0, out + err
+    assert out.startswith("PASS: ") and "exactly" in out
+
+
+def test_verify_fails_naming_the_edited_number(written, tmp_path, mlflow_uri, capsys):
+    folder = tmp_path / "edited"
+    shutil.copytree(written[0], folder)
+    runs = read_runs_csv(folder / "runs.csv")
+    row = runs.index[(runs["seed"] == 43) & (runs["method"] == "em")][0]
+    original = float(runs.loc[row, "val_nll"])
+    runs.loc[row, "val_nll"] = original + 0.25
+    (folder / "runs.csv").write_text(runs.to_csv(index=False, lineterminator="\n"))
+
+    code, out, _ = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
+    assert code == 1
+    assert out.startswith("FAIL: ")
+    assert "seed 43, method em, column val_nll" in out
+    assert f"expected {original + 0.25!r}, got {original!r}" in out
+    assert "1 differing value;" in out and "sha256" in out
+
+
+def test_first_difference_is_exact_on_the_same_platform_and_tolerant_across():
+    base = pd.DataFrame(
+        [["full", 1, 0, "gd", *([1.0] * 7), 0, 0, 100, 0, 0.5], ["full", 1, 0, "em", *([2.0] * 7), 0, 0, 9, 1, 0.1]],
+        columns=list(RUN_COLUMNS),
+    )
+    slower = base.assign(wall_time=[9.0, 9.0])
+    assert report.first_difference(base, slower, exact=True) == (None, 0)
+    nudged = base.copy()
+    nudged.loc[1, "ari"] = 2.0 + 1e-9
+    diff, count = report.first_difference(base, nudged, exact=True)
+    assert count == 1 and (diff["seed"], diff["method"], diff["column"]) == (1, "em", "ari")
+    assert report.first_difference(base, nudged, exact=False) == (None, 0)
+    recount = base.copy()
+    recount.loc[0, "reset_count"] = 1
+    diff, _ = report.first_difference(base, recount, exact=False)  # counts are exact even across platforms
+    assert diff["column"] == "reset_count" and (diff["expected"], diff["got"]) == (0, 1)
+    diff, count = report.first_difference(base, base.iloc[:1], exact=True)
+    assert count == 1 and diff["column"] == "(row)" and diff["method"] == "em"
+
+
+# -- parallel == serial ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_workers_give_the_serial_runs_csv(written, tmp_path, mlflow_uri, capsys):
+    folder = tmp_path / "parallel"
+    argv = ["--family", "full", "--seeds", str(SEEDS), *TINY, "--out", str(folder), "--tracking-uri", mlflow_uri]
+    code, out, err = _run([*argv, "--jobs", "2"], capsys)
+    assert code == 0, out + err
+    serial = read_runs_csv(written[0] / "runs.csv").drop(columns=list(TIMING_COLUMNS))
+    parallel = read_runs_csv(folder / "runs.csv").drop(columns=list(TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(serial, parallel, check_exact=True)
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in (written[0], folder)]
+    assert manifests[0]["runs_csv"]["sha256"] == manifests[1]["runs_csv"]["sha256"]
+    assert manifests[1]["jobs"] == 2
+
+
+# -- atomic writes and errors ------------------------------------------------------------------------------
+def test_an_interrupted_write_leaves_no_folder_and_keeps_the_old_report(written, tmp_path, monkeypatch):
+    folder = written[0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    runs = read_runs_csv(folder / "runs.csv")
+    summary = report.summarize(runs)
+    figures = {p.name: p.read_bytes() for p in (folder / "figures").iterdir()}
+
+    def interrupted(self, title):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report._Document, "html", interrupted)
+    out = tmp_path / "new"
+    with pytest.raises(KeyboardInterrupt):
+        report._write_folder(out, manifest, runs, summary, figures)
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    before = {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()}
+    with pytest.raises(KeyboardInterrupt):
+        report._write_folder(old, manifest, runs.assign(train_nll=0.0), summary, figures)
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--seeds", "0"], "seeds"),
+        (["--family", "ful"], "full"),
+        (["--jobs", "0"], "jobs"),
+        (["--no-em"], "EM"),
+        (["--bogus"], "unrecognized"),
+        (["--seeds", "three"], "invalid int"),
+        (["--config", "missing.yaml"], "missing.yaml"),
+        (["--verify", "no/such/report"], "not a report folder"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, match, mlflow_uri, capsys):
+    code, out, err = _run([*argv, "--tracking-uri", mlflow_uri], capsys)
+    _one_line_error(code, err)
+    assert match in err
+
+
+def test_bad_report_folders_exit_2(written, tmp_path, mlflow_uri, capsys):
+    code, _, err = _run(["--verify", str(written[0]), "--seeds", "3"], capsys)
+    _one_line_error(code, err)
+    assert "--seeds" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(written[0], broken)
+    (broken / "manifest.json").write_text("{not json")
+    code, _, err = _run(["--verify", str(broken), "--tracking-uri", mlflow_uri], capsys)
+    _one_line_error(code, err)
+    assert "not valid JSON" in err
+    (broken / "manifest.json").write_text(json.dumps({"format": "gmm-seed-report/1"}))
+    code, _, err = _run(["--verify", str(broken), "--tracking-uri", mlflow_uri], capsys)
+    _one_line_error(code, err)
+    assert "lacks the field" in err
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    code, _, err = _run(["--out", str(occupied), "--tracking-uri", mlflow_uri], capsys)
+    _one_line_error(code, err)
+    assert "not a report" in err and (occupied / "notes.txt").read_text() == "mine"
