@@ -84,6 +84,30 @@ class StudySettings:
         )
         return base.replace(**overrides)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> StudySettings:
+        """The settings a study recorded (`as_dict`), e.g. for a worker joining it from another machine.
+
+        Raises:
+            ValueError: a record that is not an `as_dict` of this version (the message names the key).
+        """
+        from .space import SearchSpace, make_param
+
+        try:
+            family, space = d["family"], d["space"]
+            params = tuple(make_param(name, entry) for name, entry in space["params"].items())
+            return cls(
+                family=family,
+                datasets=tuple(d["datasets"]),
+                space=SearchSpace(family, params, dict(space.get("fixed") or {})),
+                iterations=int(d["iterations"]),
+                eval_every=int(d["eval_every"]),
+                seed=int(d["seed"]),
+                fingerprints=dict(d.get("fingerprints") or {}),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"the study's recorded settings are incomplete or malformed ({e!r})") from None
+
     def as_dict(self) -> dict:
         """JSON-able; stored as the study's user attribute "settings" and checked on resume."""
         return {

@@ -6,6 +6,11 @@
     python -m studies.run --family full --storage sqlite:///studies.db --space my_space.yaml
     make study FAMILY=full [TRIALS=30] [JOBS=2] [STORAGE=URL]
 
+Many machines (README "Scaling out"): create the study once on a shared database, then start workers anywhere
+    python -m studies.run --family full --trials 0 --storage postgresql+psycopg://user@db-host/optuna
+    python -m studies.run --worker --family full --trials 20 --retries 1 --storage postgresql+psycopg://...
+    make study-worker FAMILY=full STORAGE=postgresql+psycopg://user@db-host/optuna [TRIALS=20] [RETRIES=1]
+
 Each invocation adds `--trials` trials to the study "<family>-v1" (created on first use, resumed after: the
 storage keeps every trial) and stops early after `--timeout` seconds. Storage: the journal file
 studies.log in the project by default (see studies/storage.py). MLflow: one parent run per invocation
@@ -13,6 +18,15 @@ studies.log in the project by default (see studies/storage.py). MLflow: one pare
 trials.csv and Optuna's plots. At the end a table shows each study's best value, best parameters, trial
 counts and collapse (reset) counts, and the best parameters go to studies/best/<study>.json, a config file
 for `python -m experiments.run --config FILE` (`make run CONFIG=FILE`).
+
+`--worker` joins an existing study: it takes the study's recorded settings (datasets, search space,
+iterations, eval_every, seed; the datasets must regenerate to the recorded fingerprints on this machine), its
+MLflow experiment and pruner, and runs `--trials` trials beside the other workers (TPE with constant liar).
+Each worker invocation is one MLflow parent run tagged kind=worker, study=<name> and studies.worker=<host:pid>;
+its trial runs nest under it. A worker that dies (SIGKILL, power loss) leaves its trial RUNNING: the
+heartbeat fails it (at once on the same host, after `--grace-period` seconds elsewhere), the MLflow runs it
+left open on this host end KILLED, and with `--retries N` a copy of the trial is queued (up to N times) for
+the next free worker.
 
 Exit status: 0 done, 1 a worker process died, 2 bad input (one line on stderr), 130 interrupted.
 """
@@ -31,7 +45,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +61,11 @@ log = logging.getLogger("studies.run")
 DEFAULT_TRIALS = 40
 DEFAULT_ITERATIONS = 1000
 DEFAULT_EVAL_EVERY = 50
-DEFAULT_TIMEOUT = (
-    480.0  # seconds per family: with start-up and the closing plots, one family stays under 10 minutes
-)
+DEFAULT_TIMEOUT = 480.0  # seconds per family: with start-up and the closing plots, one family stays under 10 minutes
 DEFAULT_STUDY = "{family}-" + STUDY_VERSION
 BEST_DIR = PROJECT_ROOT / "studies" / "best"
 PRUNERS = ("median", "hyperband", "none")
+SETTINGS_OPTIONS = ("iterations", "eval_every", "seed", "space", "datasets")  # a worker takes the study's
 
 
 # -- command line -------------------------------------------------------------------------------------------
@@ -67,13 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m studies.run",
         description="Optuna study of clamp and learning rates per covariance family, tracked in MLflow.",
     )
-    p.add_argument(
-        "--family", default="full", help=f"one of {', '.join(gmm.FAMILIES)}, or 'all' (default: full)"
-    )
-    p.add_argument(
-        "--trials", type=int, default=DEFAULT_TRIALS, help=f"trials to add (default {DEFAULT_TRIALS})"
-    )
+    p.add_argument("--family", default="full", help=f"one of {', '.join(gmm.FAMILIES)}, or 'all' (default: full)")
+    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"trials to add (default {DEFAULT_TRIALS})")
     p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the study (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker process (default: cores / jobs)")
     p.add_argument(
         "--storage",
         default=None,
@@ -92,24 +101,44 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"study name; '{{family}}' is replaced by the family (default {DEFAULT_STUDY})",
     )
     p.add_argument("--space", default=None, help="search-space file overriding studies/space.yaml")
-    p.add_argument(
-        "--datasets", default=None, help="comma-separated dataset names (default: the family's three)"
-    )
+    p.add_argument("--datasets", default=None, help="comma-separated dataset names (default: the family's three)")
     p.add_argument(
         "--iterations",
         type=int,
-        default=DEFAULT_ITERATIONS,
+        default=None,
         help=f"Adam steps per fit (default {DEFAULT_ITERATIONS})",
     )
     p.add_argument(
         "--eval-every",
         type=int,
-        default=DEFAULT_EVAL_EVERY,
+        default=None,
         help=f"steps between validation NLLs reported to the pruner (default {DEFAULT_EVAL_EVERY})",
     )
-    p.add_argument("--seed", type=int, default=42, help="fit seed, the same for every trial (default 42)")
+    p.add_argument("--seed", type=int, default=None, help="fit seed, the same for every trial (default 42)")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
-    p.add_argument("--pruner", choices=PRUNERS, default="median", help="median (default), hyperband or none")
+    p.add_argument(
+        "--pruner",
+        choices=PRUNERS,
+        default=None,
+        help="median (default), hyperband or none (a worker: the study's)",
+    )
+    p.add_argument(
+        "--worker",
+        action="store_true",
+        help="join an existing study as one more worker, with the study's settings (see the module docstring)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="queue a trial whose worker died again, up to N times (default 0: leave it failed)",
+    )
+    p.add_argument(
+        "--no-plots",
+        dest="plots",
+        action="store_false",
+        help="skip Optuna's plots on the parent run (they take seconds per study)",
+    )
     p.add_argument(
         "--tracking-uri",
         default=None,
@@ -125,9 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without heartbeat before another host's running trial is failed",
     )
     bar = p.add_mutually_exclusive_group()
-    bar.add_argument(
-        "--progress", dest="progress", action="store_true", default=None, help="always show the bar"
-    )
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the bar")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log every trial and Optuna's messages")
     return p
@@ -154,15 +181,21 @@ def check_args(args: argparse.Namespace) -> list[str]:
         ("eval_every", 1),
         ("heartbeat_interval", 1),
         ("grace_period", 1),
+        ("retries", 0),
+        ("threads", 1),
     ):
-        if getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}; got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}; got {value}")
+    if args.worker:
+        given = [n for n in SETTINGS_OPTIONS if getattr(args, n) is not None]
+        if given:
+            flags = ", ".join(f"--{n.replace('_', '-')}" for n in given)
+            raise ValueError(f"a worker runs with the study's recorded settings; drop {flags}")
     if args.timeout < 0 or not math.isfinite(args.timeout):
         raise ValueError(f"--timeout must be >= 0 seconds (0 = none); got {args.timeout}")
     if len(families) > 1 and "{family}" not in args.study:
-        raise ValueError(
-            f"--family all needs '{{family}}' in --study to name one study per family; got {args.study!r}"
-        )
+        raise ValueError(f"--family all needs '{{family}}' in --study to name one study per family; got {args.study!r}")
     if args.datasets is not None and len(families) > 1:
         raise ValueError("--datasets names one family's datasets; use it with a single --family")
     return families
@@ -188,6 +221,7 @@ class WorkerJob:
     grace_period: int
     parallel: bool = False  # other workers share the study: the sampler lies about their running trials
     verbose: bool = False
+    retries: int = 0  # times a trial failed as stale (dead worker) is queued again
 
 
 def make_sampler(seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
@@ -203,9 +237,7 @@ def make_pruner(name: str, settings) -> optuna.pruners.BasePruner:
     if name == "median":  # no pruning in the first half of the first fit, nor before 5 trials have finished
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=settings.iterations // 2)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=max(1, settings.iterations // 4), max_resource=total
-        )
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.iterations // 4), max_resource=total)
     return optuna.pruners.NopPruner()
 
 
@@ -245,7 +277,7 @@ def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
         job.storage_url,
         heartbeat_interval=job.heartbeat_interval,
         grace_period=job.grace_period,
-        stale_callback=partial(_on_stale_trial, job.tracking_uri, job.experiment),
+        stale_callback=StaleTrialHandler(job.tracking_uri, job.experiment, job.retries),
     )
     study = optuna.load_study(
         study_name=job.study_name,
@@ -296,16 +328,56 @@ def end_orphan_runs(tracking_uri: str, experiment: str) -> int:
     return ended
 
 
-def _on_stale_trial(tracking_uri: str, experiment: str, study: optuna.Study, trial: FrozenTrial) -> None:
-    log.warning(
-        "trial %d was left RUNNING by a dead worker; marked FAIL (%s)",
-        trial.number,
-        trial.user_attrs.get("fail_reason", "stale heartbeat"),
+def end_trial_runs(tracking_uri: str, trial: FrozenTrial) -> int:
+    """End (KILLED) the RUNNING MLflow runs of a trial failed as stale: its trial run and the fit runs nested
+    in it, on whatever host the dead worker ran. Returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return 0
+    client = MlflowClient(tracking_uri)
+    trial_run = client.get_run(run_id)
+    children = client.search_runs(
+        [trial_run.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'",
+        max_results=1000,
     )
-    try:
-        end_orphan_runs(tracking_uri, experiment)
-    except Exception as e:  # clean-up must never stop the study
-        log.warning("could not end the MLflow runs of trial %d: %s", trial.number, e)
+    ended = 0
+    for run in [*children, trial_run]:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "stop_reason", f"trial {trial.number} failed: its worker died")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended += 1
+    return ended
+
+
+@dataclass(frozen=True)
+class StaleTrialHandler:
+    """The storage's stale-trial callback: log, end the dead worker's MLflow runs, queue a retry if asked.
+
+    Runs in whichever worker noticed the stale trial (picklable, for spawned workers).
+    """
+
+    tracking_uri: str
+    experiment: str
+    retries: int = 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        from .storage import retry_stale_trial
+
+        log.warning(
+            "trial %d was left RUNNING by a dead worker; marked FAIL (%s)",
+            trial.number,
+            trial.user_attrs.get("fail_reason", "stale heartbeat"),
+        )
+        try:
+            end_trial_runs(self.tracking_uri, trial)
+            end_orphan_runs(self.tracking_uri, self.experiment)
+        except Exception as e:  # clean-up must never stop the study
+            log.warning("could not end the MLflow runs of trial %d: %s", trial.number, e)
+        if self.retries and retry_stale_trial(study, trial, self.retries):
+            log.warning("trial %d queued again (--retries %d)", trial.number, self.retries)
 
 
 # -- summary, best parameters, study-level artifacts ---------------------------------------------------------
@@ -329,9 +401,7 @@ class StudySummary:
     best_file: str | None
 
 
-def summarize(
-    study: optuna.Study, settings, added: int, wall_time: float, best_file: str | None
-) -> StudySummary:
+def summarize(study: optuna.Study, settings, added: int, wall_time: float, best_file: str | None) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -371,9 +441,7 @@ def write_best(study: optuna.Study, settings, folder: Path) -> Path | None:
         return None
     path = Path(folder) / f"{study.study_name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(best_config_dict(settings, settings.space.to_config(best.params)), indent=2) + "\n"
-    )
+    path.write_text(json.dumps(best_config_dict(settings, settings.space.to_config(best.params)), indent=2) + "\n")
     return path
 
 
@@ -423,8 +491,11 @@ def format_table(summaries: list[StudySummary]) -> str:
     return "\n".join(lines)
 
 
-def log_study_artifacts(client, run_id: str, study: optuna.Study, summary: StudySummary, settings) -> None:
-    """best_params.json, trials.csv and Optuna's matplotlib plots on the invocation's parent run."""
+def log_study_artifacts(
+    client, run_id: str, study: optuna.Study, summary: StudySummary, settings, plots: bool = True
+) -> None:
+    """best_params.json, trials.csv and (unless `plots` is False) Optuna's matplotlib plots on the
+    invocation's parent run."""
     from mlflow.entities import Metric
 
     best = None
@@ -453,6 +524,8 @@ def log_study_artifacts(client, run_id: str, study: optuna.Study, summary: Study
     if summary.best_value is not None:
         metrics["best_value"] = summary.best_value
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    if not plots:
+        return
     for name, fig in study_figures(study):
         client.log_figure(run_id, fig, f"plots/{name}.png")
         import matplotlib.pyplot as plt
@@ -483,9 +556,7 @@ def study_figures(study: optuna.Study):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = fn(study)
-        except (
-            Exception
-        ) as e:  # a plot the data cannot support (e.g. importances of constant params): skip it
+        except Exception as e:  # a plot the data cannot support (e.g. importances of constant params): skip it
             log.warning("skipped the %s plot: %s", name, e)
             continue
         first = axes.flat[0] if isinstance(axes, np.ndarray) else axes
@@ -496,26 +567,30 @@ def study_figures(study: optuna.Study):
 class _Progress:
     """tqdm bar of this invocation's finished trials and the study's best value (only on a terminal)."""
 
-    def __init__(self, total: int, name: str, show: bool | None, start_number: int):
+    def __init__(self, total: int, name: str, show: bool | None, start_number: int, owners: set[str] | None = None):
         from tqdm.auto import tqdm
 
         enabled = sys.stderr.isatty() if show is None else show
         self.bar = tqdm(total=total, desc=name, unit="trial", disable=not enabled, dynamic_ncols=True)
         self.start_number = start_number
+        self.owners = owners  # "host:pid" of this invocation's processes; None: every new trial is ours
         self.done = 0
 
-    def __call__(
-        self, study: optuna.Study, trial: FrozenTrial
-    ) -> None:  # an Optuna callback (in-process worker)
+    def mine(self, trial: FrozenTrial) -> bool:
+        """Whether this invocation ran `trial` (other workers may add trials to the study meanwhile)."""
+        from .storage import OWNER_KEY
+
+        if trial.number < self.start_number:
+            return False
+        return self.owners is None or trial.system_attrs.get(OWNER_KEY) in self.owners
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:  # an Optuna callback (in-process worker)
         self.update(study)
 
     def update(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
-        mine = [t for t in trials if t.number >= self.start_number and t.state.is_finished()]
-        count = {
-            s: sum(t.state == s for t in mine)
-            for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        }
+        mine = [t for t in trials if self.mine(t) and t.state.is_finished()]
+        count = {s: sum(t.state == s for t in mine) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         values = [t.value for t in trials if t.state == TrialState.COMPLETE]
         if len(mine) > self.done:
             for t in sorted(mine, key=lambda t: t.number)[self.done :]:
@@ -553,23 +628,27 @@ def _settings_for(args: argparse.Namespace, family: str):
         family=family,
         datasets=names,
         space=load_space(family, args.space),
-        iterations=args.iterations,
-        eval_every=args.eval_every,
-        seed=args.seed,
+        iterations=DEFAULT_ITERATIONS if args.iterations is None else args.iterations,
+        eval_every=DEFAULT_EVAL_EVERY if args.eval_every is None else args.eval_every,
+        seed=42 if args.seed is None else args.seed,
         fingerprints=dataset_fingerprints(names),
     )
 
 
-def open_study(storage, study_name: str, settings) -> optuna.Study:
-    """Create the study or load it; a loaded study must have been made with the same settings."""
-    study = optuna.create_study(
-        study_name=study_name, storage=storage, direction="minimize", load_if_exists=True
-    )
+def open_study(storage, study_name: str, settings, attrs: dict | None = None) -> optuna.Study:
+    """Create the study or load it; a loaded study must have been made with the same settings.
+
+    `attrs` (user attributes such as the MLflow experiment and the pruner) are recorded at creation, so that
+    workers joining later use the same.
+    """
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True)
     recorded = study.user_attrs.get("settings")
     wanted = json.loads(json.dumps(settings.as_dict()))
     if recorded is None:
         study.set_user_attr("settings", wanted)
         study.set_user_attr("created_by", f"studies.run {STUDY_VERSION}")
+        for key, value in (attrs or {}).items():
+            study.set_user_attr(key, value)
     elif recorded != wanted:
         diff = sorted(k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k))
         raise ValueError(
@@ -579,45 +658,93 @@ def open_study(storage, study_name: str, settings) -> optuna.Study:
     return study
 
 
-def run_study(args: argparse.Namespace, settings, tracking_uri: str) -> tuple[StudySummary, bool]:
-    """Run one family's study; returns its summary and whether every worker ended cleanly."""
+def join_study(storage, study_name: str, family: str):
+    """Load an existing study for a worker; returns (study, its StudySettings).
+
+    Raises:
+        ValueError: no such study, a study not made by studies.run or of another family, or datasets that
+            regenerate to other data on this machine than the study recorded.
+    """
+    from .datasets import dataset_fingerprints
+    from .objective import StudySettings
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise ValueError(
+            f"no study {study_name!r} in the storage; create it first (make study FAMILY={family} TRIALS=0 "
+            "STORAGE=...) or drop --worker"
+        ) from None
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        raise ValueError(f"study {study_name!r} records no settings: it was not created by studies.run")
+    settings = StudySettings.from_dict(recorded)
+    if settings.family != family:
+        raise ValueError(f"study {study_name!r} fits family {settings.family!r}, not {family!r}")
+    local = dataset_fingerprints(settings.datasets)
+    differ = [n for n in settings.datasets if settings.fingerprints.get(n, local[n]) != local[n]]
+    if differ:
+        raise ValueError(
+            f"dataset(s) {', '.join(differ)} regenerate to other data on this machine than study "
+            f"{study_name!r} recorded; install the same project, numpy and torch versions as the other workers"
+        )
+    return study, settings
+
+
+def run_study(args: argparse.Namespace, family: str, settings, tracking_uri: str) -> tuple[StudySummary, bool]:
+    """Run one family's study (`settings` None: join it as a worker); returns its summary and whether
+    every worker process ended cleanly."""
+    import zlib
+
     from experiments.tracking import log_params, tracked_run
 
     from .objective import WORKER_TAG, worker_tag
 
-    family = settings.family
     study_name = args.study.replace("{family}", family)
-    experiment = args.experiment or f"study-{study_name}"
     storage_url = resolve_storage_url(args.storage)
-    storage = open_storage(
-        storage_url,
-        heartbeat_interval=args.heartbeat_interval,
-        grace_period=args.grace_period,
-        stale_callback=partial(_on_stale_trial, tracking_uri, experiment),
-    )
-    study = open_study(storage, study_name, settings)
+    storage = open_storage(storage_url, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
+    if args.worker:
+        study, settings = join_study(storage, study_name, family)
+        recorded = study.user_attrs
+        experiment = args.experiment or recorded.get("mlflow_experiment") or f"study-{study_name}"
+        pruner = args.pruner or recorded.get("pruner") or "median"
+        if recorded.get("mlflow_tracking_uri") not in (None, tracking_uri):
+            log.warning(
+                "study %s logs to MLflow at %s, this worker to %s; set MLFLOW_TRACKING_URI to share one server",
+                study_name,
+                recorded["mlflow_tracking_uri"],
+                tracking_uri,
+            )
+    else:
+        experiment = args.experiment or f"study-{study_name}"
+        pruner = args.pruner or "median"
+        attrs = {"mlflow_experiment": experiment, "pruner": pruner, "mlflow_tracking_uri": tracking_uri}
+        study = open_study(storage, study_name, settings, attrs)
+    # known only now: a worker's experiment comes from the study
+    storage.heartbeat_stale_trial_callback = StaleTrialHandler(tracking_uri, experiment, args.retries)
     fail_stale_trials(study)  # a worker SIGKILLed in an earlier run leaves RUNNING trials: fail them now
     ended = end_orphan_runs(tracking_uri, experiment)
     if ended:
         log.warning("ended %d MLflow run(s) left open by dead processes", ended)
     start_number = len(study.get_trials(deepcopy=False))
     jobs = max(1, min(args.jobs, args.trials)) if args.trials else 1
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     timeout = args.timeout or None
+    # workers on other hosts start from the same study state: mix this process into the sampler seeds
+    seed_base = zlib.crc32(worker_tag().encode()) if args.worker else 0
     start = time.perf_counter()
     clean = True
-    tags = {"kind": "study", "study": study_name, "family": family, WORKER_TAG: worker_tag()}
-    with tracked_run(tracking_uri, experiment, run_name=f"{study_name} +{args.trials} trials", tags=tags) as (
-        client,
-        parent_id,
-    ):
+    kind = "worker" if args.worker else "study"
+    tags = {"kind": kind, "study": study_name, "family": family, WORKER_TAG: worker_tag()}
+    run_name = f"{study_name} {'worker ' + worker_tag() + ' ' if args.worker else ''}+{args.trials} trials"
+    with tracked_run(tracking_uri, experiment, run_name=run_name, tags=tags) as (client, parent_id):
         log_params(
             client,
             parent_id,
             {
                 "study": study_name,
                 "family": family,
-                "storage": storage_url,
+                "storage": _redact(storage_url),
                 "trials": args.trials,
                 "jobs": jobs,
                 "timeout": args.timeout,
@@ -626,9 +753,11 @@ def run_study(args: argparse.Namespace, settings, tracking_uri: str) -> tuple[St
                 "seed": settings.seed,
                 "datasets": ",".join(settings.datasets),
                 "space": settings.space.describe(),
-                "pruner": args.pruner,
+                "pruner": pruner,
                 "sampler": "TPE (multivariate, group)",
                 "sampler_seed": args.sampler_seed,
+                "worker": args.worker,
+                "retries": args.retries,
             },
         )
         shares = [args.trials // jobs + (i < args.trials % jobs) for i in range(jobs)]
@@ -641,15 +770,17 @@ def run_study(args: argparse.Namespace, settings, tracking_uri: str) -> tuple[St
             tracking_uri,
             experiment,
             parent_id,
-            _sampler_seed(args.sampler_seed, start_number, 0),
-            args.pruner,
+            _sampler_seed(args.sampler_seed, start_number, seed_base),
+            pruner,
             threads,
             args.heartbeat_interval,
             args.grace_period,
-            jobs > 1,
+            jobs > 1 or args.worker,
             args.verbose,
+            args.retries,
         )
-        progress = _Progress(args.trials, study_name, args.progress, start_number)
+        owners = {worker_tag()} if args.worker else None
+        progress = _Progress(args.trials, study_name, args.progress, start_number, owners)
         try:
             if args.trials == 0:
                 pass
@@ -658,7 +789,9 @@ def run_study(args: argparse.Namespace, settings, tracking_uri: str) -> tuple[St
             else:
                 workers = [
                     dataclasses.replace(
-                        job, n_trials=n, sampler_seed=_sampler_seed(args.sampler_seed, start_number, i)
+                        job,
+                        n_trials=n,
+                        sampler_seed=_sampler_seed(args.sampler_seed, start_number, seed_base + i),
                     )
                     for i, n in enumerate(shares)
                 ]
@@ -666,21 +799,28 @@ def run_study(args: argparse.Namespace, settings, tracking_uri: str) -> tuple[St
         finally:
             progress.close()
         wall = time.perf_counter() - start
-        added = len([t for t in study.get_trials(deepcopy=False) if t.number >= start_number])
+        added = len([t for t in study.get_trials(deepcopy=False) if progress.mine(t)])
         best_file = write_best(study, settings, Path(args.best_dir))
         summary = summarize(study, settings, added, wall, str(best_file) if best_file else None)
-        log_study_artifacts(client, parent_id, study, summary, settings)
+        log_study_artifacts(client, parent_id, study, summary, settings, plots=args.plots)
     return summary, clean
+
+
+def _redact(url: str) -> str:
+    """`url` without its password (user:secret@host -> user:***@host), for logging."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def _run_workers(jobs: list[WorkerJob], study: optuna.Study, progress: _Progress) -> bool:
     """Spawn one process per job, update the bar until all end; False if one died."""
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
-    procs = [
-        ctx.Process(target=_worker_main, args=(job,), name=f"study-worker-{i}") for i, job in enumerate(jobs)
-    ]
+    procs = [ctx.Process(target=_worker_main, args=(job,), name=f"study-worker-{i}") for i, job in enumerate(jobs)]
     for p in procs:
         p.start()
+        if progress.owners is not None:
+            progress.owners.add(f"{socket.gethostname()}:{p.pid}")
     try:
         while any(p.is_alive() for p in procs):  # is_alive also reaps a dead worker, so it is no zombie
             progress.update(study)
@@ -710,10 +850,11 @@ def main(argv: list[str] | None = None) -> int:
         from experiments.tracking import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
-        all_settings = [_settings_for(args, family) for family in families]  # bad space/datasets fail here
+        # bad space/datasets fail here; a worker reads its settings from the study
+        all_settings = [None if args.worker else _settings_for(args, family) for family in families]
         summaries, clean = [], True
-        for settings in all_settings:
-            summary, ok = run_study(args, settings, tracking_uri)
+        for family, settings in zip(families, all_settings, strict=True):
+            summary, ok = run_study(args, family, settings, tracking_uri)
             summaries.append(summary)
             clean &= ok
     except ValueError as e:

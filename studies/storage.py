@@ -4,13 +4,18 @@ Storage forms (`--storage`):
     (none)                   the journal file <project root>/studies.log (the default)
     PATH.log, journal:PATH   an Optuna journal file (JournalFileBackend: appends under a file lock, so several
                              worker processes on one machine share a study without "database is locked")
-    sqlite:///FILE.db        an Optuna RDB storage (also postgresql://..., mysql://...)
+    sqlite:///FILE.db        an Optuna RDB storage (also postgresql+psycopg://user@host/db, mysql://...);
+                             postgresql://... means postgresql+psycopg://... when psycopg2 is not installed
+                             (the `postgres` extra installs psycopg 3, SQLAlchemy's default is psycopg2)
 
 Both kinds record a heartbeat for every running trial (every `heartbeat_interval` seconds) and the host:pid of
 the process running it. `fail_stale_trials` (called when a study starts, and by Optuna before every trial)
 fails a RUNNING trial whose worker is a dead process on this host, or whose heartbeat is older than
 `grace_period` seconds (a worker on another host). Optuna 5's JournalStorage has no heartbeat of its own, so
 `HeartbeatJournalStorage` adds one (timestamps in trial system attributes).
+
+`retry_stale_trial` (run by the studies.run stale-trial handler with `--retries N`) puts a failed stale trial
+back in the queue as a WAITING copy of its parameters, which the next free worker of any host picks up.
 """
 
 from __future__ import annotations
@@ -45,6 +50,21 @@ StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 def resolve_storage_url(url: str | None = None) -> str:
     """`url`, else $OPTUNA_STORAGE, else the default journal file <project root>/studies.log."""
     return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
+
+
+def sqlalchemy_url(url: str) -> str:
+    """`url` with postgresql:// (or postgres://) turned into postgresql+psycopg:// when psycopg2 is missing.
+
+    SQLAlchemy reads a bare postgresql:// as the psycopg2 driver; this project installs psycopg 3.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    return url
 
 
 def journal_path(url: str) -> Path | None:
@@ -181,9 +201,7 @@ def open_storage(
     path = journal_path(url)
     if path is not None:
         if not path.parent.is_dir():
-            raise ValueError(
-                f"storage {url!r}: folder {str(path.parent)!r} does not exist; create it or fix the path"
-            )
+            raise ValueError(f"storage {url!r}: folder {str(path.parent)!r} does not exist; create it or fix the path")
         try:
             backend = JournalFileBackend(str(path))
         except OSError as e:
@@ -196,7 +214,11 @@ def open_storage(
         )
     import sqlalchemy.exc
 
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    url = sqlalchemy_url(url)
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:  # a server: drop connections the server or a firewall closed while a long trial ran
+        engine_kwargs = {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -217,3 +239,26 @@ def fail_stale_trials(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def retry_stale_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int) -> bool:
+    """Queue a WAITING copy of `trial` (failed as stale) unless it was retried `max_retry` times already.
+
+    Optuna's RetryFailedTrialCallback, minus what belongs to the dead run: this module's owner and heartbeat
+    system attributes (a copy carrying the dead owner would be failed again at once) and the user attributes
+    (measurements of the failed run). `RetryFailedTrialCallback.retried_trial_number(t)` and
+    `retry_history(t)` work on the copy. Returns whether a copy was queued.
+    """
+    import copy
+
+    from optuna.storages import RetryFailedTrialCallback
+
+    clean = copy.deepcopy(trial)
+    clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("studies:")}
+    clean.user_attrs = {}
+    if len(trial.system_attrs.get("retry_history", [])) >= max_retry:
+        return False  # the callback's own rule, checked here so the caller knows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryFailedTrialCallback(max_retry=max_retry)(study, clean)
+    return True
