@@ -1,12 +1,18 @@
-# Optuna studies (studies/): `make study FAMILY=full`, `make dashboard`. See docs/studies.md.
-.PHONY: study dashboard
+# Optuna studies (studies/): `make study FAMILY=full`, `make study-worker`, `make dashboard`. See docs/studies.md.
+.PHONY: study study-worker dashboard
 
 STUDY_ARGS ?=
+WORKER_ARGS ?=
+RETRIES ?= 1
 DASHBOARD_PORT ?= 8080
 
 study: $(STAMP) ## Optuna study of clamp and learning rates: FAMILY=full|...|all [TRIALS=40] [JOBS=1] [STORAGE=url]
 	$(PY) -m studies.run --family $(FAMILY) --jobs $(JOBS) $(if $(TRIALS),--trials $(TRIALS)) \
 		$(if $(STORAGE),--storage $(STORAGE)) $(STUDY_ARGS)
+
+study-worker: $(STAMP) ## one more worker on an existing study (any machine): FAMILY=full STORAGE=url [TRIALS=40] [JOBS=1] [RETRIES=1]
+	$(PY) -m studies.run --worker --family $(FAMILY) --jobs $(JOBS) --retries $(RETRIES) \
+		$(if $(TRIALS),--trials $(TRIALS)) $(if $(STORAGE),--storage $(STORAGE)) $(WORKER_ARGS)
 
 dashboard: $(STAMP) ## optuna-dashboard on the study storage at http://127.0.0.1:8080 [STORAGE=url] [DASHBOARD_PORT=]
 	$(PY) -m studies.dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) $(if $(STORAGE),--storage $(STORAGE))
