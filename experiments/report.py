@@ -7,9 +7,10 @@ anyone can regenerate number for number, and a check that it does.
     python -m experiments.report --verify reports/full-10seeds-<time>
     make report FAMILY=full SEEDS=10 [JOBS=2] [CONFIG=FILE]      then      make verify-report [REPORT=path]
 
-The config is REPORT_DEFAULTS (the demo's data: 1000 samples, 5 components, 2-D, radius 8; 5000 Adam steps,
-about 2-3 s per seed on one core) < the --config file < explicit flags (every ExperimentConfig field has a
-flag, as in `python -m experiments.run`). `em` is always on: the report compares the two methods.
+The config is REPORT_DEFAULTS (the demo's data: 1000 samples, 5 components, 2-D, radius 8; 5000 Adam
+steps, about 4-5 s per seed on one core with the MLflow logging) < the --config file < explicit flags (every
+ExperimentConfig field has a flag, as in `python -m experiments.run`). `em` is always on: the report
+compares the two methods.
 
 What a seed varies: seed i (0 <= i < --seeds) runs the config with `seed = config.seed + i` (the fit's init
 and resets) and `data_seed = config.data_seed + i` (a fresh dataset); with a named `dataset` the data is
@@ -84,8 +85,8 @@ from .metrics import adjusted_rand_index, recovery_error
 
 log = logging.getLogger(__name__)
 
-# 5000 steps instead of the demo's 20000: the GD - EM gap is already below 1e-6 nats there, and
-# `make report FAMILY=full SEEDS=10` takes well under a minute on one core (about 3 s per seed).
+# 5000 steps instead of the demo's 20000: the NLL curves are flat long before (log-scale steps in
+# figures/nll_curves_*.png), and `make report FAMILY=full SEEDS=10` takes under a minute on one core.
 REPORT_DEFAULTS = ExperimentConfig(iterations=5000, em=True)
 EXPERIMENT = "reports"  # MLflow experiment of report (and verification) runs
 METHODS = {"gd": "gradient descent", "em": "EM"}

@@ -4,6 +4,7 @@
 CONFIG ?=
 REPORT ?=
 REPORT_ARGS ?=
+VERIFY_ARGS ?=
 REPORTS_DIR ?= reports
 # FAMILY goes to the command only when typed (or when no CONFIG names one), so a CONFIG file's family stands
 _report_given = $(filter command line environment,$(origin $(1)))
@@ -12,7 +13,7 @@ report: $(STAMP) ## seeds x (GD + EM) -> reports/NAME: FAMILY=full|...|all SEEDS
 	$(PY) -m experiments.report $(if $(or $(call _report_given,FAMILY),$(if $(CONFIG),,1)),--family $(FAMILY)) \
 		--seeds $(SEEDS) --jobs $(JOBS) $(if $(CONFIG),--config $(CONFIG)) $(REPORT_ARGS)
 
-verify-report: $(STAMP) ## re-run a report from its manifest, compare every number: [REPORT=reports/NAME, default newest]
+verify-report: $(STAMP) ## re-run a report from its manifest, compare every number: [REPORT=reports/NAME, default newest] [VERIFY_ARGS=]
 	@report="$(REPORT)"; \
 	if [ -z "$$report" ]; then \
 		report=$$(ls -1t $(REPORTS_DIR)/*/manifest.json 2>/dev/null | head -n 1); report=$${report%/manifest.json}; \
@@ -20,5 +21,5 @@ verify-report: $(STAMP) ## re-run a report from its manifest, compare every numb
 	if [ -z "$$report" ]; then \
 		echo "verify-report: no report in $(REPORTS_DIR)/; run make report first or pass REPORT=path" >&2; exit 2; \
 	fi; \
-	echo "$(PY) -m experiments.report --verify $$report --jobs $(JOBS)"; \
-	$(PY) -m experiments.report --verify "$$report" --jobs $(JOBS)
+	echo "$(PY) -m experiments.report --verify $$report --jobs $(JOBS) $(VERIFY_ARGS)"; \
+	$(PY) -m experiments.report --verify "$$report" --jobs $(JOBS) $(VERIFY_ARGS)
