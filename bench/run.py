@@ -2,6 +2,7 @@
 
     python -m bench.run            # small (N=1000, K=5, D=2) and large (N up to 1e6, K=16, D=16) problems
     python -m bench.run --quick    # smaller sizes, a smoke run of a minute or two
+    python -m bench.run --only minibatch   # peak memory of a mini-batch fit at N = 2,000,000, D = 16
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ import argparse
 import importlib
 import sys
 
+BENCHMARKS = ("small", "large", "minibatch")  # bench.<name>.main(argv) -> exit status
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats")
-    parser.add_argument("--only", choices=["small", "large"], help="run one benchmark")
+    parser.add_argument("--only", choices=BENCHMARKS, help="run one benchmark")
     args = parser.parse_args(argv)
     status = 0
-    for name in ("small", "large"):
+    for name in BENCHMARKS:
         if args.only and name != args.only:
             continue
         module = importlib.import_module(f"bench.{name}")

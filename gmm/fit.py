@@ -14,6 +14,13 @@ Each iteration t = 1..T:
      cov(X) / K^(2/D) (not for shared covariances), its weight logit to the mean logit, and its Adam
      moments to zero so momentum does not push it straight back (a "reset" event).
 history[T] is the exact NLL after the last update, which `fit` returns.
+
+Mini-batches (`batch_size` < N): each step draws `batch_size` rows with replacement (the fit's generator) and
+steps on their mean NLL, so memory scales with the batch, not with N. history[t] is then that batch's
+NLL, a noisy estimate, except at the log points: after every `log_freq` updates the NLL of the full data is
+evaluated (chunked over N, no gradients) and recorded as history[t]; the callback, the progress bar and the
+`tol` test (|NLL_full(t) - NLL_full(t - log_freq)| < tol, between log points) see only those exact values,
+and history[T] is exact as always. Each log point costs one pass over the data.
 """
 
 from __future__ import annotations
@@ -89,7 +96,9 @@ class FitResult:
     """The whole record of one fit.
 
     Attributes:
-        nll_history: (T + 1,) float64; entry t is the mean NLL after t updates (entry 0: the start).
+        nll_history: (T + 1,) float64; entry t is the mean NLL after t updates (entry 0: the start). With
+            `batch_size`, entries are the mini-batch's NLL except at multiples of `log_freq` and at T, which
+            are exact full-data NLLs (`exact_steps`).
         events: every clamp and reset, in order.
         num_iterations: updates run (fewer than asked when `tol` stopped the fit).
         wall_time: seconds in the loop (init and compilation excluded).
@@ -97,6 +106,7 @@ class FitResult:
         converged: `tol` was reached.
         final_nll: nll_history[-1].
         completed: False when the fit was interrupted (the record then ends where it stopped).
+        batch_size: rows per mini-batch, or None for full-batch steps (also when `batch_size` >= N).
     """
 
     nll_history: Tensor
@@ -109,6 +119,18 @@ class FitResult:
     final_nll: float
     options: FitOptions = field(repr=False)
     completed: bool = True
+    batch_size: int | None = None
+
+    @property
+    def exact_steps(self) -> Tensor:
+        """(M,) int64 indices of `nll_history` that hold the NLL of the full data (all of them without
+        `batch_size`; with it, 0 is the first batch's and the last entry of an interrupted fit a batch's)."""
+        n = len(self.nll_history)
+        if not self.batch_size:
+            return torch.arange(n)
+        freq = self.options.log_freq or max(1, self.options.num_iterations // 100)
+        steps = torch.arange(freq, n - 1, freq)
+        return torch.cat([steps, torch.tensor([n - 1])]) if n and self.completed else steps
 
     @property
     def clamp_count(self) -> int:
@@ -290,7 +312,10 @@ def make_step(model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool,
 
 # -- the loop ---------------------------------------------------------------------------------------------
 def _use_quadratic(opts: FitOptions, n: int, k: int, d: int) -> bool:
-    return opts.quadratic if opts.quadratic is not None else n * k * d >= _QUADRATIC_MIN_ELEMENTS
+    if opts.quadratic is not None:
+        return opts.quadratic
+    # mini-batches would rebuild the quadratic features at every step, which costs more than they save
+    return (opts.batch_size is None or opts.batch_size >= n) and n * k * d >= _QUADRATIC_MIN_ELEMENTS
 
 
 def _progress_bar(opts: FitOptions, total: int):
@@ -370,26 +395,42 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
             final,
             opts,
             completed,
+            getattr(stepper, "batch_size", None),
         )
         model.fit_result_ = result
         return result
 
+    batched = getattr(stepper, "batch_size", None) is not None  # None also when batch_size >= N
+    exact: Tensor | None = None  # mini-batches: full-data NLL of the current parameters, from the last log point
+    last_exact: float | None = None  # mini-batches: the previous log point's, for `tol`
     start = time.perf_counter()
     try:
         for step in range(1, total + 1):
             factor = lr_factor(opts.lr_schedule, step - 1, total)
-            history.append(stepper.step(opts.mixture_lr * factor, opts.component_lr * factor))
+            value = stepper.step(opts.mixture_lr * factor, opts.component_lr * factor)
+            history.append(value if exact is None else exact)  # the exact value replaces the batch estimate
+            exact = None
             hit = stepper.clamp(opts.clamp)
             if hit is not None:
                 _on_clamp(model, x, stepper, step, *hit, opts, min_mass, g, reset_raw, events)
             if step - checked >= _CHECK_EVERY or step == total:
                 _check_finite(history, checked, step)
                 checked = step
-            if opts.tol is not None and step >= 2 and abs(float(history[-1] - history[-2])) < opts.tol:
+            if not batched and opts.tol is not None and step >= 2 and abs(float(history[-1] - history[-2])) < opts.tol:
                 converged = True
                 break
             if step % log_freq == 0:
-                nll = float(history[-1])
+                if batched:  # the full data's NLL after this update, recorded as the next history entry
+                    exact = _full_nll(model, x)
+                    nll = float(exact)
+                    if not math.isfinite(nll):
+                        raise NonFiniteNLLError(step, nll)
+                    if opts.tol is not None and last_exact is not None and abs(nll - last_exact) < opts.tol:
+                        converged = True
+                        break  # the closing callback reports this step
+                    last_exact = nll
+                else:
+                    nll = float(history[-1])
                 log.debug("step %d: nll %.6f", step, nll)
                 if bar is not None:
                     bar.update(step - bar.n)
@@ -397,7 +438,7 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
                 if opts.callback is not None:
                     opts.callback(step, nll, events[reported:])
                     reported = len(events)
-        history.append(torch.tensor(-model.score(x), dtype=torch.float64))
+        history.append(exact if exact is not None else _full_nll(model, x))
         _check_finite(history, checked, len(history))
     except BaseException:
         # keep what was recorded: the history up to the last finished step, and every event
@@ -410,6 +451,11 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
     if opts.callback is not None and (total % log_freq != 0 or converged or events[reported:]):
         opts.callback(step, float(history[-1]), events[reported:])
     return record(True, wall)
+
+
+def _full_nll(model: MixtureModel, x: Tensor) -> Tensor:
+    """0-d float64: the mean NLL of all of `x` (chunked over N, no gradients)."""
+    return torch.tensor(-model.score(x), dtype=torch.float64)
 
 
 def _stack(history: list[Tensor]) -> Tensor:

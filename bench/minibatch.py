@@ -1,0 +1,102 @@
+"""Mini-batch memory benchmark: peak resident memory of `gmm.fit` with `batch_size` at N = 2,000,000, D = 16,
+against the data alone and a full-batch fit, each in its own process (peak = that process's max RSS).
+
+    python -m bench.minibatch              # N=2e6, K=16, D=16, float32; the full-batch row takes a minute
+    python -m bench.minibatch --quick      # N=2e5, a smoke run
+    python -m bench.run --only minibatch
+
+The mini-batch fit steps on `batch_size` rows and evaluates the full data's NLL only at its log points, in
+chunks (gmm.model.chunk_rows), so its peak stays near the data plus a fixed working set, whatever N is;
+the full-batch fit's step holds per-row intermediates (quadratic features and their gradients) for all N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SIZE = (2_000_000, 16, 16)  # N, K, D
+QUICK_SIZE = (200_000, 16, 16)
+BATCH_SIZE = 4096
+VARIANTS = ("data only", "mini-batch", "full batch")
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes
+
+
+def _child(variant: str, n: int, k: int, d: int) -> dict:
+    import torch
+
+    import gmm
+
+    torch.manual_seed(0)
+    x = gmm.generate_data(n, k, d, 8.0, "full", seed=0).data  # float32, N * D * 4 bytes
+    data_gb = x.numel() * x.element_size() / 1e9
+    out = {"data_gb": data_gb, "ms_per_iter": float("nan"), "nll": float("nan")}
+    if variant != "data only":
+        batched = variant == "mini-batch"
+        iterations = 200 if batched else 3
+        model = gmm.GmmFull(k, d)
+        result = gmm.fit(
+            model,
+            x,
+            num_iterations=iterations,
+            batch_size=BATCH_SIZE if batched else None,
+            log_freq=100 if batched else None,  # two full-data evaluations (the second is the final NLL)
+            init="random",  # the same cheap start for both rows
+            seed=0,
+            progress=False,
+        )
+        out.update(ms_per_iter=1000 * result.wall_time / result.num_iterations, nll=result.final_nll)
+    out["peak_gb"] = _peak_gb()
+    return out
+
+
+def _run(variant: str, n: int, k: int, d: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.minibatch", "--child", variant, str(n), str(k), str(d)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 200,000 instead of 2,000,000")
+    parser.add_argument("--skip-full", action="store_true", help="leave out the full-batch row (the slow one)")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        variant, *nums = args.child
+        print(json.dumps(_child(variant, *map(int, nums))))
+        return 0
+    n, k, d = QUICK_SIZE if args.quick else SIZE
+    print(f"Mini-batch memory: N={n:,} K={k} D={d} float32, batch_size={BATCH_SIZE}, one process per row")
+    print(f"{'variant':<12} {'peak GB':>8} {'over data-only':>15} {'ms/iter':>9} {'final NLL':>10}")
+    status, base = 0, None
+    for variant in VARIANTS:
+        if variant == "full batch" and args.skip_full:
+            continue
+        t0 = time.perf_counter()
+        r = _run(variant, n, k, d)
+        if "error" in r:
+            print(f"{variant:<12} error: {r['error']}")
+            status = 1
+            continue
+        base = r["peak_gb"] if variant == "data only" else base
+        extra = f"{r['peak_gb'] - base:+.2f} GB" if base is not None and variant != "data only" else "-"
+        print(
+            f"{variant:<12} {r['peak_gb']:>8.2f} {extra:>15} {r['ms_per_iter']:>9.1f} {r['nll']:>10.4f}"
+            f"   ({time.perf_counter() - t0:.0f} s, data {r['data_gb']:.2f} GB)",
+            flush=True,
+        )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
