@@ -244,14 +244,17 @@ def fail_stale_trials(study: optuna.Study) -> None:
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int) -> bool:
     """Queue a WAITING copy of `trial` (failed as stale) unless it was retried `max_retry` times already.
 
-    Optuna's RetryFailedTrialCallback, minus what belongs to the dead run: this module's owner and heartbeat
-    system attributes (a copy carrying the dead owner would be failed again at once) and the user attributes
-    (measurements of the failed run). `RetryFailedTrialCallback.retried_trial_number(t)` and
-    `retry_history(t)` work on the copy. Returns whether a copy was queued.
+    Optuna's RetryHeartbeatStaleTrialCallback (RetryFailedTrialCallback before 4.9), minus what belongs to
+    the dead run: this module's owner and heartbeat system attributes (a copy carrying the dead owner would be
+    failed again at once) and the user attributes (measurements of the failed run). Its static
+    `retried_trial_number(t)` and `retry_history(t)` work on the copy. Returns whether a copy was queued.
     """
     import copy
 
-    from optuna.storages import RetryFailedTrialCallback
+    try:  # Optuna >= 4.9 renamed it
+        from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+    except ImportError:
+        from optuna.storages import RetryFailedTrialCallback as Retry
 
     clean = copy.deepcopy(trial)
     clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("studies:")}
@@ -260,5 +263,5 @@ def retry_stale_trial(study: optuna.Study, trial: FrozenTrial, max_retry: int) -
         return False  # the callback's own rule, checked here so the caller knows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryFailedTrialCallback(max_retry=max_retry)(study, clean)
+        Retry(max_retry=max_retry)(study, clean)
     return True

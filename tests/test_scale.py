@@ -28,7 +28,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
 PG_VERSIONS_DIR = Path("/usr/lib/postgresql")  # Debian: /usr/lib/postgresql/<version>/bin, not on PATH
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scale")]  # one xdist worker owns both servers
+pytestmark = pytest.mark.xdist_group("scale")  # one xdist worker owns both servers
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -150,7 +149,7 @@ def mlflow_server(folder: Path) -> Iterator[Callable[[], str]]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=3)
+            proc.wait(timeout=1)
         except subprocess.TimeoutExpired:  # open keep-alive connections hold a graceful stop back
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -192,6 +191,15 @@ def servers(tmp_path_factory) -> Iterator[Servers]:
     folder = tmp_path_factory.mktemp("mlflow-server")
     with mlflow_server(folder) as ready, postgres_cluster(bindir) as pg:
         yield Servers(pg.url, ready(), folder)
+
+
+def retried_trial_number(trial) -> int | None:
+    """The trial a retry copies (Optuna's static method, under its name before and after 4.9)."""
+    storages = optuna.storages
+    retry = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return retry.retried_trial_number(trial)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -271,7 +279,71 @@ def runs_by_kind(tracking_uri: str, study: str) -> dict[str, list]:
     return kinds
 
 
-# -- tests ------------------------------------------------------------------------------------------------
+# -- without servers: worker options, settings round trip, retries ------------------------------------------
+def test_worker_needs_an_existing_study_and_takes_its_settings(tmp_path, capsys):
+    from studies.run import main
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    base = ["--worker", "--family", "full", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert main([*base, "--trials", "1"]) == 2
+    assert "no study 'full-v1' in the storage; create it first" in capsys.readouterr().err
+    assert main([*base, "--iterations", "50", "--datasets", "full-separated"]) == 2
+    assert "drop --iterations, --datasets" in capsys.readouterr().err
+    assert main([*base, "--retries", "-1"]) == 2
+    assert "--retries must be >= 0" in capsys.readouterr().err
+
+
+def test_settings_round_trip_through_the_study_record():
+    from studies.datasets import dataset_fingerprints
+    from studies.objective import StudySettings
+    from studies.space import load_space
+
+    names = ("full-separated", "full-collapse")
+    settings = StudySettings("full", names, load_space("full"), 300, 25, 7, fingerprints=dataset_fingerprints(names))
+    assert StudySettings.from_dict(settings.as_dict()) == settings
+    with pytest.raises(ValueError, match="recorded settings are incomplete"):
+        StudySettings.from_dict({"family": "full"})
+
+
+def test_postgresql_urls_use_psycopg3_when_psycopg2_is_missing():
+    import importlib.util
+
+    from studies.storage import sqlalchemy_url
+
+    assert sqlalchemy_url("sqlite:///x.db") == "sqlite:///x.db"
+    assert sqlalchemy_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    if importlib.util.find_spec("psycopg2") is None:
+        assert sqlalchemy_url("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_stale_trial_is_retried_without_the_dead_owner(tmp_path, mlflow_uri):
+    from studies.run import StaleTrialHandler
+    from studies.storage import OWNER_KEY, fail_stale_trials, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=1, grace_period=5)
+    storage.heartbeat_stale_trial_callback = StaleTrialHandler(mlflow_uri, "study-s", retries=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("mlflow_run_id", "")
+    storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, f"{socket.gethostname()}:{dead.pid}")
+    fail_stale_trials(study)
+    first, copy = study.get_trials()
+    assert first.state == TrialState.FAIL and copy.state == TrialState.WAITING
+    assert copy.params == first.params and copy.user_attrs == {} and OWNER_KEY not in copy.system_attrs
+    assert retried_trial_number(copy) == 0
+    again = study.ask()  # the worker picks the queued copy; it dies too: no second retry (--retries 1)
+    assert again.number == 1
+    storage.set_trial_system_attr(again._trial_id, OWNER_KEY, f"{socket.gethostname()}:{dead.pid}")
+    fail_stale_trials(study)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
+
+
+# -- against the servers ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_three_workers_share_one_postgres_study(servers, tmp_path):
     from studies.objective import WORKER_TAG
     from studies.storage import OWNER_KEY
@@ -310,6 +382,7 @@ def test_three_workers_share_one_postgres_study(servers, tmp_path):
     assert all(r.info.status != "RUNNING" for kind in runs.values() for r in kind)
 
 
+@pytest.mark.slow
 def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(servers, tmp_path):
     from studies.storage import OWNER_KEY
 
@@ -347,9 +420,7 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(servers, tmp_path
     dead = trials[killed]
     assert dead.state == TrialState.FAIL
     assert "died" in dead.user_attrs["fail_reason"] or "heartbeat" in dead.user_attrs["fail_reason"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retried = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) == killed]
+    retried = [t for t in trials if retried_trial_number(t) == killed]
     assert len(retried) == 1 and retried[0].state.is_finished()
     assert dead.params.items() <= retried[0].params.items()  # killed before its first suggestion: no params yet
     assert sorted(t.number for t in trials) == list(range(len(trials)))
