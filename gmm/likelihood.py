@@ -59,11 +59,106 @@ def tril_inverse(tril: Tensor) -> Tensor:
     return _TrilInverse.apply(tril)
 
 
+class _LogSumExp(torch.autograd.Function):
+    """log sum_k exp(joint_nk) over the last axis as one autograd node: the backward is grad_n * r_nk with
+    the softmax r saved by the forward (the gradient of the clamp below exp_floor, zero, is not applied:
+    it changes r by less than exp(exp_floor))."""
+
+    @staticmethod
+    def forward(ctx, joint: Tensor) -> Tensor:
+        peak = joint.amax(-1, keepdim=True)
+        e = (joint - peak).clamp_(min=exp_floor(joint.dtype)).exp_()  # (N, K)
+        total = e @ _ones(joint.shape[-1], joint)  # (N,)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(e.div_(total.unsqueeze(-1)))  # responsibilities
+        return total.log_().add_(peak.squeeze(-1))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (resp,) = ctx.saved_tensors
+        return resp * grad.unsqueeze(-1)
+
+
+class _SquaredNorm(torch.autograd.Function):
+    """(..., D) -> (...) sum_d z_d^2. Forward as a product with a ones vector (a reduction over a short last
+    axis is far slower on CPU), backward 2 z grad in one broadcast (matmul's generic backward costs 5x more)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor) -> Tensor:
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(z)
+        return z.square() @ _ones(z.shape[-1], z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        return z * (2.0 * grad).unsqueeze(-1)
+
+
+class _CholeskyMahalanobis(torch.autograd.Function):
+    """q_nk = |z_nk|^2 with z_nk = W_k (x_n - mu_k), W_k = L_k^{-1}, as one autograd node.
+
+    Forward: W by a triangular solve, then all z at once through one (N, D) x (D, K D) matrix product with
+    the stacked W_k (scikit-learn's way); with `augmented` (x = `augment(data)`) the shift W_k mu_k rides
+    in the same product. Backward, with G_nk = dq/dz_nk = 2 g_nk z_nk and s_k = sum_n G_nk:
+
+        dW_k = sum_n G_nk (x_n - mu_k)^T = G_k^T X - s_k mu_k^T,   dmu_k = -W_k^T s_k,
+        dL_k = -tril(W_k^T dW_k W_k^T)                             (d(L^{-1}) = -L^{-1} dL L^{-1}),
+
+    summed over k for a shared L. The same arithmetic autograd does through the separate ops, in one node
+    instead of about fifteen (at small N the per-node cost is most of a step).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tril: Tensor, means: Tensor, augmented: bool) -> Tensor:
+        num_components, num_dims = means.shape
+        eye = torch.eye(num_dims, dtype=tril.dtype, device=tril.device).expand_as(tril)
+        inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # (K', D, D)
+        inv_k = inv.expand(num_components, -1, -1)
+        # proj[j, k D + i] = W_k[i, j]: x_n @ proj = (W_k x_n)_k
+        proj = inv_k.permute(2, 0, 1).reshape(num_dims, num_components * num_dims)
+        shift = (inv_k @ means.unsqueeze(-1)).reshape(1, num_components * num_dims)  # W_k mu_k
+        if augmented:
+            z = x @ torch.cat([proj, shift.neg()])
+        else:
+            z = torch.addmm(shift, x, proj, beta=-1)
+        z = z.view(x.shape[0], num_components, num_dims)  # (N, K, D)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(x, inv, means, z)
+            ctx.augmented = augmented
+        return z.square() @ _ones(num_dims, z)  # (N, K)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, inv, means, z = ctx.saved_tensors
+        num_components, num_dims = means.shape
+        num_samples = x.shape[0]
+        g_z = (z * (2.0 * grad).unsqueeze(-1)).view(num_samples, num_components * num_dims)  # (N, K D)
+        inv_k = inv.expand(num_components, -1, -1)
+        s = (_ones(num_samples, g_z) @ g_z).view(num_components, num_dims)  # (K, D)
+        g_x = g_tril = g_means = None
+        if ctx.needs_input_grad[0]:  # rarely wanted: rebuild the forward's matrix
+            proj = inv_k.permute(2, 0, 1).reshape(num_dims, num_components * num_dims)
+            if ctx.augmented:
+                shift = (inv_k @ means.unsqueeze(-1)).reshape(1, num_components * num_dims)
+                proj = torch.cat([proj, shift.neg()])
+            g_x = g_z @ proj.T
+        if ctx.needs_input_grad[1]:
+            # (X^T G)[j, k D + i] = sum_n x_nj G_nki (x.T @ g_z is far faster than g_z.T @ x[:, :D] here)
+            xg = (x.T @ g_z)[:num_dims].view(num_dims, num_components, num_dims).permute(1, 2, 0)
+            g_inv = xg - s.unsqueeze(-1) * means.unsqueeze(-2)
+            if inv.shape[0] != num_components:  # one L shared by all components
+                g_inv = g_inv.sum(0, keepdim=True)
+            inv_t = inv.transpose(-1, -2)
+            g_tril = -(inv_t @ g_inv @ inv_t).tril()
+        if ctx.needs_input_grad[2]:
+            g_means = -(inv_k.transpose(-1, -2) @ s.unsqueeze(-1)).squeeze(-1)
+        return g_x, g_tril, g_means, None
+
+
 def logsumexp(joint: Tensor) -> Tensor:
     """(N, K) -> (N,) log sum_k exp(joint_nk), without the slow underflow path of exp on CPU."""
-    peak = joint.detach().amax(-1, keepdim=True)
-    shifted = (joint - peak).clamp(min=exp_floor(joint.dtype))
-    return (shifted.exp() @ _ones(joint.shape[-1], joint)).log() + peak.squeeze(-1)
+    return _LogSumExp.apply(joint)
 
 
 def component_log_prob(x: Tensor, means: Tensor, cov: Covariance) -> Tensor:
@@ -94,23 +189,13 @@ def _mahalanobis(x: Tensor, means: Tensor, cov: Covariance, augmented: bool = Fa
 
     With `augmented`, x is `augment(data)` and the mean shift rides in the same matrix product.
     """
-    num_components, num_dims = means.shape
-    num_samples = x.shape[0]
+    num_dims = means.shape[1]
     if cov.scale_tril is not None:
-        inv = tril_inverse(cov.scale_tril).expand(num_components, -1, -1)  # L_k^{-1} (K, D, D)
-        # x_n @ B = L_k^{-1} x_n for all k at once: one (N, D) x (D, K D) product
-        proj = inv.permute(2, 0, 1).reshape(num_dims, num_components * num_dims)
-        shift = (inv @ means.unsqueeze(-1)).reshape(1, num_components * num_dims)  # L_k^{-1} mu_k
-        if augmented:
-            z = x @ torch.cat([proj, -shift])
-        else:
-            z = x @ proj - shift
-        z = z.view(num_samples, num_components, num_dims)  # L_k^{-1} (x_n - mu_k)
-    else:
-        if augmented:
-            x = x[:, :num_dims]
-        z = (x.unsqueeze(1) - means) * cov.variances.rsqrt()  # (N, K, D)
-    return z.square() @ _ones(num_dims, z)
+        return _CholeskyMahalanobis.apply(x, cov.scale_tril, means, augmented)
+    if augmented:
+        x = x[:, :num_dims]
+    z = (x.unsqueeze(1) - means) * cov.variances.rsqrt()  # (N, K, D)
+    return _SquaredNorm.apply(z)
 
 
 def joint_log_prob(x: Tensor, logits: Tensor, means: Tensor, cov: Covariance, augmented: bool = False) -> Tensor:

@@ -39,6 +39,20 @@ def test_gradcheck(family, k, d):
 
 
 @pytest.mark.parametrize("family", gmm.FAMILIES)
+@pytest.mark.parametrize("augmented", [False, True])
+def test_reference_likelihood_gradcheck(family, augmented):
+    """The reference itself: gmm.likelihood's closed-form backward nodes (Mahalanobis, log-sum-exp), data included."""
+    fam, x, logits, locs, raw = _inputs(family, 3, 3, seed=5, num_samples=12)
+    data = (likelihood.augment(x) if augmented else x).requires_grad_()
+
+    def nll(data, logits, locs, raw):
+        joint = likelihood.joint_log_prob(data, logits, locs, fam.covariance(raw), augmented=augmented)
+        return -likelihood.logsumexp(joint).mean()
+
+    assert torch.autograd.gradcheck(nll, (data, logits, locs, raw))
+
+
+@pytest.mark.parametrize("family", gmm.FAMILIES)
 @pytest.mark.parametrize(("k", "d"), SHAPES)
 def test_analytic_equals_autograd(family, k, d):
     fam, x, logits, locs, raw = _inputs(family, k, d, seed=100 + 10 * k + d)
