@@ -708,17 +708,17 @@ def run_study(args: argparse.Namespace, family: str, settings, tracking_uri: str
         recorded = study.user_attrs
         experiment = args.experiment or recorded.get("mlflow_experiment") or f"study-{study_name}"
         pruner = args.pruner or recorded.get("pruner") or "median"
-        if recorded.get("mlflow_tracking_uri") not in (None, tracking_uri):
+        if recorded.get("mlflow_tracking_uri") not in (None, _redact(tracking_uri)):
             log.warning(
                 "study %s logs to MLflow at %s, this worker to %s; set MLFLOW_TRACKING_URI to share one server",
                 study_name,
                 recorded["mlflow_tracking_uri"],
-                tracking_uri,
+                _redact(tracking_uri),
             )
     else:
         experiment = args.experiment or f"study-{study_name}"
         pruner = args.pruner or "median"
-        attrs = {"mlflow_experiment": experiment, "pruner": pruner, "mlflow_tracking_uri": tracking_uri}
+        attrs = {"mlflow_experiment": experiment, "pruner": pruner, "mlflow_tracking_uri": _redact(tracking_uri)}
         study = open_study(storage, study_name, settings, attrs)
     # known only now: a worker's experiment comes from the study
     storage.heartbeat_stale_trial_callback = StaleTrialHandler(tracking_uri, experiment, args.retries)

@@ -83,8 +83,8 @@ def _as_cluster_user() -> dict:
 @contextlib.contextmanager
 def postgres_cluster(bindir: Path) -> Iterator[PostgresCluster]:
     """A throw-away cluster on 127.0.0.1:<free port>, socket and data in a temporary folder; removed after."""
-    folder = Path(tempfile.mkdtemp(prefix="gmm-pg-"))  # under /tmp: reachable by the postgres user
     as_user = _as_cluster_user()
+    folder = Path(tempfile.mkdtemp(prefix="gmm-pg-", dir="/tmp" if as_user else None))  # reachable by postgres
     if as_user:
         os.chown(folder, as_user["user"], as_user["group"])
     data, port = folder / "data", free_port()
