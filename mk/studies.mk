@@ -1,4 +1,4 @@
-# Optuna studies (studies/): `make study FAMILY=full`, `make study-worker`, `make dashboard`. See docs/studies.md.
+# Optuna studies (studies/): `make study FAMILY=full`, `make study-worker`, `make dashboard`. See README.md.
 .PHONY: study study-worker dashboard
 
 STUDY_ARGS ?=

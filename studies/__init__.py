@@ -5,7 +5,7 @@
 
 A study of family F is named "F-<STUDY_VERSION>"; it fits the datasets `F-*` of experiments.datasets with
 trial parameters drawn from studies/space.yaml, minimizes the mean validation NLL, and is tracked in MLflow
-(one parent run per invocation, one nested run per trial, one per fit). See docs/studies.md.
+(one parent run per invocation, one nested run per trial, one per fit). See README.md.
 
 Dependencies point one way: gmm <- experiments <- studies.
 """

@@ -527,7 +527,9 @@ def log_study_artifacts(
     if not plots:
         return
     for name, fig in study_figures(study):
-        client.log_figure(run_id, fig, f"plots/{name}.png")
+        with warnings.catch_warnings():  # Optuna's slice plot of many parameters cannot fit tight_layout
+            warnings.filterwarnings("ignore", message="Tight layout not applied")
+            client.log_figure(run_id, fig, f"plots/{name}.png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
