@@ -65,7 +65,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
@@ -81,7 +80,6 @@ import gmm
 
 from .config import ExperimentConfig, add_arguments
 from .datasets import load_dataset
-from .metrics import adjusted_rand_index, recovery_error
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +182,7 @@ def run_seed(task: SeedTask) -> SeedOutcome:
         )
     except (FloatingPointError, torch.linalg.LinAlgError, gmm.NonFiniteNLLError) as err:
         raise SeedFailed(f"{cfg.family} seed {cfg.seed} (data_seed {cfg.data_seed}): {' '.join(str(err).split())}") from None
-    em_recovery, em_ari = _em_quality(cfg, result.em_nll_train)
+    em_recovery, em_ari = result.em_recovery_error, result.em_ari
     key = {"family": cfg.family, "seed": cfg.seed, "data_seed": cfg.data_seed}
     gd_row = {
         **key,
@@ -233,24 +231,6 @@ def run_seed(task: SeedTask) -> SeedOutcome:
         fingerprint=result.fingerprint,
         run_id=result.run_id,
     )
-
-
-def _em_quality(cfg: ExperimentConfig, em_nll_train: float) -> tuple[float, float]:
-    """Recovery error and ARI of EM's model. ExperimentResult keeps only the gradient-descent model, so EM is
-    refit here from the same start (milliseconds at these sizes; deterministic, so the same model)."""
-    from gmm.em import fit_em
-
-    data = load_dataset(cfg.data_spec())
-    device, dtype = torch.device(cfg.device), cfg.torch_dtype
-    model = gmm.make_model(cfg.family, cfg.model_components, cfg.model_dims, dtype=dtype, device=device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # not converging is the `converged` column
-        refit = fit_em(model, data.train.to(device, dtype), **cfg.em_options())
-    if refit.final_nll != em_nll_train and not (math.isnan(refit.final_nll) and math.isnan(em_nll_train)):
-        log.warning("EM refit of %s seed %d ended at %r, the run at %r", cfg.family, cfg.seed, refit.final_nll, em_nll_train)
-    recovery = recovery_error(model.means, data.mock.means)
-    ari = adjusted_rand_index(data.mock.labels, model.predict(data.mock.data.to(device, dtype)).cpu())
-    return recovery, ari
 
 
 # -- many seeds -------------------------------------------------------------------------------------------

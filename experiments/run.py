@@ -107,6 +107,9 @@ class ExperimentResult:
     tracking_time: float
     figure_time: float
     model: gmm.MixtureModel = field(repr=False)
+    em_recovery_error: float = float("nan")  # the same measures of EM's model (NaN without EM)
+    em_ari: float = float("nan")
+    em_model: gmm.MixtureModel | None = field(default=None, repr=False)
 
     @property
     def clamp_count(self) -> int:
@@ -141,6 +144,8 @@ class ExperimentResult:
             "gd_em_gap": self.gd_em_gap,
             "recovery_error": self.recovery_error,
             "ari": self.ari,
+            "em_recovery_error": self.em_recovery_error,
+            "em_ari": self.em_ari,
             "clamp_count": float(self.clamp_count),
             "reset_count": float(self.reset_count),
             "num_iterations": float(self.fit.num_iterations),
@@ -301,7 +306,9 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     truth = data.mock.true_model(dtype=torch.float64)
     true_train = truth.nll(data.train.double())
     true_val = truth.nll(data.val.double()) if data.val.shape[0] else float("nan")
-    em_result, em_train, em_val = None, float("nan"), float("nan")
+    all_points = data.mock.data.to(device, dtype)
+    em_model, em_result, em_train, em_val = None, None, float("nan"), float("nan")
+    em_recovery, em_ari = float("nan"), float("nan")
     if config.em:
         em_model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)
         from gmm.em import fit_em
@@ -311,7 +318,8 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
             em_result = fit_em(em_model, train, **config.em_options())
         em_train = em_result.final_nll
         em_val = em_model.nll(val) if val.shape[0] else float("nan")
-    all_points = data.mock.data.to(device, dtype)
+        em_recovery = recovery_error(em_model.means, data.mock.means)
+        em_ari = adjusted_rand_index(data.mock.labels, em_model.predict(all_points).cpu())
     recovery = recovery_error(model.means, data.mock.means)
     ari = adjusted_rand_index(data.mock.labels, model.predict(all_points).cpu())
 
@@ -337,6 +345,9 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
         0.0,
         0.0,
         model,
+        em_recovery,
+        em_ari,
+        em_model,
     )
     finals = {k: v for k, v in partial.final_metrics().items() if k not in ("train_nll", "val_nll")}
     finals["em_converged"] = float(em_result.converged) if em_result is not None else None
@@ -371,6 +382,9 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
         tracking_time,
         figure_time,
         model,
+        em_recovery,
+        em_ari,
+        em_model,
     )
 
 

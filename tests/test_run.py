@@ -79,6 +79,8 @@ def test_final_metrics(finished):
         "gd_em_gap",
         "recovery_error",
         "ari",
+        "em_recovery_error",
+        "em_ari",
         "wall_time",
         "iterations_per_second",
         "tracking_overhead",
