@@ -17,6 +17,7 @@ import time
 
 SIZES = [(100_000, 8, 8), (1_000_000, 16, 16)]
 QUICK_SIZES = [(20_000, 4, 4), (100_000, 8, 8)]
+TARGET_SIZE, TARGET_SPEEDUP, TARGET_PEAK_GB = (1_000_000, 16, 16), 20.0, 2.5  # issue 2
 
 
 def _child(variant: str, n: int, k: int, d: int, iters: int) -> dict:
@@ -61,7 +62,9 @@ def _child(variant: str, n: int, k: int, d: int, iters: int) -> dict:
 def _run(variant: str, n: int, k: int, d: int, iters: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "bench.large", "--child", variant, str(n), str(k), str(d), str(iters)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK_SIZES if args.quick else SIZES
     print("Large N, full covariance, float32, one process per row (peak = max resident memory of that process)")
     print(f"{'N':>9} {'K':>3} {'D':>3}  {'variant':<22} {'ms/iter':>9} {'peak GB':>8} {'setup s':>8} {'speedup':>8}")
+    verdict = None
     for n, k, d in sizes:
         base = _run("baseline", n, k, d, 2 if n >= 1_000_000 else 5)
         rows = [("baseline (original)", base)]
@@ -94,7 +98,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n:>9} {k:>3} {d:>3}  {name:<22} {r['ms_per_iter']:>9.1f} {r['peak_gb']:>8.2f} "
                 f"{r['setup_s']:>8.2f} {ratio:>7.1f}x"
             )
-    return 0
+        if (n, k, d) == TARGET_SIZE:
+            verdict = (base, rows[-1][1])  # `fit` picks the quadratic path at this size (N K D >= 2^20)
+    if verdict is None:
+        return 0
+    base, ours = verdict
+    if "error" in base or "error" in ours:
+        print(f"target at N={TARGET_SIZE[0]:,}: not measured (a variant failed)")
+        return 1
+    ratio = base["ms_per_iter"] / ours["ms_per_iter"]
+    fast, lean = ratio >= TARGET_SPEEDUP, ours["peak_gb"] <= TARGET_PEAK_GB
+    print(
+        f"target at N={TARGET_SIZE[0]:,}, K={TARGET_SIZE[1]}, D={TARGET_SIZE[2]} (fit's default, quadratic path): "
+        f"{ratio:.1f}x {'>=' if fast else '<'} {TARGET_SPEEDUP:g}x {'ok' if fast else 'MISSED'}; "
+        f"peak {ours['peak_gb']:.2f} GB {'<=' if lean else '>'} {TARGET_PEAK_GB:g} GB {'ok' if lean else 'MISSED'}"
+    )
+    return 0 if fast and lean else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the original-style baseline, timed in the same run, plus the analytic path's agr
 
     python -m bench.small                  # 15 rounds of 400 iterations per variant; check over 20,000 steps
     python -m bench.small --quick          # 5 rounds of 200; check over 1,000 steps
+    python -m bench.small --threads 1      # one intra-op thread for every variant (steadier on a busy machine)
 
 Timing: variants are timed in short interleaved blocks (one block of each per round), so a change in the
 load of a shared machine hits every variant alike; a variant's figure is the median over rounds of its ms
@@ -14,6 +15,7 @@ and compilation are excluded and the compile time is printed on its own line.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Small problem: N={NUM_SAMPLES}, K={NUM_COMPONENTS}, D={NUM_DIMS}, full, float32, "
         f"{torch.get_num_threads()} threads; medians of {rounds} interleaved rounds of {block} iterations"
     )
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    if load > cores:  # other processes share the cores: multi-threaded ops then wait on descheduled threads
+        print(f"note: load average {load:.1f} on {cores} cores; on a shared machine --threads 1 gives steadier ratios")
 
     # warm-up: the baseline's first steps, and the one cold compile (its time is reported, not counted)
     base_model = OriginalFull(NUM_COMPONENTS, NUM_DIMS, x)
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     for name, seconds in compile_time.items():
         if seconds > 0:
-            print(f"compile time ({name}): {seconds:.1f} s, cold, excluded from ms/iter")
+            print(f"compile time ({name}): {seconds:.1f} s (first compile in this process), excluded from ms/iter")
 
     # the analytic paths must reproduce autograd's NLL history at the demo's learning rates
     reference = _fit(x, check, gradients="autograd")
