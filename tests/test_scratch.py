@@ -177,7 +177,7 @@ def test_analytic_rejects_mini_batches():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::FutureWarning:torch._inductor.*")
+@pytest.mark.filterwarnings("ignore::FutureWarning:torch._inductor.*", "ignore::DeprecationWarning:torch.jit.*")
 def test_compiled_step_matches_autograd(caplog):
     """compile=True: one cold compile of the fused step (full, float32), then 500 steps equal to autograd's."""
     with caplog.at_level(logging.WARNING, logger="gmm.scratch"):
