@@ -555,9 +555,14 @@ def study_figures(study: optuna.Study):
         plots.append(("intermediate_values", vm.plot_intermediate_values))
     for name, fn in plots:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = fn(study)
+            verbosity = optuna.logging.get_verbosity()
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # "unique value length is less than 2", per param
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    axes = fn(study)
+            finally:
+                optuna.logging.set_verbosity(verbosity)
         except Exception as e:  # a plot the data cannot support (e.g. importances of constant params): skip it
             log.warning("skipped the %s plot: %s", name, e)
             continue
