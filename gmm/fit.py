@@ -260,7 +260,7 @@ class AutogradStep:
         if self.quadratic:
             joint = chunk @ likelihood.quadratic_weights(m.logits, m.locs, cov, self.center)
         else:
-            joint = likelihood.joint_log_prob(chunk, m.logits, m.locs, cov, augmented=True)
+            return likelihood.mixture_nll_sum(chunk, m.logits, m.locs, cov, self.scale, augmented=True)
         return likelihood.logsumexp(joint).sum() * self.scale
 
     def step(self, lr_mixture: float, lr_component: float) -> Tensor:

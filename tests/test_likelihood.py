@@ -93,3 +93,32 @@ def test_log_prob_in_chunks_equals_one_pass(monkeypatch):
     whole = model.log_prob(x)
     monkeypatch.setattr(gmm.model, "_CHUNK_ELEMENTS", 64)  # forces many 1024-row chunks
     torch.testing.assert_close(model.log_prob(x), whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", gmm.FAMILIES)
+@pytest.mark.parametrize("augmented", [False, True])
+def test_fit_loss_gradcheck_and_value(family, augmented):
+    """The fit's fused loss node: gradcheck in float64, and its value equals -sum log_prob / N."""
+    model = random_parameters(family, 3, 2, seed=5)
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 3
+    xin = likelihood.augment(x) if augmented else x
+    fam = model.family
+    raw = model.raw_cov.detach().clone().requires_grad_(fam.trainable)
+    logits = model.logits.detach().clone().requires_grad_()
+    locs = model.locs.detach().clone().requires_grad_()
+
+    def loss(lg, mu, r):
+        return likelihood.mixture_nll_sum(xin, lg, mu, fam.covariance(r), -1.0 / x.shape[0], augmented=augmented)
+
+    assert torch.autograd.gradcheck(loss, (logits, locs, raw) if fam.trainable else (logits, locs, raw.detach()))
+    torch.testing.assert_close(loss(logits, locs, raw), -model.log_prob(x).mean(), rtol=1e-12, atol=1e-12)
+
+
+def test_raw_to_tril_gradcheck_with_one_output_used():
+    raw = torch.randn(3, 4, 4, dtype=torch.float64, requires_grad=True)
+    fam = gmm.families.get_family("full", 4)
+    assert torch.autograd.gradcheck(lambda r: fam.covariance(r).scale_tril, (raw,))
+    assert torch.autograd.gradcheck(lambda r: fam.covariance(r).half_log_det, (raw,))
+    cov = fam.covariance(raw)
+    expected = raw.tril(-1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
+    torch.testing.assert_close(cov.scale_tril, expected, rtol=0, atol=0)
