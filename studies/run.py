@@ -601,12 +601,7 @@ class _Progress:
         values = [t.value for t in trials if t.state == TrialState.COMPLETE]
         if len(mine) > self.done:
             for t in sorted(mine, key=lambda t: t.number)[self.done :]:
-                log.info(
-                    "trial %d %s%s",
-                    t.number,
-                    t.state.name.lower(),
-                    f": {t.value:.4f}" if t.value is not None else f" ({_reason(t)})",
-                )
+                log.info("trial %d %s", t.number, _outcome(t))
             self.bar.update(len(mine) - self.done)
             self.done = len(mine)
         self.bar.set_postfix(
@@ -619,6 +614,18 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _outcome(trial: FrozenTrial) -> str:
+    """'complete: 3.8102', 'pruned at step 100 (...)', 'fail (reason)': a pruned trial's value is a partial
+    objective, not comparable with complete ones, so it is not shown as one."""
+    state = trial.state.name.lower()
+    if trial.state == TrialState.COMPLETE:
+        return f"{state}: {trial.value:.4f}"
+    reason = _reason(trial)
+    if reason.startswith(state):
+        return reason
+    return f"{state} ({reason})" if reason else state
 
 
 def _reason(trial: FrozenTrial) -> str:
