@@ -77,6 +77,7 @@ import pandas as pd
 import torch
 
 import gmm
+from gmm._cli import OneLineParser
 
 from .config import ExperimentConfig, add_arguments
 from .datasets import load_dataset
@@ -1019,16 +1020,11 @@ def verify_report(
 
 
 # -- command line -----------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (no usage block)
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
-
-
 _REPORT_FLAGS = ("seeds", "out")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m experiments.report",
         description="Run one configuration over many seeds (gradient descent and EM) and write a reproducible "
         "report folder, or --verify one.",

@@ -30,6 +30,7 @@ Exit status: 0 done, 1 the fit failed (run marked FAILED), 2 bad input (one line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -46,6 +47,7 @@ import torch
 from mlflow.entities import Metric
 
 import gmm
+from gmm._cli import OneLineParser
 from gmm.fit import lr_factor
 
 from .config import ExperimentConfig, add_arguments, from_args
@@ -328,7 +330,7 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
         logger.add({"val_nll": val_nll}, result.num_iterations)
     if em_result is not None:
         logger.add_curve("em_nll", em_result.nll_history.tolist(), range(len(em_result.nll_history)))
-    partial = ExperimentResult(
+    partial = ExperimentResult(  # timings of the tracking itself are filled in at the end
         run_id,
         config,
         result,
@@ -365,27 +367,7 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     overhead = tracking_time / result.wall_time if result.wall_time > 0 else None
     logger.add({"tracking_time": tracking_time, "tracking_overhead": overhead, "figure_time": figure_time}, 0)
     logger.flush()
-    return ExperimentResult(
-        run_id,
-        config,
-        result,
-        em_result,
-        train_nll,
-        val_nll,
-        true_train,
-        true_val,
-        em_train,
-        em_val,
-        recovery,
-        ari,
-        data.fingerprint,
-        tracking_time,
-        figure_time,
-        model,
-        em_recovery,
-        em_ari,
-        em_model,
-    )
+    return dataclasses.replace(partial, tracking_time=tracking_time, figure_time=figure_time)
 
 
 def curve_steps(num_points: int, every: int) -> list[int]:
@@ -480,13 +462,8 @@ def load_model(run_id: str, tracking_uri: str | None = None, *, device: str | to
 
 
 # -- command line -------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (no usage block)
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m experiments.run",
         description="Fit one Gaussian mixture by gradient descent and track it in MLflow.",
         epilog="Flags override the --config file, which overrides the defaults.",

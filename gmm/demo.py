@@ -21,19 +21,13 @@ import warnings
 from collections.abc import Sequence
 
 import gmm
+from gmm._cli import OneLineParser
 from gmm._validation import check_choice
 from gmm.fit import GRADIENTS, FitOptions
 
 DEFAULT_FIGURE = "demo.png"
 _TRUE = ("true", "t", "yes", "y", "1", "on")
 _FALSE = ("false", "f", "no", "n", "0", "off")
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (no usage block) and exit status 2."""
-
-    def error(self, message: str):  # noqa: D401 - argparse's signature
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
 def parse_bool(text: str) -> bool:
@@ -64,7 +58,7 @@ def _choice(choices: Sequence[str], name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = FitOptions()
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m gmm.demo",
         description="Fit a Gaussian mixture by gradient descent to mock data drawn from a known mixture.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -52,6 +52,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import gmm
+from gmm._cli import OneLineParser
 
 from . import STUDY_VERSION
 from .storage import PROJECT_ROOT, fail_stale_trials, open_storage, resolve_storage_url
@@ -69,13 +70,8 @@ SETTINGS_OPTIONS = ("iterations", "eval_every", "seed", "space", "datasets")  # 
 
 
 # -- command line -------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (no usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m studies.run",
         description="Optuna study of clamp and learning rates per covariance family, tracked in MLflow.",
     )
