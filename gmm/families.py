@@ -132,32 +132,41 @@ def _raw_tril(covariances: Tensor) -> Tensor:
     return chol.tril(-1) + torch.diag_embed(chol.diagonal(dim1=-2, dim2=-1).log())
 
 
+def tril_from_raw(raw: Tensor) -> tuple[Tensor, Tensor]:
+    """(L, diag L) of raw (K', D, D): the strict lower triangle of raw, exp of its diagonal. No autograd."""
+    diag = raw.diagonal(dim1=-2, dim2=-1).exp()  # (K', D)
+    tril = raw.tril(-1)
+    tril.diagonal(dim1=-2, dim2=-1).copy_(diag)
+    return tril, diag
+
+
+def raw_grad_from_tril(g_tril: Tensor | None, g_half_log_det: Tensor | None, diag: Tensor) -> Tensor:
+    """Chain rule through `tril_from_raw` and half_log_det = sum diag(raw): below the diagonal dL passes
+    through, on it dL_ii L_ii + d(half_log_det); entries above it get 0."""
+    if g_tril is None:
+        g_tril = torch.zeros(*diag.shape, diag.shape[-1], dtype=diag.dtype, device=diag.device)
+    g = g_tril.tril(-1)
+    g_diag = g_tril.diagonal(dim1=-2, dim2=-1) * diag
+    if g_half_log_det is not None:
+        g_diag = g_diag + g_half_log_det.unsqueeze(-1)
+    g.diagonal(dim1=-2, dim2=-1).copy_(g_diag)
+    return g
+
+
 class _RawToTril(torch.autograd.Function):
-    """raw (K', D, D) -> (L = strict lower triangle of raw + diag(exp(diag raw)), 1/2 log det L L^T = sum diag raw),
-    as one autograd node (five separate ops cost more than the arithmetic at small sizes). Backward:
-    dL below the diagonal passes through, on it dL_ii L_ii + d(half_log_det); entries above it get 0."""
+    """raw (K', D, D) -> (L, 1/2 log det L L^T = sum diag raw) as one autograd node (five separate ops cost
+    more than the arithmetic at small sizes); see `raw_grad_from_tril`."""
 
     @staticmethod
     def forward(ctx, raw: Tensor) -> tuple[Tensor, Tensor]:
-        log_diag = raw.diagonal(dim1=-2, dim2=-1)  # (K', D)
-        diag = log_diag.exp()
-        tril = raw.tril(-1)
-        tril.diagonal(dim1=-2, dim2=-1).copy_(diag)
+        tril, diag = tril_from_raw(raw)
         ctx.save_for_backward(diag)
-        return tril, log_diag.sum(-1)
+        return tril, raw.diagonal(dim1=-2, dim2=-1).sum(-1)
 
     @staticmethod
     def backward(ctx, g_tril: Tensor | None, g_half_log_det: Tensor | None) -> Tensor:
         (diag,) = ctx.saved_tensors
-        d = diag.shape[-1]
-        if g_tril is None:
-            g_tril = torch.zeros(*diag.shape, d, dtype=diag.dtype, device=diag.device)
-        g = g_tril.tril(-1)
-        g_diag = g_tril.diagonal(dim1=-2, dim2=-1) * diag
-        if g_half_log_det is not None:
-            g_diag = g_diag + g_half_log_det.unsqueeze(-1)
-        g.diagonal(dim1=-2, dim2=-1).copy_(g_diag)
-        return g
+        return raw_grad_from_tril(g_tril, g_half_log_det, diag)
 
 
 class _Cholesky(Family):

@@ -256,11 +256,9 @@ class AutogradStep:
 
     def _loss(self, chunk: Tensor) -> Tensor:
         m = self.model
-        cov = m.covariance()
-        if self.quadratic:
-            joint = chunk @ likelihood.quadratic_weights(m.logits, m.locs, cov, self.center)
-        else:
-            return likelihood.mixture_nll_sum(chunk, m.logits, m.locs, cov, self.scale, augmented=True)
+        if not self.quadratic:
+            return likelihood.mixture_nll_sum(chunk, m.logits, m.locs, m.raw_cov, m.family, self.scale, augmented=True)
+        joint = chunk @ likelihood.quadratic_weights(m.logits, m.locs, m.covariance(), self.center)
         return likelihood.logsumexp(joint).sum() * self.scale
 
     def step(self, lr_mixture: float, lr_component: float) -> Tensor:

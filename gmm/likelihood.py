@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .families import Covariance
+from .families import Covariance, Family, raw_grad_from_tril, tril_from_raw
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -30,9 +30,24 @@ def exp_floor(dtype: torch.dtype) -> float:
     return -80.0 if dtype in (torch.float32, torch.float16, torch.bfloat16) else -700.0
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}  # small read-only ones vectors and identities, made once per shape/dtype/device
+
+
 def _ones(n: int, like: Tensor) -> Tensor:
     # reductions over a short last axis are far slower on CPU than a product with a ones vector
-    return torch.ones(n, dtype=like.dtype, device=like.device)
+    key = ("ones", n, like.dtype, like.device)
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS.setdefault(key, torch.ones(n, dtype=like.dtype, device=like.device))
+    return out
+
+
+def _eye(n: int, like: Tensor) -> Tensor:
+    key = ("eye", n, like.dtype, like.device)
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _CONSTANTS.setdefault(key, torch.eye(n, dtype=like.dtype, device=like.device))
+    return out
 
 
 class _TrilInverse(torch.autograd.Function):
@@ -42,7 +57,7 @@ class _TrilInverse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tril: Tensor) -> Tensor:
-        eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device).expand_as(tril)
+        eye = _eye(tril.shape[-1], tril).expand_as(tril)
         inv = torch.linalg.solve_triangular(tril, eye, upper=False)
         ctx.save_for_backward(inv)
         return inv
@@ -87,7 +102,7 @@ class _SquaredNorm(torch.autograd.Function):
     def forward(ctx, z: Tensor) -> Tensor:
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(z)
-        return z.square() @ _ones(z.shape[-1], z)
+        return (z * z) @ _ones(z.shape[-1], z)  # z * z: aten's square (pow) is several times slower here
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -98,7 +113,7 @@ class _SquaredNorm(torch.autograd.Function):
 def _cholesky_z(x: Tensor, tril: Tensor, means: Tensor, augmented: bool) -> tuple[Tensor, Tensor]:
     """(z (N, K, D), W = L^{-1} (K', D, D)): z_nk = W_k (x_n - mu_k) through one (N, D) x (D, K D) product."""
     num_components, num_dims = means.shape
-    eye = torch.eye(num_dims, dtype=tril.dtype, device=tril.device).expand_as(tril)
+    eye = _eye(num_dims, tril).expand_as(tril)
     inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # (K', D, D)
     inv_k = inv.expand(num_components, -1, -1)
     # proj[j, k D + i] = W_k[i, j]: x_n @ proj = (W_k x_n)_k
@@ -158,7 +173,7 @@ class _CholeskyMahalanobis(torch.autograd.Function):
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(x, inv, means, z)
             ctx.augmented = augmented
-        return z.square() @ _ones(means.shape[1], z)  # (N, K)
+        return (z * z) @ _ones(means.shape[1], z)  # (N, K)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -167,57 +182,61 @@ class _CholeskyMahalanobis(torch.autograd.Function):
 
 
 class _CholeskyMixtureNLL(torch.autograd.Function):
-    """scale * sum_n logsumexp_k(log_softmax(l)_k - h_k - D/2 log 2 pi - q_nk / 2) for Cholesky covariances
-    (h_k = 1/2 log det Sigma_k), as one autograd node.
+    """scale * sum_n logsumexp_k(log_softmax(l)_k - h_k - D/2 log 2 pi - q_nk / 2) for the Cholesky families,
+    from their raw parameter (`gmm.families`: L = strict lower triangle of raw + diag(exp(diag raw)),
+    h_k = 1/2 log det Sigma_k = sum diag raw_k), as one autograd node.
 
-    The fit's loss (scale = -1/N): weights, normalization, joint log density, log-sum-exp over components and
-    sum over samples in one node instead of about eight. Backward, with the responsibilities r_nk saved by
-    the forward, g = scale * grad and b_k = g sum_n r_nk (the gradient of the bias log pi_k - h_k - ...):
-    dl = b - pi sum_k b_k, dh = -b (summed over k for a shared covariance), and dq_nk = -g r_nk / 2 goes
-    through the Mahalanobis backward (`_CholeskyMahalanobis`).
+    The fit's loss (scale = -1/N): covariance parameterization, weights, normalization, joint log density,
+    log-sum-exp over components and sum over samples in one node instead of about fifteen (at small N the
+    per-node cost of autograd is most of a step). Backward, with the responsibilities r_nk saved by the
+    forward, g = scale * grad and b_k = g sum_n r_nk (the gradient of the bias log pi_k - h_k - ...):
+    dl = b - pi sum_k b_k, dh = -b (summed over k for a shared covariance), dq_nk = -g r_nk / 2 through the
+    Mahalanobis backward (`_CholeskyMahalanobis`), then dL, dh -> draw (`families.raw_grad_from_tril`).
     """
 
     @staticmethod
-    def forward(ctx, x, tril, means, logits, half_log_det, scale: float, augmented: bool) -> Tensor:
+    def forward(ctx, x, raw, means, logits, scale: float, augmented: bool) -> Tensor:
         num_dims = means.shape[1]
+        tril, diag = tril_from_raw(raw)
         log_w = torch.log_softmax(logits, -1)
-        bias = log_w - half_log_det - 0.5 * num_dims * LOG_2PI  # (K,)
+        bias = log_w - raw.diagonal(dim1=-2, dim2=-1).sum(-1) - 0.5 * num_dims * LOG_2PI  # (K,)
         z, inv = _cholesky_z(x, tril, means, augmented)
-        joint = torch.add(bias, z.square() @ _ones(num_dims, z), alpha=-0.5)  # (N, K)
+        joint = torch.add(bias, (z * z) @ _ones(num_dims, z), alpha=-0.5)  # (N, K)
         peak = joint.amax(-1, keepdim=True)
         e = joint.sub_(peak).clamp_(min=exp_floor(joint.dtype)).exp_()  # (N, K)
         total = e @ _ones(e.shape[-1], e)  # (N,)
         lse = total.log().add_(peak.squeeze(-1))
-        if any(ctx.needs_input_grad[:5]):
-            ctx.save_for_backward(x, inv, means, z, e.div_(total.unsqueeze(-1)), log_w)
-            ctx.scale, ctx.augmented, ctx.shared = scale, augmented, half_log_det.shape[0] != means.shape[0]
+        if any(ctx.needs_input_grad[:4]):
+            ctx.save_for_backward(x, inv, means, z, e.div_(total.unsqueeze(-1)), log_w, diag)
+            ctx.scale, ctx.augmented, ctx.shared = scale, augmented, raw.shape[0] != means.shape[0]
         return lse.sum() * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, inv, means, z, resp, log_w = ctx.saved_tensors
+        x, inv, means, z, resp, log_w, diag = ctx.saved_tensors
         g = grad * ctx.scale
         needs = ctx.needs_input_grad
         g_x, g_tril, g_means = _cholesky_q_backward(resp * (-0.5 * g), x, inv, means, z, ctx.augmented, needs)
         g_bias = (_ones(resp.shape[0], resp) @ resp) * g  # (K,)
         g_logits = g_bias - log_w.exp() * g_bias.sum() if needs[3] else None
-        g_half_log_det = None
-        if needs[4]:
-            g_half_log_det = -g_bias.sum(0, keepdim=True) if ctx.shared else -g_bias
-        return g_x, g_tril, g_means, g_logits, g_half_log_det, None, None
+        g_raw = None
+        if needs[1]:
+            g_raw = raw_grad_from_tril(g_tril, -(g_bias.sum(0, keepdim=True) if ctx.shared else g_bias), diag)
+        return g_x, g_raw, g_means, g_logits, None, None
 
 
 def mixture_nll_sum(
-    x: Tensor, logits: Tensor, means: Tensor, cov: Covariance, scale: float, augmented: bool = False
+    x: Tensor, logits: Tensor, means: Tensor, raw: Tensor, family: Family, scale: float, augmented: bool = False
 ) -> Tensor:
-    """scale * sum_n log p(x_n): the fit's loss with scale = -1/N (0-d tensor), exact difference path.
+    """scale * sum_n log p(x_n) of a mixture given its raw covariance parameter: the fit's loss with
+    scale = -1/N (0-d tensor), exact difference path.
 
     Cholesky families go through one fused autograd node (`_CholeskyMixtureNLL`); the others through
-    `joint_log_prob` and `logsumexp`.
+    `family.covariance`, `joint_log_prob` and `logsumexp`.
     """
-    if cov.scale_tril is not None:
-        return _CholeskyMixtureNLL.apply(x, cov.scale_tril, means, logits, cov.half_log_det, scale, augmented)
-    joint = joint_log_prob(x, logits, means, cov, augmented)
+    if family.cholesky:
+        return _CholeskyMixtureNLL.apply(x, raw, means, logits, scale, augmented)
+    joint = joint_log_prob(x, logits, means, family.covariance(raw), augmented)
     return logsumexp(joint).sum() * scale
 
 

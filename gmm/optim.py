@@ -5,48 +5,88 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam as adam_functional
 
 
 class FusedAdam:
     """Adam over parameter groups `[(params, lr), ...]`; `step(lrs)` applies one update with those lrs.
 
     Moments live in `exp_avg` / `exp_avg_sq` (one tensor per parameter), so rows can be reset in place.
-    Falls back to the foreach implementation where no fused kernel exists (device or dtype).
+    Falls back to the foreach implementation where no fused kernel exists (device or dtype), or with
+    `fused=False`.
     """
 
-    def __init__(self, groups: list[list[Tensor]], betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, groups: list[list[Tensor]], betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None):
         self.groups = [list(g) for g in groups]
         self.params = [p for g in self.groups for p in g]
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.exp_avg = {p: torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params}
         self.exp_avg_sq = {p: torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params}
-        self.steps = {p: torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params}
         self._fused = hasattr(torch, "_fused_adam_") and all(
             p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in self.params
         )
+        if fused is not None:  # False forces the foreach implementation (tests compare both)
+            self._fused = self._fused and fused
+        if self._fused and len({p.device for p in self.params}) == 1:
+            # the raw fused kernel does not count steps: one shared counter, one increment per step
+            self._counter = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
+            self.steps = {p: self._counter for p in self.params}
+        else:  # torch.optim.adam.adam counts each parameter's steps itself
+            self._counter = None
+            self.steps = {p: torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params}
         self._lists = [
-            ([self.exp_avg[p] for p in g], [self.exp_avg_sq[p] for p in g], [self.steps[p] for p in g])
-            for g in self.groups
+            ([self.exp_avg[p] for p in g], [self.exp_avg_sq[p] for p in g], [self.steps[p] for p in g]) for g in self.groups
         ]
         self._all_steps = [self.steps[p] for p in self.params]
 
     @torch.no_grad()
     def step(self, lrs: list[float]) -> None:
-        torch._foreach_add_(self._all_steps, 1)
+        if self._counter is not None:
+            self._counter.add_(1.0)
+        elif self._fused:
+            torch._foreach_add_(self._all_steps, 1.0)
         for group, (avgs, sqs, steps), lr in zip(self.groups, self._lists, lrs, strict=True):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
             if self._fused:
                 torch._fused_adam_(
-                    group, grads, avgs, sqs, [], steps, lr=lr, beta1=self.beta1, beta2=self.beta2,
-                    weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
+                    group,
+                    grads,
+                    avgs,
+                    sqs,
+                    [],
+                    steps,
+                    lr=lr,
+                    beta1=self.beta1,
+                    beta2=self.beta2,
+                    weight_decay=0.0,
+                    eps=self.eps,
+                    amsgrad=False,
+                    maximize=False,
                 )
-            else:
-                torch.optim.adam.adam(
-                    group, grads, avgs, sqs, [], steps, foreach=True, lr=lr, beta1=self.beta1,
-                    beta2=self.beta2, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
-                    capturable=False, differentiable=False, fused=None, grad_scale=None, found_inf=None,
-                    has_complex=False, decoupled_weight_decay=False,
+            else:  # increments `steps` itself
+                adam_functional(
+                    group,
+                    grads,
+                    avgs,
+                    sqs,
+                    [],
+                    steps,
+                    foreach=True,
+                    lr=lr,
+                    beta1=self.beta1,
+                    beta2=self.beta2,
+                    weight_decay=0.0,
+                    eps=self.eps,
+                    amsgrad=False,
+                    maximize=False,
+                    capturable=False,
+                    differentiable=False,
+                    fused=None,
+                    grad_scale=None,
+                    found_inf=None,
+                    has_complex=False,
+                    decoupled_weight_decay=False,
                 )
 
     @torch.no_grad()

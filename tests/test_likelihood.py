@@ -108,7 +108,7 @@ def test_fit_loss_gradcheck_and_value(family, augmented):
     locs = model.locs.detach().clone().requires_grad_()
 
     def loss(lg, mu, r):
-        return likelihood.mixture_nll_sum(xin, lg, mu, fam.covariance(r), -1.0 / x.shape[0], augmented=augmented)
+        return likelihood.mixture_nll_sum(xin, lg, mu, r, fam, -1.0 / x.shape[0], augmented=augmented)
 
     assert torch.autograd.gradcheck(loss, (logits, locs, raw) if fam.trainable else (logits, locs, raw.detach()))
     torch.testing.assert_close(loss(logits, locs, raw), -model.log_prob(x).mean(), rtol=1e-12, atol=1e-12)
