@@ -207,17 +207,42 @@ class _CholeskyMixtureNLL(torch.autograd.Function):
         total = e @ _ones(e.shape[-1], e)  # (N,)
         lse = total.log().add_(peak.squeeze(-1))
         if any(ctx.needs_input_grad[:4]):
-            ctx.save_for_backward(x, inv, means, z, e.div_(total.unsqueeze(-1)), log_w, diag)
+            ctx.save_for_backward(x, means)
+            # intermediates live on ctx directly (no double backward here): packing them as saved
+            # variables costs more than the arithmetic at small N
+            ctx.inv, ctx.z, ctx.resp, ctx.log_w, ctx.diag = inv, z, e.div_(total.unsqueeze(-1)), log_w, diag
             ctx.scale, ctx.augmented, ctx.shared = scale, augmented, raw.shape[0] != means.shape[0]
         return lse.sum() * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, inv, means, z, resp, log_w, diag = ctx.saved_tensors
-        g = grad * ctx.scale
+        x, means = ctx.saved_tensors
+        inv, z, resp, log_w, diag = ctx.inv, ctx.z, ctx.resp, ctx.log_w, ctx.diag
         needs = ctx.needs_input_grad
-        g_x, g_tril, g_means = _cholesky_q_backward(resp * (-0.5 * g), x, inv, means, z, ctx.augmented, needs)
-        g_bias = (_ones(resp.shape[0], resp) @ resp) * g  # (K,)
+        num_components, num_dims = means.shape
+        num_samples = x.shape[0]
+        g = grad * ctx.scale
+        if needs[0]:  # the data's gradient (rare): the generic path
+            g_x, g_tril, g_means = _cholesky_q_backward(resp * (-0.5 * g), x, inv, means, z, ctx.augmented, needs)
+            s = None
+        else:
+            # G_nk = dloss/dz_nk = 2 dq_nk z_nk = -g r_nk z_nk, all (N, K D); X^T G gives dW, and with augmented
+            # data (a ones column) its last row is s_k = sum_n G_nk for free
+            g_z = (z * (resp * g.neg()).unsqueeze(-1)).view(num_samples, num_components * num_dims)
+            xg = x.T @ g_z  # (D [+ 1], K D)
+            s = (xg[num_dims] if ctx.augmented else _ones(num_samples, g_z) @ g_z).view(num_components, num_dims)
+            g_x = g_tril = None
+            inv_k = inv.expand(num_components, -1, -1)
+            g_means = (inv_k.transpose(-1, -2) @ s.unsqueeze(-1)).squeeze(-1).neg_() if needs[2] else None
+            if needs[1]:
+                # dW_k = sum_n G_nk x_n^T - s_k mu_k^T; dL = -tril(W^T dW W^T)
+                xg_k = xg[:num_dims].view(num_dims, num_components, num_dims).permute(1, 2, 0)  # (K, D, D)
+                g_inv = torch.baddbmm(xg_k, s.unsqueeze(-1), means.unsqueeze(-2), alpha=-1)
+                if ctx.shared:
+                    g_inv = g_inv.sum(0, keepdim=True)
+                inv_t = inv.transpose(-1, -2)
+                g_tril = (inv_t @ g_inv @ inv_t).tril_().neg_()
+        g_bias = (_ones(num_samples, resp) @ resp) * g  # (K,)
         g_logits = g_bias - log_w.exp() * g_bias.sum() if needs[3] else None
         g_raw = None
         if needs[1]:
