@@ -1046,14 +1046,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs", type=int, default=1, metavar="N", help="worker processes, one seed each at a time [default: 1]"
     )
-    parser.add_argument(
-        "--tracking-uri",
-        "--tracking_uri",
-        dest="tracking_uri",
-        default=None,
-        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project)",
-    )
-    parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment [default: {EXPERIMENT}]")
+    from .tracking import add_tracking_arguments
+
+    add_tracking_arguments(parser, EXPERIMENT)
     parser.add_argument("--verify", metavar="FOLDER", default=None, help="re-run the report in FOLDER and compare")
     return parser
 

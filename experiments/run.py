@@ -55,6 +55,7 @@ from .datasets import Dataset, load_dataset
 from .metrics import adjusted_rand_index, recovery_error
 from .tracking import (
     StopRun,
+    add_tracking_arguments,
     deferred_signals,
     finite_or_none,
     get_client,
@@ -469,14 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Flags override the --config file, which overrides the defaults.",
     )
     add_arguments(parser)
-    parser.add_argument(
-        "--tracking-uri",
-        "--tracking_uri",
-        dest="tracking_uri",
-        default=None,
-        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project)",
-    )
-    parser.add_argument("--experiment", default="gmm", help="MLflow experiment name (default gmm)")
+    add_tracking_arguments(parser, "gmm")
     parser.add_argument("--run-name", "--run_name", dest="run_name", default=None, help="MLflow run name")
     return parser
 

@@ -87,6 +87,18 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
+def add_tracking_arguments(parser, experiment: str) -> None:
+    """--tracking-uri and --experiment (default `experiment`) on an argparse parser."""
+    parser.add_argument(
+        "--tracking-uri",
+        "--tracking_uri",
+        dest="tracking_uri",
+        default=None,
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project)",
+    )
+    parser.add_argument("--experiment", default=experiment, help=f"MLflow experiment [default: {experiment}]")
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI, or None for other stores (and in-memory SQLite)."""
     if not uri.startswith("sqlite:///"):

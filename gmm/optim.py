@@ -21,6 +21,7 @@ class FusedAdam:
         self.params = [p for g in self.groups for p in g]
         self.beta1, self.beta2 = betas
         self.eps = eps
+        self._hyper = dict(beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
         self.exp_avg = {p: torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params}
         self.exp_avg_sq = {p: torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params}
         self._fused = hasattr(torch, "_fused_adam_") and all(
@@ -49,45 +50,11 @@ class FusedAdam:
         for group, (avgs, sqs, steps), lr in zip(self.groups, self._lists, lrs, strict=True):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
             if self._fused:
-                torch._fused_adam_(
-                    group,
-                    grads,
-                    avgs,
-                    sqs,
-                    [],
-                    steps,
-                    lr=lr,
-                    beta1=self.beta1,
-                    beta2=self.beta2,
-                    weight_decay=0.0,
-                    eps=self.eps,
-                    amsgrad=False,
-                    maximize=False,
-                )
+                torch._fused_adam_(group, grads, avgs, sqs, [], steps, lr=lr, **self._hyper)
             else:  # increments `steps` itself
-                adam_functional(
-                    group,
-                    grads,
-                    avgs,
-                    sqs,
-                    [],
-                    steps,
-                    foreach=True,
-                    lr=lr,
-                    beta1=self.beta1,
-                    beta2=self.beta2,
-                    weight_decay=0.0,
-                    eps=self.eps,
-                    amsgrad=False,
-                    maximize=False,
-                    capturable=False,
-                    differentiable=False,
-                    fused=None,
-                    grad_scale=None,
-                    found_inf=None,
-                    has_complex=False,
-                    decoupled_weight_decay=False,
-                )
+                adam_functional(group, grads, avgs, sqs, [], steps, lr=lr, foreach=True, capturable=False,
+                                differentiable=False, fused=None, grad_scale=None, found_inf=None,
+                                has_complex=False, decoupled_weight_decay=False, **self._hyper)  # fmt: skip
 
     @torch.no_grad()
     def reset_rows(self, params: list[Tensor], rows: Tensor) -> None:
