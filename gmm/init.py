@@ -21,12 +21,21 @@ _KMEANS_MAX_SAMPLES = 100_000
 _KMEANS_ITERATIONS = 20
 
 
+_CHUNK_ROWS = 1 << 16  # rows per float64 block when scanning large data (memory stays O(chunk), not O(N))
+
+
 def base_covariance(x: Tensor, num_components: int, floor: float) -> Tensor:
-    """(D, D) cov(X) / K^(2/D), with its diagonal at least `floor` (float64)."""
-    xd = x.double()
-    num_dims = x.shape[1]
-    centred = xd - xd.mean(0)
-    cov = centred.T @ centred / max(1, x.shape[0] - 1)
+    """(D, D) cov(X) / K^(2/D), with its diagonal at least `floor` (float64).
+
+    Accumulated over blocks of rows in float64, so it never holds a float64 copy of the whole data.
+    """
+    num_samples, num_dims = x.shape
+    mean = sum(c.double().sum(0) for c in x.split(_CHUNK_ROWS)) / num_samples
+    cov = torch.zeros(num_dims, num_dims, dtype=torch.float64, device=x.device)
+    for c in x.split(_CHUNK_ROWS):
+        centred = c.double() - mean
+        cov += centred.T @ centred
+    cov = cov.cpu() / max(1, num_samples - 1)
     cov = cov / num_components ** (2.0 / num_dims)
     # a zero-variance dimension or a single point still gives an SPD matrix
     scale = max(float(cov.diagonal().mean()), floor, 1e-12)
@@ -81,17 +90,18 @@ def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: floa
         return
     k, d = model.num_components, model.num_dims
     base = base_covariance(x, k, clamp)
-    xs = x.double()
     if method == "kmeans++":
+        xs = x  # k-means runs on at most _KMEANS_MAX_SAMPLES rows, drawn before the float64 copy
         if xs.shape[0] > _KMEANS_MAX_SAMPLES:
             xs = xs[torch.randperm(xs.shape[0], generator=g)[:_KMEANS_MAX_SAMPLES].to(xs.device)]
+        xs = xs.double()
         means, labels = kmeans(xs, k, g)
         resp = torch.nn.functional.one_hot(labels, k).double()
         covariances = scatter_covariances(xs, resp, means, base.to(xs.device), prior=d + 1.0)
         weights = (resp.sum(0) + 1.0) / (xs.shape[0] + k)
     elif method == "random":
-        idx = torch.randperm(xs.shape[0], generator=g)[:k].to(xs.device)
-        means = xs[idx]
+        idx = torch.randperm(x.shape[0], generator=g)[:k].to(x.device)
+        means = x[idx].double()
         covariances = base.expand(k, d, d)
         weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
     elif method == "radius":
