@@ -230,6 +230,11 @@ class AutogradStep:
             self.chunks = self._prepare(x)
         self.scale = -1.0 / (self.batch_size or self.num_samples)
         self.logits_before = model.logits.detach().clone()
+        self._logits = model.logits.detach()  # a view: reading it costs no autograd bookkeeping
+        # the clamp's check reads a detached view of the floored entries (raw is updated in place, so the
+        # view stays current); clamping itself, rare, goes through Family.clamp_
+        self._floor_view = model.family.floor_view(model.raw_cov.detach())
+        self._floor_of: dict[float, float] = {}
         self._loss_fn = self._loss
         if opts.compile:
             self._compile()
@@ -277,13 +282,18 @@ class AutogradStep:
                 loss = self._loss_fn(chunk)
                 _backward(loss)
                 nll += loss.detach()
-        self.logits_before.copy_(self.model.logits.detach())
+        self.logits_before.copy_(self._logits)
         self.optimizer.step([lr_mixture, lr_component])
         return nll
 
     def clamp(self, clamp: float) -> tuple[Tensor, Tensor] | None:
         """Apply the variance floor after the update: None when nothing was below it, else
         (clamped (K',) bool, smallest variance (K',) before clamping)."""
+        floor = self._floor_of.get(clamp)
+        if floor is None:
+            floor = self._floor_of.setdefault(clamp, self.model.family.raw_floor(clamp))
+        if not bool(self._floor_view.amin() < floor):  # the common case: nothing below the floor
+            return None
         return self.model.family.clamp_(self.model.raw_cov, clamp)
 
     def mass(self) -> Tensor:

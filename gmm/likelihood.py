@@ -241,12 +241,18 @@ class _CholeskyMixtureNLL(torch.autograd.Function):
                 if ctx.shared:
                     g_inv = g_inv.sum(0, keepdim=True)
                 inv_t = inv.transpose(-1, -2)
-                g_tril = (inv_t @ g_inv @ inv_t).tril_().neg_()
+                g_tril_neg = inv_t @ g_inv @ inv_t  # -dL below and on the diagonal (above: ignored)
         g_bias = (_ones(num_samples, resp) @ resp) * g  # (K,)
-        g_logits = g_bias - log_w.exp() * g_bias.sum() if needs[3] else None
+        g_logits = torch.addcmul(g_bias, log_w.exp(), g_bias.sum(), value=-1) if needs[3] else None
         g_raw = None
         if needs[1]:
-            g_raw = raw_grad_from_tril(g_tril, -(g_bias.sum(0, keepdim=True) if ctx.shared else g_bias), diag)
+            g_h = g_bias.sum(0, keepdim=True) if ctx.shared else g_bias  # = -d(half_log_det)
+            if g_tril is not None:  # the generic path's dL
+                g_raw = raw_grad_from_tril(g_tril, g_h.neg(), diag)
+            else:  # raw_grad_from_tril with the signs folded in: draw_ii = -(M_ii L_ii + g_h)
+                g_raw = g_tril_neg.tril(-1).neg_()
+                g_diag = torch.addcmul(g_h.unsqueeze(-1), g_tril_neg.diagonal(dim1=-2, dim2=-1), diag)
+                g_raw.diagonal(dim1=-2, dim2=-1).copy_(g_diag.neg_())
         return g_x, g_raw, g_means, g_logits, None, None
 
 
