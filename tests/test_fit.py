@@ -212,3 +212,22 @@ def test_bad_data(data, match):
 def test_bad_data_type():
     with pytest.raises(TypeError, match="torch.Tensor or a NumPy array"):
         gmm.GmmFull(2, 2).fit("not data")
+
+
+def test_small_fits_run_in_one_thread_and_restore_the_setting():
+    mock = gmm.generate_data(200, 3, 2, radius=5.0, family="full", seed=0)
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        torch.set_num_threads(2)
+        gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=20, log_freq=10,
+                callback=lambda step, nll, ev: seen.append(torch.get_num_threads()))  # fmt: skip
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        seen.clear()
+        gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=20, log_freq=10, num_threads=2,
+                callback=lambda step, nll, ev: seen.append(torch.get_num_threads()))  # fmt: skip
+        assert seen == [2, 2]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads"):
+        gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=5, num_threads=0)
