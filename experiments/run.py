@@ -439,15 +439,14 @@ def load_model(run_id: str, tracking_uri: str | None = None, *, device: str | to
     Raises:
         ValueError: the run does not exist or logged no model (config log_model = false).
     """
-    client = get_client(resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    client = get_client(uri)
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_run(run_id)
     except MlflowException:
-        raise ValueError(
-            f"no MLflow run {run_id!r} in {resolve_tracking_uri(tracking_uri)}; check the run id and the tracking URI"
-        ) from None
+        raise ValueError(f"no MLflow run {run_id!r} in {uri}; check the run id and the tracking URI") from None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(run_id, MODEL_ARTIFACT, tmp)

@@ -239,7 +239,6 @@ class AutogradStep:
         # the clamp's check reads a detached view of the floored entries (raw is updated in place, so the
         # view stays current); clamping itself, rare, goes through Family.clamp_
         self._floor_view = model.family.floor_view(model.raw_cov.detach())
-        self._floor_of: dict[float, float] = {}
         self._loss_fn = self._loss
         if opts.compile:
             self._compile()
@@ -294,10 +293,8 @@ class AutogradStep:
     def clamp(self, clamp: float) -> tuple[Tensor, Tensor] | None:
         """Apply the variance floor after the update: None when nothing was below it, else
         (clamped (K',) bool, smallest variance (K',) before clamping)."""
-        floor = self._floor_of.get(clamp)
-        if floor is None:
-            floor = self._floor_of.setdefault(clamp, self.model.family.raw_floor(clamp))
-        if not bool(self._floor_view.amin() < floor):  # the common case: nothing below the floor
+        # the common case, nothing below the floor: one reduction on a detached view, no autograd
+        if not bool(self._floor_view.amin() < self.model.family.raw_floor(clamp)):
             return None
         return self.model.family.clamp_(self.model.raw_cov, clamp)
 

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .families import Covariance, Family, raw_grad_from_tril, tril_from_raw
+from .families import Covariance, Family, tril_from_raw
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -33,21 +33,22 @@ def exp_floor(dtype: torch.dtype) -> float:
 _CONSTANTS: dict[tuple, Tensor] = {}  # small read-only ones vectors and identities, made once per shape/dtype/device
 
 
-def _ones(n: int, like: Tensor) -> Tensor:
-    # reductions over a short last axis are far slower on CPU than a product with a ones vector
-    key = ("ones", n, like.dtype, like.device)
+def _constant(kind: str, n: int, like: Tensor) -> Tensor:
+    key = (kind, n, like.dtype, like.device)
     out = _CONSTANTS.get(key)
     if out is None:
-        out = _CONSTANTS.setdefault(key, torch.ones(n, dtype=like.dtype, device=like.device))
+        make = torch.ones if kind == "ones" else torch.eye
+        out = _CONSTANTS.setdefault(key, make(n, dtype=like.dtype, device=like.device))
     return out
+
+
+def _ones(n: int, like: Tensor) -> Tensor:
+    # reductions over a short last axis are far slower on CPU than a product with a ones vector
+    return _constant("ones", n, like)
 
 
 def _eye(n: int, like: Tensor) -> Tensor:
-    key = ("eye", n, like.dtype, like.device)
-    out = _CONSTANTS.get(key)
-    if out is None:
-        out = _CONSTANTS.setdefault(key, torch.eye(n, dtype=like.dtype, device=like.device))
-    return out
+    return _constant("eye", n, like)
 
 
 class _TrilInverse(torch.autograd.Function):
@@ -126,14 +127,21 @@ def _cholesky_z(x: Tensor, tril: Tensor, means: Tensor, augmented: bool) -> tupl
     return z.view(x.shape[0], num_components, num_dims), inv
 
 
-def _cholesky_q_backward(grad: Tensor, x: Tensor, inv: Tensor, means: Tensor, z: Tensor, augmented: bool, needs):
-    """Gradients (x, tril, means) of q_nk = |z_nk|^2 given grad = dloss/dq (N, K); see _CholeskyMahalanobis."""
+def _cholesky_q_backward(weight: Tensor, x: Tensor, inv: Tensor, means: Tensor, z: Tensor, augmented: bool, needs):
+    """Backward of z_nk = W_k (x_n - mu_k) given dloss/dz_nk = G_nk = weight_nk z_nk (weight (N, K): 2 dloss/dq).
+
+    Returns (g_x, M, g_means) with M = W^T dW W^T, so that dL = -tril(M) (d(L^{-1}) = -L^{-1} dL L^{-1}); the
+    callers fold that sign where it is cheapest. See _CholeskyMahalanobis for the formulas.
+    """
     num_components, num_dims = means.shape
     num_samples = x.shape[0]
-    g_z = (z * (2.0 * grad).unsqueeze(-1)).view(num_samples, num_components * num_dims)  # (N, K D)
+    g_z = (z * weight.unsqueeze(-1)).view(num_samples, num_components * num_dims)  # (N, K D)
     inv_k = inv.expand(num_components, -1, -1)
-    s = (_ones(num_samples, g_z) @ g_z).view(num_components, num_dims)  # (K, D)
-    g_x = g_tril = g_means = None
+    # (X^T G)[j, k D + i] = sum_n x_nj G_nki (x.T @ g_z is far faster than g_z.T @ x[:, :D] here); with
+    # augmented data (a ones column) its last row is s_k = sum_n G_nk for free
+    xg = x.T @ g_z if needs[1] or augmented else None
+    s = (xg[num_dims] if augmented else _ones(num_samples, g_z) @ g_z).view(num_components, num_dims)  # (K, D)
+    g_x = m = g_means = None
     if needs[0]:  # rarely wanted: rebuild the forward's matrix
         proj = inv_k.permute(2, 0, 1).reshape(num_dims, num_components * num_dims)
         if augmented:
@@ -141,16 +149,16 @@ def _cholesky_q_backward(grad: Tensor, x: Tensor, inv: Tensor, means: Tensor, z:
             proj = torch.cat([proj, shift.neg()])
         g_x = g_z @ proj.T
     if needs[1]:
-        # (X^T G)[j, k D + i] = sum_n x_nj G_nki (x.T @ g_z is far faster than g_z.T @ x[:, :D] here)
-        xg = (x.T @ g_z)[:num_dims].view(num_dims, num_components, num_dims).permute(1, 2, 0)
-        g_inv = xg - s.unsqueeze(-1) * means.unsqueeze(-2)
+        # dW_k = sum_n G_nk x_n^T - s_k mu_k^T
+        xg_k = xg[:num_dims].view(num_dims, num_components, num_dims).permute(1, 2, 0)  # (K, D, D)
+        g_inv = torch.baddbmm(xg_k, s.unsqueeze(-1), means.unsqueeze(-2), alpha=-1)
         if inv.shape[0] != num_components:  # one L shared by all components
             g_inv = g_inv.sum(0, keepdim=True)
         inv_t = inv.transpose(-1, -2)
-        g_tril = -(inv_t @ g_inv @ inv_t).tril()
+        m = inv_t @ g_inv @ inv_t
     if needs[2]:
-        g_means = -(inv_k.transpose(-1, -2) @ s.unsqueeze(-1)).squeeze(-1)
-    return g_x, g_tril, g_means
+        g_means = (inv_k.transpose(-1, -2) @ s.unsqueeze(-1)).squeeze(-1).neg_()
+    return g_x, m, g_means
 
 
 class _CholeskyMahalanobis(torch.autograd.Function):
@@ -178,7 +186,8 @@ class _CholeskyMahalanobis(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, inv, means, z = ctx.saved_tensors
-        return (*_cholesky_q_backward(grad, x, inv, means, z, ctx.augmented, ctx.needs_input_grad), None)
+        g_x, m, g_means = _cholesky_q_backward(2.0 * grad, x, inv, means, z, ctx.augmented, ctx.needs_input_grad)
+        return g_x, (m.tril().neg_() if m is not None else None), g_means, None
 
 
 class _CholeskyMixtureNLL(torch.autograd.Function):
@@ -219,40 +228,19 @@ class _CholeskyMixtureNLL(torch.autograd.Function):
         x, means = ctx.saved_tensors
         inv, z, resp, log_w, diag = ctx.inv, ctx.z, ctx.resp, ctx.log_w, ctx.diag
         needs = ctx.needs_input_grad
-        num_components, num_dims = means.shape
-        num_samples = x.shape[0]
         g = grad * ctx.scale
-        if needs[0]:  # the data's gradient (rare): the generic path
-            g_x, g_tril, g_means = _cholesky_q_backward(resp * (-0.5 * g), x, inv, means, z, ctx.augmented, needs)
-            s = None
-        else:
-            # G_nk = dloss/dz_nk = 2 dq_nk z_nk = -g r_nk z_nk, all (N, K D); X^T G gives dW, and with augmented
-            # data (a ones column) its last row is s_k = sum_n G_nk for free
-            g_z = (z * (resp * g.neg()).unsqueeze(-1)).view(num_samples, num_components * num_dims)
-            xg = x.T @ g_z  # (D [+ 1], K D)
-            s = (xg[num_dims] if ctx.augmented else _ones(num_samples, g_z) @ g_z).view(num_components, num_dims)
-            g_x = g_tril = None
-            inv_k = inv.expand(num_components, -1, -1)
-            g_means = (inv_k.transpose(-1, -2) @ s.unsqueeze(-1)).squeeze(-1).neg_() if needs[2] else None
-            if needs[1]:
-                # dW_k = sum_n G_nk x_n^T - s_k mu_k^T; dL = -tril(W^T dW W^T)
-                xg_k = xg[:num_dims].view(num_dims, num_components, num_dims).permute(1, 2, 0)  # (K, D, D)
-                g_inv = torch.baddbmm(xg_k, s.unsqueeze(-1), means.unsqueeze(-2), alpha=-1)
-                if ctx.shared:
-                    g_inv = g_inv.sum(0, keepdim=True)
-                inv_t = inv.transpose(-1, -2)
-                g_tril_neg = inv_t @ g_inv @ inv_t  # -dL below and on the diagonal (above: ignored)
-        g_bias = (_ones(num_samples, resp) @ resp) * g  # (K,)
+        # dloss/dq_nk = -g r_nk / 2, so G_nk = 2 dloss/dq_nk z_nk = -g r_nk z_nk
+        g_x, m, g_means = _cholesky_q_backward(resp * g.neg(), x, inv, means, z, ctx.augmented, needs)
+        g_bias = (_ones(x.shape[0], resp) @ resp) * g  # (K,)
         g_logits = torch.addcmul(g_bias, log_w.exp(), g_bias.sum(), value=-1) if needs[3] else None
         g_raw = None
         if needs[1]:
+            # families.raw_grad_from_tril(-tril(M), -g_h, diag) with the signs folded in: M's part above the
+            # diagonal is dropped by tril, draw_ii = -(M_ii L_ii + g_h)
             g_h = g_bias.sum(0, keepdim=True) if ctx.shared else g_bias  # = -d(half_log_det)
-            if g_tril is not None:  # the generic path's dL
-                g_raw = raw_grad_from_tril(g_tril, g_h.neg(), diag)
-            else:  # raw_grad_from_tril with the signs folded in: draw_ii = -(M_ii L_ii + g_h)
-                g_raw = g_tril_neg.tril(-1).neg_()
-                g_diag = torch.addcmul(g_h.unsqueeze(-1), g_tril_neg.diagonal(dim1=-2, dim2=-1), diag)
-                g_raw.diagonal(dim1=-2, dim2=-1).copy_(g_diag.neg_())
+            g_raw = m.tril(-1).neg_()
+            g_diag = torch.addcmul(g_h.unsqueeze(-1), m.diagonal(dim1=-2, dim2=-1), diag)
+            g_raw.diagonal(dim1=-2, dim2=-1).copy_(g_diag.neg_())
         return g_x, g_raw, g_means, g_logits, None, None
 
 
