@@ -40,6 +40,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent first use of a new SQLite store is not serialized
+    fcntl = None
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports: runs are often offline
 warnings.filterwarnings("ignore", message=r".*``noload`` loader strategy is deprecated.*")
 for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
@@ -80,9 +85,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI: `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db."""
     if uri:
         if not isinstance(uri, str):
-            raise TypeError(
-                f"tracking_uri must be a string such as 'sqlite:///mlflow.db'; got {type(uri).__name__}"
-            )
+            raise TypeError(f"tracking_uri must be a string such as 'sqlite:///mlflow.db'; got {type(uri).__name__}")
         return uri
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
@@ -107,15 +110,40 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+@contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on the folder of a SQLite store while its tables may be created.
+
+    MLflow creates and migrates the tables of a fresh SQLite database on first use, without a lock:
+    two processes opening the same new store at once (a run and a UI, two study workers) make all
+    but one fail inside Alembic ("Online migration expected to match one row ...", or a UNIQUE
+    constraint). Locking the folder (flock, no lock file left behind) makes them take turns; later
+    openings, which find the tables, pass straight through.
+    """
+    db = sqlite_path(uri)
+    folder = db.resolve().parent if db is not None else None
+    if folder is None or not folder.is_dir() or fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 @functools.lru_cache(maxsize=16)
 def get_client(uri: str) -> MlflowClient:
-    """One MlflowClient per URI and process (creating one opens and checks the store)."""
-    return MlflowClient(tracking_uri=uri)
+    """One MlflowClient per URI and process (creating one opens the store, creating its tables if new).
+
+    Safe to call from several processes at once on a new SQLite store (see `_store_init_lock`).
+    """
+    with _store_init_lock(uri):
+        return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiment(
-    client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None
-) -> str:
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None) -> str:
     """The id of experiment `name`, created when missing (restored when deleted).
 
     With a SQLite store and no `artifact_location`, artifacts go next to the database
@@ -142,9 +170,7 @@ def ensure_experiment(
 # -- reproducibility --------------------------------------------------------------------------------------
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10, check=True
-        )
+        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -330,9 +356,7 @@ def history_metrics(
         stamps = np.asarray(timestamps, dtype=np.int64).reshape(-1)
         if stamps.shape != steps.shape:
             raise ValueError(f"{key}: {stamps.size} timestamps for {steps.size} steps")
-    return [
-        Metric(key, v, t, s) for v, t, s in zip(values.tolist(), stamps.tolist(), steps.tolist(), strict=True)
-    ]
+    return [Metric(key, v, t, s) for v, t, s in zip(values.tolist(), stamps.tolist(), steps.tolist(), strict=True)]
 
 
 def log_metric_history(

@@ -304,12 +304,12 @@ def _worker_main(job: WorkerJob) -> None:
 # -- MLflow runs orphaned by a killed process --------------------------------------------------------------
 def end_orphan_runs(tracking_uri: str, experiment: str) -> int:
     """End (KILLED) RUNNING runs of `experiment` owned by a dead process on this host; returns how many."""
-    from mlflow.tracking import MlflowClient
+    from experiments.tracking import get_client
 
     from .objective import WORKER_TAG
     from .storage import _process_alive
 
-    client = MlflowClient(tracking_uri)
+    client = get_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return 0
@@ -327,12 +327,12 @@ def end_orphan_runs(tracking_uri: str, experiment: str) -> int:
 def end_trial_runs(tracking_uri: str, trial: FrozenTrial) -> int:
     """End (KILLED) the RUNNING MLflow runs of a trial failed as stale: its trial run and the fit runs nested
     in it, on whatever host the dead worker ran. Returns how many."""
-    from mlflow.tracking import MlflowClient
+    from experiments.tracking import get_client
 
     run_id = trial.user_attrs.get("mlflow_run_id")
     if not run_id:
         return 0
-    client = MlflowClient(tracking_uri)
+    client = get_client(tracking_uri)
     trial_run = client.get_run(run_id)
     children = client.search_runs(
         [trial_run.info.experiment_id],

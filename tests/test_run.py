@@ -21,6 +21,7 @@ from sklearn.metrics import adjusted_rand_score
 from experiments import ExperimentConfig, load_model, run_experiment
 from experiments.metrics import adjusted_rand_index, recovery_error
 from experiments.run import EVENT_COLUMNS, curve_steps, main
+from experiments.tracking import get_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(samples=200, components=3, iterations=60, eval_every=10, log_every=1, mixture_lr=1e-2)
@@ -153,7 +154,7 @@ def test_a_nan_ends_failed_with_the_message(mlflow_uri):
 
 
 def _wait_for_running(uri: str, proc: subprocess.Popen, timeout: float = 60.0):
-    client = MlflowClient(uri)
+    client = get_client(uri)  # may open the new store while the run creates its tables: must take turns
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -164,6 +165,26 @@ def _wait_for_running(uri: str, proc: subprocess.Popen, timeout: float = 60.0):
                 return runs[0].info.run_id
         time.sleep(0.3)
     raise AssertionError("the run did not start logging in time")
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    # Unserialized, MLflow's table creation races: all but one process fail inside Alembic
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys; from experiments.tracking import ensure_experiment, get_client;"
+        "c = get_client(sys.argv[1]); ensure_experiment(c, 'gmm', uri=sys.argv[1]); print(c.search_experiments())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, uri], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), [err[-500:] for rc, err in results if rc]
+    assert [e.name for e in MlflowClient(uri).search_experiments()].count("gmm") == 1
+    assert not list(tmp_path.glob("*lock*"))  # no lock file left behind
 
 
 @pytest.mark.slow
