@@ -121,10 +121,11 @@ def _store_init_lock(uri: str) -> Iterator[None]:
     openings, which find the tables, pass straight through.
     """
     db = sqlite_path(uri)
-    folder = db.resolve().parent if db is not None else None
-    if folder is None or not folder.is_dir() or fcntl is None:
+    if db is None or fcntl is None:
         yield
         return
+    folder = db.resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)  # MLflow would create it too, after the race
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -169,7 +169,7 @@ def _wait_for_running(uri: str, proc: subprocess.Popen, timeout: float = 60.0):
 
 def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     # Unserialized, MLflow's table creation races: all but one process fail inside Alembic
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"  # in a folder that does not exist yet
     code = (
         "import sys; from experiments.tracking import ensure_experiment, get_client;"
         "c = get_client(sys.argv[1]); ensure_experiment(c, 'gmm', uri=sys.argv[1]); print(c.search_experiments())"
@@ -184,7 +184,7 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _ in results), [err[-500:] for rc, err in results if rc]
     assert [e.name for e in MlflowClient(uri).search_experiments()].count("gmm") == 1
-    assert not list(tmp_path.glob("*lock*"))  # no lock file left behind
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["mlflow.db"]  # no lock file left behind
 
 
 @pytest.mark.slow
