@@ -281,28 +281,7 @@ class ExperimentConfig:
             TypeError: a value of the wrong type.
         """
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise ValueError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
-        try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except (json.JSONDecodeError, ValueError) as err:
-            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
-        except Exception as err:  # yaml.YAMLError and its subclasses
-            first = " ".join(str(err).split())
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {first}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"config file {str(path)!r} must hold a mapping of field: value; got a {type(data).__name__}"
-            )
+        data = read_mapping_file(path, "config file", "hold a mapping of field: value")
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:
@@ -451,3 +430,33 @@ def from_args(ns: argparse.Namespace) -> ExperimentConfig:
     config_file = getattr(ns, "config", None)
     base = ExperimentConfig.from_file(config_file) if config_file else ExperimentConfig()
     return base.replace(**given) if given else base
+
+
+def read_mapping_file(path: str | Path, what: str, shape: str) -> dict:
+    """The mapping held by a YAML (or, by its .json suffix, JSON) file; an empty file gives {}.
+
+    Raises ValueError naming `what` and the file when it cannot be read, does not parse, or holds something
+    other than a mapping (`shape` says what it must hold, e.g. "hold a mapping of field: value").
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}") from None
+    except Exception as err:  # yaml.YAMLError and its subclasses
+        first = " ".join(str(err).split())
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} must {shape}; got a {type(data).__name__}")
+    return data

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from experiments.config import read_mapping_file
 from gmm import FAMILIES
 
 DEFAULT_SPACE_FILE = Path(__file__).with_name("space.yaml")
@@ -118,21 +116,7 @@ class SearchSpace:
 
 def read_space_file(path: str | Path) -> dict:
     """The raw {section: {name: entry}} mapping of a YAML or JSON space file, checked for shape."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ValueError(f"cannot read the search-space file {str(path)!r}: {e.strerror or e}") from e
-    try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"the search-space file {str(path)!r} is not valid YAML/JSON: {e}") from e
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ValueError(
-            f"the search-space file {str(path)!r} must map sections ('default' or a family) to parameters; "
-            f"got a {type(raw).__name__}"
-        )
+    raw = read_mapping_file(path, "search-space file", "map sections ('default' or a family) to parameters")
     sections = ("default", *FAMILIES)
     for section, entries in raw.items():
         if section not in sections:
