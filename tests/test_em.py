@@ -30,6 +30,20 @@ def _started(family: str, x: torch.Tensor, num_components: int, seed: int = 7) -
     return model
 
 
+def _sklearn_from(model: gmm.MixtureModel, kind: str, tol: float, max_iter: int) -> GaussianMixture:
+    """An unfitted scikit-learn mixture starting from `model`'s current parameters (read now, before EM moves them)."""
+    return GaussianMixture(
+        model.num_components,
+        covariance_type=kind,
+        weights_init=model.weights.numpy().copy(),
+        means_init=model.means.numpy().copy(),
+        precisions_init=_sklearn_precisions(model.covariances.numpy(), kind),
+        reg_covar=CLAMP,
+        tol=tol,
+        max_iter=max_iter,
+    )
+
+
 def _sklearn_precisions(covariances: np.ndarray, kind: str) -> np.ndarray:
     """(K, D, D) covariance matrices -> scikit-learn's `precisions_init` for `kind`."""
     precisions = np.linalg.inv(covariances)
@@ -46,21 +60,11 @@ def _sklearn_precisions(covariances: np.ndarray, kind: str) -> np.ndarray:
 def test_converged_nll_matches_sklearn_from_the_same_start(family):
     x = _data(family)
     model = _started(family, x, 3)
-    weights, means, covs = (t.numpy().copy() for t in (model.weights, model.means, model.covariances))
+    sk = _sklearn_from(model, SK[family], tol=1e-10, max_iter=3000)
     result = fit_em(model, x, init="keep", tol=1e-10, max_iter=3000, clamp=CLAMP)
     assert result.converged
 
-    kind = SK[family]
-    sk = GaussianMixture(
-        3,
-        covariance_type=kind,
-        weights_init=weights,
-        means_init=means,
-        precisions_init=_sklearn_precisions(covs, kind),
-        reg_covar=CLAMP,
-        tol=1e-10,
-        max_iter=3000,
-    ).fit(x.numpy())
+    sk.fit(x.numpy())
     assert sk.converged_
     sk_nll = -sk.score(x.numpy())
     assert abs(result.final_nll - sk_nll) < 1e-4, f"{family}: EM {result.final_nll:.8f} vs sklearn {sk_nll:.8f}"
@@ -80,18 +84,8 @@ def test_each_iteration_matches_sklearn(family):
     kind = SK[family]
     for iterations in (1, 5):
         model = _started(family, x, 3, seed=11)
-        weights, means, covs = (t.numpy().copy() for t in (model.weights, model.means, model.covariances))
+        sk = _sklearn_from(model, kind, tol=0.0, max_iter=iterations)
         fit_em(model, x, init="keep", tol=None, max_iter=iterations, clamp=CLAMP)
-        sk = GaussianMixture(
-            3,
-            covariance_type=kind,
-            weights_init=weights,
-            means_init=means,
-            precisions_init=_sklearn_precisions(covs, kind),
-            reg_covar=CLAMP,
-            tol=0.0,
-            max_iter=iterations,
-        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning: max_iter is the point here
             sk.fit(x.numpy())
