@@ -11,9 +11,10 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from bench.child import run_child
 
 SIZES = [(100_000, 8, 8), (1_000_000, 16, 16)]
 QUICK_SIZES = [(20_000, 4, 4), (100_000, 8, 8)]
@@ -59,18 +60,6 @@ def _child(variant: str, n: int, k: int, d: int, iters: int) -> dict:
     }
 
 
-def _run(variant: str, n: int, k: int, d: int, iters: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.large", "--child", variant, str(n), str(k), str(d), str(iters)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
@@ -85,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'N':>9} {'K':>3} {'D':>3}  {'variant':<22} {'ms/iter':>9} {'peak GB':>8} {'setup s':>8} {'speedup':>8}")
     verdict = None
     for n, k, d in sizes:
-        base = _run("baseline", n, k, d, 2 if n >= 1_000_000 else 5)
+        base = run_child("bench.large", "baseline", n, k, d, 2 if n >= 1_000_000 else 5)
         rows = [("baseline (original)", base)]
-        rows.append(("difference path", _run("difference", n, k, d, 3)))
-        rows.append(("quadratic path", _run("quadratic", n, k, d, 5)))
+        rows.append(("difference path", run_child("bench.large", "difference", n, k, d, 3)))
+        rows.append(("quadratic path", run_child("bench.large", "quadratic", n, k, d, 5)))
         for name, r in rows:
             if "error" in r:
                 print(f"{n:>9} {k:>3} {d:>3}  {name:<22} error: {r['error']}")

@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
+
+from bench.child import run_child
 
 SIZE = (2_000_000, 16, 16)  # N, K, D
 QUICK_SIZE = (200_000, 16, 16)
@@ -98,14 +99,6 @@ def _child(variant: str, n: int, k: int, d: int) -> dict:
     }
 
 
-def _run(variant: str, n: int, k: int, d: int) -> dict:
-    cmd = [sys.executable, "-m", "bench.minibatch", "--child", variant, str(n), str(k), str(d)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 200,000 instead of 2,000,000")
@@ -124,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if variant == "full batch" and args.skip_full:
             continue
         t0 = time.perf_counter()
-        r = _run(variant, n, k, d)
+        r = run_child("bench.minibatch", variant, n, k, d)
         if "error" in r:
             print(f"{variant:<12} error: {r['error']}")
             status = 1
