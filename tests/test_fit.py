@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
 import gmm
-from gmm.fit import FitOptions, lr_factor, make_options
+from gmm.fit import FitOptions, lr_factor, make_options, make_step
 
 SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
 
@@ -32,7 +34,7 @@ def test_reaches_em_nll_at_demo_defaults(family, demo_data):
 def test_returns_final_nll_as_float(demo_data):
     model = gmm.GmmFull(5, 2)
     loss = model.fit(demo_data["full"].data, num_iterations=50)
-    assert isinstance(loss, float) and f"{loss:.2f}"
+    assert isinstance(loss, float)
     result = model.fit_result_
     assert result.nll_history.shape == (51,) and result.num_iterations == 50 and result.completed
     assert loss == pytest.approx(-model.score(demo_data["full"].data), abs=1e-9)
@@ -52,8 +54,10 @@ def test_same_seed_same_history_bit_for_bit(demo_data):
 
 def test_numpy_input_and_float64(demo_data):
     model = gmm.GmmDiagonal(5, 2, dtype=torch.float64)
-    loss = model.fit(demo_data["diagonal"].data.double().numpy(), num_iterations=30)
-    assert model.means.dtype == torch.float64 and loss == loss
+    x = demo_data["diagonal"].data.double().numpy()
+    loss = model.fit(x, num_iterations=30)
+    assert model.means.dtype == torch.float64 and model.fit_result_.nll_history.dtype == torch.float64
+    assert math.isfinite(loss) and loss == pytest.approx(-model.score(torch.from_numpy(x)), abs=1e-12)
 
 
 @pytest.mark.parametrize("family", gmm.FAMILIES)
@@ -75,29 +79,6 @@ def test_clamp_invariant_every_step(family):
     assert len(seen) == 200
 
 
-def test_collapse_is_reset_and_reported():
-    """One far, isolated point: a component collapses onto it, hits the floor and is reset."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.cat([torch.randn(200, 2, generator=g), torch.tensor([[30.0, 30.0]])])
-    model = gmm.GmmFull(2, 2)
-    model.fit(x, num_iterations=400, component_lr=0.1, clamp=1e-4, lr_schedule="constant")
-    result = model.fit_result_
-    kinds = {e.kind for e in result.events}
-    assert "clamp" in kinds and "reset" in kinds, result.events[:5]
-    assert result.clamp_count >= result.reset_count >= 1
-    reset = next(e for e in result.events if e.kind == "reset")
-    assert reset.component in (0, 1) and "mass" in reset.detail
-    assert torch.isfinite(result.nll_history).all()
-
-
-def test_reset_off_records_clamps_only():
-    g = torch.Generator().manual_seed(1)
-    x = torch.cat([torch.randn(200, 2, generator=g), torch.tensor([[30.0, 30.0]])])
-    model = gmm.GmmFull(2, 2)
-    model.fit(x, num_iterations=300, component_lr=0.1, clamp=1e-4, reset=False, lr_schedule="constant")
-    assert model.fit_result_.clamp_count > 0 and model.fit_result_.reset_count == 0
-
-
 def test_zero_learning_rate_freezes_group(demo_data):
     model = gmm.GmmFull(5, 2)
     model.fit(demo_data["full"].data, num_iterations=1, init="random")  # a start
@@ -107,10 +88,14 @@ def test_zero_learning_rate_freezes_group(demo_data):
 
 
 def test_tol_stops_early(demo_data):
+    """Learning rates 0: the NLL cannot change, so the first comparison (after step 2) stops the fit."""
     model = gmm.GmmFull(5, 2)
-    model.fit(demo_data["full"].data, num_iterations=5000, tol=1e-5, component_lr=0.05)
+    model.fit(demo_data["full"].data, num_iterations=5000, tol=1e-12, mixture_lr=0.0, component_lr=0.0)
     result = model.fit_result_
-    assert result.converged and result.num_iterations < 5000
+    assert result.converged and result.num_iterations == 2 and result.completed
+    moving = gmm.GmmFull(5, 2)
+    moving.fit(demo_data["full"].data, num_iterations=50, tol=1e-12)  # a learning fit changes by more
+    assert not moving.fit_result_.converged and moving.fit_result_.num_iterations == 50
 
 
 def test_callback_receives_steps_and_can_stop(demo_data):
@@ -156,14 +141,28 @@ def test_chunked_autograd_equals_single_pass(demo_data, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["full", "diagonal", "tied"])
-def test_quadratic_fit_matches_difference_fit(family, demo_data):
+def test_quadratic_path_computes_the_difference_path_nll_and_gradients(family, demo_data):
+    """At a fixed state (30 steps into a fit), both likelihood paths give the same NLL and gradients, to the
+    float64 cancellation bound of the quadratic expansion: B = eps64 * max|x - c|^2 / lambda_min(Sigma), the
+    rounding of the expanded x^T P x - 2 mu^T P x + mu^T P mu terms (measured: gaps of 0.001-0.35 B).
+
+    Trajectories are not compared: Adam divides by |g| + 1e-8, so a rounding difference of 1e-14 in a gradient
+    entry near zero becomes a 1e-8 difference in the step, and the two paths' histories part at that level."""
     x = demo_data["full"].data.double()
-    hist = []
+    model = gmm.make_model(family, 5, 2, dtype=torch.float64)
+    model.fit(x, num_iterations=30, component_lr=0.05)
+    bound = torch.finfo(torch.float64).eps * float((x - x.mean(0)).square().sum(-1).max())
+    bound /= float(torch.linalg.eigvalsh(model.covariances).min())
+    results = []
     for quadratic in (False, True):
-        model = gmm.make_model(family, 5, 2, dtype=torch.float64)
-        model.fit(x, num_iterations=100, quadratic=quadratic)
-        hist.append(model.fit_result_.nll_history)
-    torch.testing.assert_close(hist[0], hist[1], rtol=1e-8, atol=1e-8)
+        stepper = make_step(model, x, make_options(), quadratic)
+        nll = float(stepper.step(0.0, 0.0))  # learning rates 0: gradients computed, parameters unchanged
+        results.append((nll, [p.grad.clone() for p in stepper.params]))
+    (nll_d, grads_d), (nll_q, grads_q) = results
+    assert abs(nll_d - nll_q) <= 4 * bound
+    for a, b in zip(grads_d, grads_q, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=4 * bound)
+    assert nll_d == pytest.approx(-model.score(x), abs=1e-12)  # and the step left the parameters alone
 
 
 def test_lr_schedule():

@@ -42,9 +42,16 @@ def test_minibatch_log_points_hold_the_full_data_nll(demo_data):
 
 
 def test_minibatch_tol_compares_log_points(demo_data):
-    result = gmm.fit(gmm.GmmFull(5, 2), demo_data, num_iterations=2000, log_freq=50, batch_size=100, tol=1e-1)
-    assert result.converged and result.num_iterations == 100  # the 2nd log point is within 0.1 nats of the 1st
+    """Learning rates 0: the full-data NLL is the same at every log point while the batch estimates differ by
+    far more than tol, so the fit stops at the 2nd log point if and only if `tol` reads the exact values."""
+    result = gmm.fit(gmm.GmmFull(5, 2), demo_data, num_iterations=2000, log_freq=50, batch_size=100, tol=1e-9,
+                     mixture_lr=0.0, component_lr=0.0)  # fmt: skip
+    assert float(result.nll_history[1:50].std()) > 1e-3  # batch estimates: noisy
+    assert result.converged and result.num_iterations == 100
     assert result.completed and result.exact_steps.tolist() == [50, 100]
+    # with learning, consecutive log points differ by more than 1e-9 nats: no early stop
+    moving = gmm.fit(gmm.GmmFull(5, 2), demo_data, num_iterations=150, log_freq=50, batch_size=100, tol=1e-9)
+    assert not moving.converged and moving.num_iterations == 150
 
 
 def test_batch_size_at_least_n_is_the_full_batch(demo_data):

@@ -30,7 +30,10 @@ def test_shapes_and_invariants(family):
     assert model.predict_proba(mock.data).shape == (300, 3)
     assert model.predict(mock.data).shape == (300,)
     assert isinstance(model.score(mock.data), float)
-    assert model.bic(mock.data) > model.aic(mock.data) - 1e9
+    n, p = 300, model.num_parameters()
+    nll = -model.score(mock.data)
+    assert model.aic(mock.data) == pytest.approx(2 * n * nll + 2 * p, rel=1e-12)
+    assert model.bic(mock.data) - model.aic(mock.data) == pytest.approx(p * (math.log(n) - 2), rel=1e-9)
     cov = model.covariances
     torch.testing.assert_close(cov, cov.transpose(-1, -2))
     assert bool((torch.linalg.cholesky_ex(cov.double()).info == 0).all())

@@ -171,12 +171,16 @@ def test_bad_inputs_raise_clear_errors():
 
 # -- NLL curves ---------------------------------------------------------------------------------------------
 def _fit_with_reset():
-    """A real fit with a collapse: two duplicated far-away points attract a component onto the floor."""
+    """A real fit with a collapse, built so it must happen: component 2 starts on two duplicated far points
+    with a variance just above the floor; the first step takes it below (mass 2 < D + 1) and it is reset."""
     mock = gmm.generate_data(200, 2, 2, seed=0)
-    x = torch.cat([mock.data, torch.tensor([[30.0, 30.0], [30.0, 30.0]])])
+    far = torch.tensor([[30.0, 30.0]])
+    x = torch.cat([mock.data, far, far])
     model = gmm.make_model("full", 3, 2)
-    result = gmm.fit(model, x, num_iterations=100, component_lr=0.1, clamp=1e-3, seed=0)
-    assert result.reset_count >= 1
+    covariances = torch.cat([mock.covariances, 1.05e-3 * torch.eye(2).unsqueeze(0)])
+    model.set_parameters(means=torch.cat([mock.means, far]), covariances=covariances)
+    result = gmm.fit(model, x, num_iterations=20, component_lr=0.1, clamp=1e-3, init="keep", lr_schedule="constant")
+    assert (1, 2, "reset") in [(e.step, e.component, e.kind) for e in result.events]
     return result
 
 

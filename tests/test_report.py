@@ -165,6 +165,38 @@ def test_verify_fails_naming_the_edited_number(written, tmp_path, mlflow_uri, ca
     assert "1 differing value;" in out and "sha256" in out
 
 
+@pytest.mark.parametrize(
+    "tamper, names",
+    [
+        (lambda m: m["runs"][0].update(dataset_fingerprint="0" * 64), "column dataset_fingerprint"),
+        (lambda m: m["runs_csv"].update(sha256="0" * 64), "does not match the manifest's sha256"),
+    ],
+    ids=["dataset-fingerprint", "runs-csv-sha256"],
+)
+def test_verify_fails_when_the_manifest_no_longer_matches(written, tmp_path, mlflow_uri, capsys, tamper, names):
+    """runs.csv is untouched (the re-run matches it), but the manifest records another dataset or another
+    file: either means the numbers are no longer the ones the manifest vouches for."""
+    folder = tmp_path / "tampered"
+    shutil.copytree(written[0], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    tamper(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    code, out, _ = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
+    assert code == 1 and out.startswith("FAIL: ") and names in out, out
+
+
+def test_cross_platform_tolerance_is_one_part_in_a_thousand():
+    """The documented tolerance, written out here (not read from the module, so widening it fails):
+    |got - expected| <= 1e-4 + 1e-3 * |expected|."""
+    base = pd.DataFrame([["full", 1, 0, "gd", *([2.0] * 7), 0, 0, 100, 0, 0.5]], columns=list(RUN_COLUMNS))
+    within, beyond = base.copy(), base.copy()
+    within.loc[0, "val_nll"] = 2.0 + 0.9 * (1e-4 + 2e-3)
+    beyond.loc[0, "val_nll"] = 2.0 + 1.1 * (1e-4 + 2e-3)
+    assert report.first_difference(base, within, exact=False) == (None, 0)
+    diff, count = report.first_difference(base, beyond, exact=False)
+    assert count == 1 and diff["column"] == "val_nll"
+
+
 def test_first_difference_is_exact_on_the_same_platform_and_tolerant_across():
     base = pd.DataFrame(
         [["full", 1, 0, "gd", *([1.0] * 7), 0, 0, 100, 0, 0.5], ["full", 1, 0, "em", *([2.0] * 7), 0, 0, 9, 1, 0.1]],

@@ -61,7 +61,7 @@ def test_trials_are_recorded_in_the_storage(tiny_study):
     tmp, _ = tiny_study
     trials = _study(tmp).get_trials(deepcopy=False)
     assert len(trials) == 3
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [t.state for t in trials]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert done, "no trial completed"
     for t in done:
@@ -101,12 +101,14 @@ def test_study_artifacts_and_best_file(tiny_study, tmp_path):
     assert config.family == FAMILY and config.clamp == pytest.approx(study.best_params["clamp"])
 
 
-def test_rerunning_resumes_the_same_study(tiny_study):
-    tmp, uri = tiny_study
-    before = len(_study(tmp).trials)
-    assert main(_args(tmp, uri, 2)) == 0
-    trials = _study(tmp).trials
-    assert len(trials) == before + 2 and [t.number for t in trials] == list(range(before + 2))
+def test_rerunning_resumes_the_same_study(tmp_path):
+    """Its own study (the module's shared one must stay as the other tests expect it, whatever the order)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(_args(tmp_path, uri, 1)) == 0
+    assert main(_args(tmp_path, uri, 2)) == 0
+    trials = _study(tmp_path).trials
+    assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     assert len(_runs(uri, "study")) == 2  # one parent per invocation
 
 
@@ -116,7 +118,8 @@ def test_two_worker_processes_account_for_every_trial(tmp_path):
     assert main(_args(tmp_path, uri, 4, "--jobs", "2")) == 0
     trials = _study(tmp_path).trials
     assert len(trials) == 4
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [t.state for t in trials]
+    assert any(t.state == TrialState.COMPLETE for t in trials)
     assert len(_runs(uri, "trial")) == 4
     assert all(r.info.status != "RUNNING" for r in _runs(uri, "trial") + _runs(uri, "fit"))
 
