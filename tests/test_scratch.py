@@ -176,6 +176,8 @@ def test_compiled_step_matches_autograd(caplog):
     gap = float((auto.nll_history - compiled.nll_history).abs().max())
     bound = _rounding_bound(auto.nll_history, torch.float32)
     assert gap <= bound, f"compiled analytic vs autograd: histories differ by up to {gap:.3g} > {bound:.3g}"
-    assert compiled.compile_time > 0  # reported apart from the loop's wall time
-    if any("torch.compile of the analytic step failed" in r.getMessage() for r in caplog.records):
-        pytest.skip("torch.compile is unavailable here; the eager fallback matched autograd")
+    assert compiled.compile_time > 0  # reported apart from the loop's wall time (a failed attempt counts too)
+    # where the compiler is unavailable (e.g. ATEN_CPU_CAPABILITY=default), the fit says so and runs eagerly:
+    # the comparison above then checked the fallback, which is the behaviour promised there
+    failed = [r for r in caplog.records if "torch.compile of the analytic step failed" in r.getMessage()]
+    assert all(r.levelname == "WARNING" for r in failed)
