@@ -9,7 +9,7 @@
 
 from .data import MockData, fingerprint, generate_data
 from .families import FAMILIES
-from .fit import FitEvent, FitOptions, FitResult, NonFiniteNLLError, fit
+from .fit import ConvergenceWarning, FitEvent, FitOptions, FitResult, NonFiniteNLLError, fit
 from .init import INITS
 from .model import (
     GmmConstant,
@@ -24,6 +24,7 @@ from .model import (
 
 __all__ = [
     "FAMILIES",
+    "ConvergenceWarning",
     "INITS",
     "FitEvent",
     "FitOptions",

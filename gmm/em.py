@@ -40,15 +40,11 @@ from torch import Tensor
 
 from . import likelihood
 from ._validation import check_data, check_float, check_int, make_generator
-from .fit import FitEvent, FitResult, NonFiniteNLLError, make_options
+from .fit import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError, make_options
 from .init import initialize
 from .model import MixtureModel, chunk_rows
 
 log = logging.getLogger(__name__)
-
-
-class ConvergenceWarning(UserWarning):
-    """EM stopped at `max_iter` before the NLL changed by less than `tol`."""
 
 
 def fit_em(
@@ -122,8 +118,9 @@ def fit_em(
     events: list[FitEvent] = []
     converged = False
 
-    def record(completed: bool, wall: float) -> FitResult:
+    def record(completed: bool, wall: float, notes: tuple[str, ...] = ()) -> FitResult:
         final = history[-1] if history else float("nan")
+        best = min(range(len(history)), key=history.__getitem__) if history else 0
         result = FitResult(
             torch.tensor(history, dtype=torch.float64),
             tuple(events),
@@ -135,6 +132,10 @@ def fit_em(
             final,
             opts,
             completed,
+            best_step=best,
+            best_nll=history[best] if history else float("nan"),
+            warnings=notes,
+            seed=opts.seed if opts.generator is None else None,
         )
         model.fit_result_ = result
         return result
@@ -158,14 +159,14 @@ def fit_em(
         record(False, time.perf_counter() - start)
         raise
     wall = time.perf_counter() - start
+    notes = ()
     if opts.tol is not None and not converged:
-        warnings.warn(
+        notes = (
             f"EM did not converge: the NLL still changed by {abs(history[-1] - history[-2]):.3g} > tol={opts.tol:g} "
             f"after max_iter={opts.num_iterations} iterations; raise max_iter or tol",
-            ConvergenceWarning,
-            stacklevel=2,
         )
-    return record(True, wall)
+        warnings.warn(notes[0], ConvergenceWarning, stacklevel=2)
+    return record(True, wall, notes)
 
 
 def _checked(nll: float, iteration: int) -> float:

@@ -15,7 +15,13 @@ maps back to raw values.
 
 The clamp: after every optimizer step every diagonal element of every covariance is >= clamp (variance
 units). Cholesky families clamp L_kk >= sqrt(clamp) (so Sigma_kk = sum_j L_kj^2 >= clamp); the others
-clamp the log variance at log(clamp). One in-place op covers all components.
+clamp the log variance at log(clamp). One in-place op covers all components. The clamp may also be a (D,)
+tensor of per-axis floors (the fit's standardized coordinates, `gmm.standardize`).
+
+Standardized coordinates: `scaling` says which coordinate scalings z = x / s keep a family's covariances in
+the family: "axis" (a scale per axis: S^-1 Sigma S^-1 with S = diag(s) is still a full, tied or diagonal
+covariance) or "scalar" (one s for all axes: sigma^2 I stays isotropic). `rescale_` maps raw values to the
+scaled coordinates in place.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class Family:
     trainable: bool = True
     # raw floor = log(clamp) * floor_scale: log L_kk >= 0.5 log(clamp), log var >= log(clamp)
     floor_scale: float = 1.0
+    scaling: str = "axis"  # coordinate scalings that keep the family: "axis" (per axis) or "scalar" (one for all)
 
     def __init__(self, num_dims: int):
         self.num_dims = num_dims
@@ -78,25 +85,35 @@ class Family:
         """The raw entries the clamp acts on, as a (K', m) view into `raw`."""
         return raw
 
-    def raw_floor(self, clamp: float) -> float:
+    def raw_floor(self, clamp: float | Tensor) -> float | Tensor:
+        """The floor of the entries of `floor_view`: a float for one variance floor `clamp`, a tensor that
+        broadcasts against the view for (D,) per-axis floors."""
+        if isinstance(clamp, Tensor):
+            return clamp.log() * self.floor_scale
         return math.log(clamp) * self.floor_scale
 
     @torch.no_grad()
-    def clamp_(self, raw: Tensor, clamp: float) -> tuple[Tensor, Tensor] | None:
-        """Raise every floored entry of `raw` to the floor, in place.
+    def clamp_(self, raw: Tensor, clamp: float | Tensor) -> tuple[Tensor, Tensor] | None:
+        """Raise every floored entry of `raw` to the floor (`clamp`: a float, or (D,) per-axis floors), in place.
 
         Returns:
             None when nothing was below the floor (the common case: one reduction, no further work), else
             (clamped, smallest): (K',) bool, whether any entry of that covariance was raised, and (K',) the
-            smallest variance (or L_kk^2) before clamping.
+            smallest ratio variance / floor (or L_kk^2 / floor) before clamping, over the axes.
         """
         view = self.floor_view(raw)
         floor = self.raw_floor(clamp)
-        if not bool(view.amin() < floor):
+        below = view - floor  # (K', m): < 0 where the floor acts
+        if not bool(below.amin() < 0):
             return None
-        smallest = view.amin(-1)
+        smallest = below.amin(-1)
         view.clamp_(min=floor)
-        return smallest < floor, smallest.mul(1.0 / self.floor_scale).exp()
+        return smallest < 0, smallest.mul(1.0 / self.floor_scale).exp()
+
+    def rescale_(self, raw: Tensor, scale: Tensor) -> Tensor:
+        """In place: raw values of Sigma -> raw values of S^-1 Sigma S^-1, S = diag(scale) (D,), the
+        covariance in coordinates z = x / scale (`scale` must obey `scaling`). Returns `raw`."""
+        raise NotImplementedError
 
     def variances_of(self, raw: Tensor) -> Tensor:
         """(K', D) diagonal of each covariance."""
@@ -180,6 +197,15 @@ class _Cholesky(Family):
     def floor_view(self, raw: Tensor) -> Tensor:
         return raw.diagonal(dim1=-2, dim2=-1)
 
+    @torch.no_grad()
+    def rescale_(self, raw, scale):
+        # L' = S^-1 L: row i of the strict lower triangle / s_i, log L'_ii = log L_ii - log s_i
+        diag = raw.diagonal(dim1=-2, dim2=-1)
+        log_diag = diag - scale.log()
+        raw.div_(scale[:, None])
+        diag.copy_(log_diag)
+        return raw
+
 
 class Full(_Cholesky):
     name = "full"
@@ -222,6 +248,10 @@ class Diagonal(_Diagonal):
     def covariance(self, raw):
         return Covariance(None, raw.exp(), 0.5 * raw.sum(-1))
 
+    @torch.no_grad()
+    def rescale_(self, raw, scale):
+        return raw.sub_(2.0 * scale.log())
+
     def from_covariances(self, covariances, weights=None):
         return self._log_variances(covariances)
 
@@ -233,6 +263,15 @@ class Isotropic(_Diagonal):
     """One variance per component; the raw (K, 1) log variance is broadcast over D."""
 
     name = "isotropic"
+    scaling = "scalar"
+
+    def raw_floor(self, clamp):
+        # one variance for all axes: the strictest of per-axis floors (equal under a scalar scaling)
+        return super().raw_floor(clamp.amax(-1, keepdim=True) if isinstance(clamp, Tensor) else clamp)
+
+    @torch.no_grad()
+    def rescale_(self, raw, scale):
+        return raw.sub_(2.0 * scale[:1].log())
 
     def raw_shape(self, num_components, num_dims):
         return (num_components, 1)

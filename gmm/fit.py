@@ -30,6 +30,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,12 +43,12 @@ from ._validation import check_choice, check_data, check_float, check_int, make_
 from .init import INITS, base_covariance, initialize
 from .model import MixtureModel, chunk_rows
 from .optim import FusedAdam
+from .standardize import Standardizer
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
 GRADIENTS = ("autograd", "analytic")
-_CHECK_EVERY = 50  # steps between checks that the NLL is finite
 _WORST_FRACTION = 0.1  # resets draw from this fraction of worst-explained points
 _ONE_THREAD_MAX_ELEMENTS = 1 << 19  # auto num_threads: below this N * K * D one thread beats two (bench)
 _QUADRATIC_MIN_ELEMENTS = 1 << 20  # auto: quadratic path once N * K * D reaches this (float32 caveat: likelihood.py)
@@ -79,15 +80,20 @@ class FitOptions:
     dtype: torch.dtype | None = None  # default: the model's
     progress: bool | None = None  # tqdm bar; None = only on a terminal and for long fits
     num_threads: int | None = None  # torch intra-op threads during the fit; None: 1 for small CPU problems
+    standardize: bool = True  # fit in standardized coordinates (gmm.standardize): learning rates per data std
+    keep_best: bool = True  # return, and leave in the model, the parameters with the lowest NLL seen
+    spike_threshold: float | None = 1.0  # an NLL rise above this (nats per sample) in one step is a spike
+    spike_rollback: bool = True  # on a spike: back to the best iterate, Adam restarted, learning rates halved
+    n_init: int = 1  # starts (seeds seed, seed + 1, ...); the start with the lowest final NLL is kept
 
 
 @dataclass(frozen=True)
 class FitEvent:
-    """A clamp or reset. `component` is -1 for a shared covariance."""
+    """A clamp, reset or spike. `component` is -1 for a shared covariance and for spikes."""
 
     step: int
     component: int
-    kind: str  # "clamp" or "reset"
+    kind: str  # "clamp", "reset" or "spike"
     detail: str
 
     def as_dict(self) -> dict:
@@ -98,18 +104,27 @@ class FitEvent:
 class FitResult:
     """The whole record of one fit.
 
+    Every NLL is a mean per sample in the data's units (also when the fit ran in standardized coordinates).
+
     Attributes:
         nll_history: (T + 1,) float64; entry t is the mean NLL after t updates (entry 0: the start). With
             `batch_size`, entries are the mini-batch's NLL except at multiples of `log_freq` and at T, which
             are exact full-data NLLs (`exact_steps`).
-        events: every clamp and reset, in order.
+        events: every clamp, reset and spike, in order.
         num_iterations: updates run (fewer than asked when `tol` stopped the fit).
         wall_time: seconds in the loop (init and compilation excluded).
         init_time, compile_time: seconds spent initializing and compiling.
         converged: `tol` was reached.
-        final_nll: nll_history[-1].
+        final_nll: the NLL of the parameters the fit left in the model: the best iterate's with `keep_best`,
+            else the last one's (`last_nll`).
         completed: False when the fit was interrupted (the record then ends where it stopped).
         batch_size: rows per mini-batch, or None for full-batch steps (also when `batch_size` >= N).
+        best_step, best_nll: the history index and NLL of the lowest NLL seen (at the log points only, with
+            `batch_size`); the model holds those parameters when `keep_best`.
+        warnings: what the fit warned about (ConvergenceWarning messages), also issued as warnings.
+        scale: (D,) the data units per standardized unit the fit ran in (ones without `standardize`).
+        seed: the seed of this start (None when a generator was passed).
+        start, starts: with `n_init` > 1, the index of the start kept and every start's record, in order.
     """
 
     nll_history: Tensor
@@ -123,6 +138,18 @@ class FitResult:
     options: FitOptions = field(repr=False)
     completed: bool = True
     batch_size: int | None = None
+    best_step: int = 0
+    best_nll: float = float("nan")
+    warnings: tuple[str, ...] = ()
+    scale: Tensor | None = field(default=None, repr=False)
+    seed: int | None = None
+    start: int = 0
+    starts: tuple[FitResult, ...] = field(default=(), repr=False)
+
+    @property
+    def last_nll(self) -> float:
+        """The NLL of the last iterate (nll_history[-1])."""
+        return float(self.nll_history[-1]) if len(self.nll_history) else float("nan")
 
     @property
     def exact_steps(self) -> Tensor:
@@ -144,12 +171,21 @@ class FitResult:
         return sum(e.kind == "reset" for e in self.events)
 
     @property
+    def spike_count(self) -> int:
+        return sum(e.kind == "spike" for e in self.events)
+
+    @property
     def iterations_per_second(self) -> float:
         return self.num_iterations / self.wall_time if self.wall_time > 0 else float("inf")
 
 
+class ConvergenceWarning(UserWarning):
+    """A fit that may not be trustworthy (scikit-learn's warning of that name, for this package): the last
+    iterate ended above the start, NLL spikes were rolled back, or `tol` was not reached."""
+
+
 class NonFiniteNLLError(FloatingPointError):
-    """The NLL became NaN or infinite; `step` says when."""
+    """The NLL became NaN or infinite; `step` says when. The model is left at its last finite parameters."""
 
     def __init__(self, step: int, value: float):
         self.step = step
@@ -189,6 +225,11 @@ def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
         check_int(opts.batch_size, "batch_size", minimum=1)
     if opts.num_threads is not None:
         check_int(opts.num_threads, "num_threads", minimum=1)
+    if opts.spike_threshold is not None:
+        check_float(opts.spike_threshold, "spike_threshold", positive=True)
+    check_int(opts.n_init, "n_init", minimum=1)
+    if opts.n_init > 1 and opts.init == "keep":
+        raise ValueError("n_init > 1 needs a drawn start; init='keep' would repeat one start: use n_init=1")
     if opts.callback is not None and not callable(opts.callback):
         raise TypeError(f"callback must be callable; got {type(opts.callback).__name__}")
     return opts
@@ -207,10 +248,12 @@ class AutogradStep:
 
     The interface every step function implements (see also gmm.scratch):
     - `step(lr_mixture, lr_component)` -> 0-d tensor: the NLL of the parameters before the update; updates them.
-    - `clamp(clamp)` -> None if nothing was below the floor, else (clamped (K',) bool, smallest variance
-      (K',) before clamping): applies the variance floor after the update (see Family.clamp_).
+    - `clamp(clamp)` -> None if nothing was below the floor, else (clamped (K',) bool, smallest ratio
+      variance / floor (K',) before clamping): applies the variance floor `clamp` (a float, or (D,)
+      per-axis floors; the same object at every step) after the update (see Family.clamp_).
     - `mass()` -> (K,): responsibility mass of each component at the parameters of the last step.
     - `reset_moments(components)`: zero the optimizer moments of those components.
+    - `restart()`: zero every optimizer moment and step count (Adam starts afresh from the current parameters).
     - `compile_time`: seconds spent compiling (0 for eager).
     """
 
@@ -239,6 +282,7 @@ class AutogradStep:
         # the clamp's check reads a detached view of the floored entries (raw is updated in place, so the
         # view stays current); clamping itself, rare, goes through Family.clamp_
         self._floor_view = model.family.floor_view(model.raw_cov.detach())
+        self._floor_of: tuple[object, float | Tensor] | None = None  # (clamp, raw floor) of the last clamp call
         self._loss_fn = self._loss
         if opts.compile:
             self._compile()
@@ -293,8 +337,14 @@ class AutogradStep:
     def clamp(self, clamp: float) -> tuple[Tensor, Tensor] | None:
         """Apply the variance floor after the update: None when nothing was below it, else
         (clamped (K',) bool, smallest variance (K',) before clamping)."""
+        if self._floor_of is None or self._floor_of[0] is not clamp:
+            self._floor_of = (clamp, self.model.family.raw_floor(clamp))
+        floor = self._floor_of[1]
         # the common case, nothing below the floor: one reduction on a detached view, no autograd
-        if not bool(self._floor_view.amin() < self.model.family.raw_floor(clamp)):
+        if isinstance(floor, float):
+            if not bool(self._floor_view.amin() < floor):
+                return None
+        elif not bool((self._floor_view < floor).any()):
             return None
         return self.model.family.clamp_(self.model.raw_cov, clamp)
 
@@ -302,6 +352,9 @@ class AutogradStep:
         """(K,) sum_n p(k | x_n) at the parameters of the last step, from the logit gradient."""
         grad = self.model.logits.grad.detach()  # d mean-NLL / d logit_k = pi_k - mean_n p(k | x_n)
         return (torch.softmax(self.logits_before, -1) - grad) * self.num_samples  # a batch's, scaled to N
+
+    def restart(self) -> None:
+        self.optimizer.restart()
 
     def reset_moments(self, components: Tensor) -> None:
         m = self.model
@@ -321,14 +374,22 @@ def _backward(loss: Tensor) -> None:
     _run_backward((loss,), (torch.ones_like(loss),), False, False, (), allow_unreachable=True, accumulate_grad=True)
 
 
-def make_step(model: MixtureModel, x: Tensor, opts: FitOptions, quadratic: bool, generator: torch.Generator | None = None):
-    """The step function for `opts.gradients` / `opts.compile` (`generator` draws mini-batches)."""
+def make_step(
+    model: MixtureModel,
+    x: Tensor,
+    opts: FitOptions,
+    quadratic: bool,
+    generator: torch.Generator | None = None,
+    clamp: float | Tensor | None = None,
+):
+    """The step function for `opts.gradients` / `opts.compile` (`generator` draws mini-batches; `clamp` is the
+    floor the analytic step fuses in, default `opts.clamp`)."""
     if opts.gradients == "analytic":
         if opts.batch_size:
             raise ValueError("batch_size needs gradients='autograd'; drop batch_size or use autograd gradients")
         from . import scratch  # noqa: PLC0415  (optional path, imported only when asked)
 
-        return scratch.make_step(model, x, opts, quadratic)
+        return scratch.make_step(model, x, opts, quadratic, clamp)
     return AutogradStep(model, x, opts, quadratic, generator)
 
 
@@ -391,7 +452,11 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
 
     Raises:
         ValueError / TypeError: bad data or options, with the fix in the message.
-        NonFiniteNLLError: the NLL became NaN or infinite.
+        NonFiniteNLLError: the NLL became NaN or infinite (the model keeps its last finite parameters).
+
+    Warns:
+        ConvergenceWarning: the last iterate ended above the start, spikes were rolled back, or `tol` was
+            given and not reached (the messages are also in `FitResult.warnings`).
     """
     opts = make_options(options, **overrides)
     if opts.device is not None or opts.dtype is not None:
@@ -399,7 +464,96 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
     x = check_data(data, num_dims=model.num_dims, min_samples=model.num_components, dtype=model.dtype, device=model.device)
     n, k, d = x.shape[0], model.num_components, model.num_dims
     with _intra_op_threads(opts, n * k * d, x.device):
-        return _fit(model, x, opts)
+        result = _fit(model, x, opts) if opts.n_init == 1 else _fit_starts(model, x, opts)
+    for message in result.warnings:
+        warnings.warn(message, ConvergenceWarning, stacklevel=2)
+    return result
+
+
+# -- restarts ---------------------------------------------------------------------------------------------
+def start_seeds(opts: FitOptions) -> list[int | None]:
+    """The seeds of the `n_init` starts: seed, seed + 1, ... (so start 0 is the fit with n_init=1), or drawn
+    from `generator` (or fresh entropy when seed is None) when no seed fixes them."""
+    if opts.n_init == 1:
+        return [opts.seed]
+    if opts.generator is None and opts.seed is not None:
+        return [opts.seed + i for i in range(opts.n_init)]
+    g = make_generator(None, opts.generator)
+    return torch.randint(0, 2**62, (opts.n_init,), generator=g).tolist()
+
+
+def _fit_starts(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
+    """`n_init` fits from the starts of `start_seeds`, one after the other; the model keeps the parameters of
+    the start with the lowest final NLL, and its record lists every start's record (`starts`). A start whose
+    NLL becomes non-finite is recorded and skipped (all of them failing raises the last error)."""
+    records: list[FitResult] = []
+    best: tuple[float, int, list[Tensor]] | None = None  # (final NLL, start, parameters)
+    failure: NonFiniteNLLError | None = None
+    for i, seed in enumerate(start_seeds(opts)):
+        try:
+            result = _fit(model, x, dataclasses.replace(opts, seed=seed, generator=None, n_init=1))
+        except NonFiniteNLLError as err:
+            failure = err
+            records.append(dataclasses.replace(model.fit_result_, start=i))
+            continue
+        except BaseException:
+            if best is not None:  # the model keeps the best finished start
+                torch._foreach_copy_(_parameters(model), best[2])
+            model.fit_result_ = dataclasses.replace(model.fit_result_, start=i, starts=(*records, model.fit_result_))
+            raise
+        records.append(dataclasses.replace(result, start=i))
+        if best is None or result.final_nll < best[0]:
+            best = (result.final_nll, i, [p.clone() for p in _parameters(model)])
+    if best is None:
+        model.fit_result_ = dataclasses.replace(model.fit_result_, starts=tuple(records))
+        raise failure
+    torch._foreach_copy_(_parameters(model), best[2])
+    kept = records[best[1]]
+    notes = kept.warnings
+    failed = [r.start for r in records if not r.completed]
+    if failed:
+        notes += (f"start(s) {failed} of {opts.n_init} stopped on a non-finite NLL and were skipped",)
+    kept = dataclasses.replace(kept, warnings=notes, starts=tuple(records))
+    model.fit_result_ = kept
+    return kept
+
+
+def _parameters(model: MixtureModel) -> list[Tensor]:
+    """The model's parameter tensors (detached aliases): weight logits, means, raw covariance."""
+    return [model.logits.detach(), model.locs.detach(), model.raw_cov.detach()]
+
+
+# -- one start --------------------------------------------------------------------------------------------
+class _Iterates:
+    """Snapshots of the parameters for the best iterate and the last finite one, without a copy per
+    improvement: four buffers; each step copies the parameters into one that holds neither the previous
+    step's parameters nor the best's, and an improvement only moves the best's index."""
+
+    def __init__(self, params: list[Tensor]):
+        self.params = params
+        self.buffers = [[torch.empty_like(p) for p in params] for _ in range(4)]
+        self.current = self.previous = self.best = -1  # theta_(t-1), theta_(t-2), the best iterate
+
+    def _free(self) -> int:
+        return next(i for i in range(4) if i not in (self.current, self.previous, self.best))
+
+    def save(self) -> None:
+        """Before step t: copy theta_(t-1) (the parameters whose NLL step t computes)."""
+        self.previous = self.current
+        self.current = self._free()
+        torch._foreach_copy_(self.buffers[self.current], self.params)
+
+    def save_best(self) -> None:
+        """Copy the current parameters as the best iterate (mini-batch log points)."""
+        index = self._free()
+        torch._foreach_copy_(self.buffers[index], self.params)
+        self.best = index
+
+    def restore(self, index: int) -> bool:
+        if index < 0:
+            return False
+        torch._foreach_copy_(self.params, self.buffers[index])
+        return True
 
 
 def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
@@ -412,25 +566,39 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
     t0 = time.perf_counter()
     initialize(model, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
     model.family.clamp_(model.raw_cov, opts.clamp)
+    coords = Standardizer.of(x, model, opts.standardize)
+    z = coords.data(x)
+    clamp = coords.clamp(opts.clamp)  # the floor in z: (D,) clamp / scale^2
     reset_raw = model.family.from_covariances(
         base_covariance(x, k, opts.clamp).to(model.device, model.dtype).expand(k, d, d)
     )
+    if not coords.identity and model.family.trainable:
+        model.family.rescale_(reset_raw, coords.scale)
     init_time = time.perf_counter() - t0
 
-    stepper = make_step(model, x, opts, _use_quadratic(opts, n, k, d), g)
+    stepper = make_step(model, z, opts, _use_quadratic(opts, n, k, d), g, clamp)
     compile_time = stepper.compile_time
+    coords.to_standard_(model)
+    model.family.clamp_(model.raw_cov, clamp)  # absorbs the rounding of the map
 
-    history: list[Tensor] = []  # 0-d NLL tensors; appending is far cheaper than writing into a tensor
+    history: list[float] = []  # NLLs in z (the data units' NLL is this + coords.log_det)
     events: list[FitEvent] = []
     reported = 0  # events already passed to the callback
-    checked = 0  # history entries already checked for finiteness
     converged = False
     bar = _progress_bar(opts, total)
     step = 0
+    iterates = _Iterates(_parameters(model))
+    best_nll, best_step = math.inf, 0
+    lr_scale, rollbacks, last_reset = 1.0, 0, -1
+    shift = coords.log_det
 
-    def record(completed: bool, wall: float) -> FitResult:
-        kept = _stack(history)
-        final = float(kept[-1]) if len(history) else float("nan")
+    def record(
+        completed: bool, wall: float, final: float | None = None, notes: tuple[str, ...] = (), kept_step: int = -1
+    ) -> FitResult:
+        """`final`: the data-unit NLL of the parameters left in the model, those of step `kept_step`."""
+        kept = torch.tensor(history, dtype=torch.float64) + shift
+        if final is not None and kept_step == len(history) - 1:
+            kept[-1] = final  # computed on the data itself, after the map back
         result = FitResult(
             kept,
             tuple(events),
@@ -439,105 +607,185 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
             init_time,
             compile_time,
             converged,
-            final,
+            final if final is not None else (float(kept[-1]) if len(history) else float("nan")),
             opts,
             completed,
             getattr(stepper, "batch_size", None),
+            best_step=best_step,
+            best_nll=float(kept[best_step]) if len(history) > best_step else float("nan"),
+            warnings=notes,
+            scale=coords.scale.detach().cpu(),
+            seed=opts.seed if opts.generator is None else None,
         )
         model.fit_result_ = result
         return result
 
+    @contextmanager
+    def in_data_units() -> Iterator[None]:
+        """The model in data units meanwhile (for the callback and exact NLLs), back in z afterwards: restored
+        bit for bit, unless the parameters were changed meanwhile (by the callback), then mapped."""
+        if coords.identity:
+            yield
+            return
+        saved = [p.clone() for p in iterates.params]
+        coords.to_data_(model, opts.clamp)
+        shown = [p.clone() for p in iterates.params]
+        try:
+            yield
+        finally:
+            if all(torch.equal(a, b) for a, b in zip(shown, iterates.params, strict=True)):
+                torch._foreach_copy_(iterates.params, saved)
+            else:
+                coords.to_standard_(model)
+
+    def show(step: int, nll: float, new_events: list) -> None:
+        """The callback, with the model in data units; `nll` in z."""
+        with in_data_units():
+            opts.callback(step, nll + shift, new_events)
+
+    def exact_nll() -> float:
+        """The full data's NLL of the current parameters, in z terms, computed in data units (so the callback
+        sees exactly the NLL it would compute itself)."""
+        with in_data_units():
+            return _full_nll(model, x) - shift
+
+    def on_spike(step: int, before: float, after: float) -> None:
+        nonlocal lr_scale, rollbacks
+        jump = f"NLL {before + shift:.6g} -> {after + shift:.6g} (+{after - before:.3g} > {opts.spike_threshold:g})"
+        if opts.spike_rollback and iterates.restore(iterates.best):
+            stepper.restart()
+            lr_scale *= 0.5
+            rollbacks += 1
+            jump += f"; rolled back to step {best_step} (NLL {best_nll + shift:.6g}), learning rates x{lr_scale:g}"
+        events.append(FitEvent(step, -1, "spike", jump))
+
     batched = getattr(stepper, "batch_size", None) is not None  # None also when batch_size >= N
-    exact: Tensor | None = None  # mini-batches: full-data NLL of the current parameters, from the last log point
-    last_exact: float | None = None  # mini-batches: the previous log point's, for `tol`
+    exact: float | None = None  # mini-batches: full-data NLL of the current parameters, from the last log point
+    last_exact: float | None = None  # mini-batches: the previous log point's, for `tol` and spikes
+    start_nll: float | None = None  # mini-batches: the start's exact NLL (history[0] is a batch's)
+    spikes = opts.spike_threshold if opts.spike_threshold is not None else math.inf
     start = time.perf_counter()
     try:
+        if batched:  # the start is a candidate for the best iterate too
+            best_nll = start_nll = exact_nll()
+            iterates.save_best()
         for step in range(1, total + 1):
-            factor = lr_factor(opts.lr_schedule, step - 1, total)
-            value = stepper.step(opts.mixture_lr * factor, opts.component_lr * factor)
-            history.append(value if exact is None else exact)  # the exact value replaces the batch estimate
-            exact = None
-            hit = stepper.clamp(opts.clamp)
-            if hit is not None:
-                _on_clamp(model, x, stepper, step, *hit, opts, min_mass, g, reset_raw, events)
-            if step - checked >= _CHECK_EVERY or step == total:
-                _check_finite(history, checked, step)
-                checked = step
-            if not batched and opts.tol is not None and step >= 2 and abs(float(history[-1] - history[-2])) < opts.tol:
+            iterates.save()
+            factor = lr_factor(opts.lr_schedule, step - 1, total) * lr_scale
+            value = float(stepper.step(opts.mixture_lr * factor, opts.component_lr * factor))
+            if exact is not None:  # the exact value replaces the batch estimate
+                value, exact = exact, None
+            if not math.isfinite(value):
+                iterates.restore(iterates.previous)  # theta_(t-2): the last finite one
+                raise NonFiniteNLLError(step - 1, value)
+            history.append(value)
+            if not batched:
+                if value < best_nll:
+                    iterates.best, best_nll, best_step = iterates.current, value, step - 1
+                elif step >= 2 and value - history[-2] > spikes and last_reset != step - 1:
+                    on_spike(step - 1, history[-2], value)
+            hit = stepper.clamp(clamp)
+            if hit is not None and _on_clamp(model, z, stepper, step, *hit, opts, min_mass, g, reset_raw, events):
+                last_reset = step
+            if not batched and opts.tol is not None and step >= 2 and abs(history[-1] - history[-2]) < opts.tol:
                 converged = True
                 break
             if step % log_freq == 0:
                 if batched:  # the full data's NLL after this update, recorded as the next history entry
-                    exact = _full_nll(model, x)
-                    nll = float(exact)
+                    nll = exact = exact_nll()
                     if not math.isfinite(nll):
+                        iterates.restore(iterates.current)
                         raise NonFiniteNLLError(step, nll)
+                    if nll < best_nll:
+                        iterates.save_best()
+                        best_nll, best_step = nll, step
+                    elif last_exact is not None and nll - last_exact > spikes and last_reset <= step - log_freq:
+                        on_spike(step, last_exact, nll)
                     if opts.tol is not None and last_exact is not None and abs(nll - last_exact) < opts.tol:
                         converged = True
                         break  # the closing callback reports this step
                     last_exact = nll
                 else:
-                    nll = float(history[-1])
-                log.debug("step %d: nll %.6f", step, nll)
+                    nll = history[-1]
+                log.debug("step %d: nll %.6f", step, nll + shift)
                 if bar is not None:
                     bar.update(step - bar.n)
-                    bar.set_postfix(nll=f"{nll:.4f}", refresh=False)
+                    bar.set_postfix(nll=f"{nll + shift:.4f}", refresh=False)
                 if opts.callback is not None:
-                    opts.callback(step, nll, events[reported:])
+                    show(step, nll, events[reported:])
                     reported = len(events)
-        history.append(exact if exact is not None else _full_nll(model, x))
-        _check_finite(history, checked, len(history))
+        last = exact if exact is not None else _full_nll(model, z)  # in z: the data units' comes at the end
+        if not math.isfinite(last):
+            iterates.restore(iterates.current)
+            raise NonFiniteNLLError(len(history), last)
+        history.append(last)
+        if opts.callback is not None and (total % log_freq != 0 or converged or events[reported:]):
+            show(step, last, events[reported:])
+        wall = time.perf_counter() - start
+        kept_step = len(history) - 1  # the iterate left in the model
+        if last <= best_nll:
+            best_nll, best_step = last, kept_step
+        elif opts.keep_best:
+            iterates.restore(iterates.best)
+            kept_step = best_step
     except BaseException:
         # keep what was recorded: the history up to the last finished step, and every event
+        coords.to_data_(model, opts.clamp)
         record(False, time.perf_counter() - start)
         raise
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - start
-    if opts.callback is not None and (total % log_freq != 0 or converged or events[reported:]):
-        opts.callback(step, float(history[-1]), events[reported:])
-    return record(True, wall)
+    coords.to_data_(model, opts.clamp)
+    final = last if coords.identity and kept_step == len(history) - 1 else _full_nll(model, x)
+    first = history[0] if start_nll is None else start_nll
+    notes = _warnings(first + shift, last + shift, final, kept_step, rollbacks, lr_scale, opts, converged)
+    return record(True, wall, final, notes, kept_step)
 
 
-def _full_nll(model: MixtureModel, x: Tensor) -> Tensor:
-    """0-d float64: the mean NLL of all of `x` (chunked over N, no gradients)."""
-    return torch.tensor(-model.score(x), dtype=torch.float64)
+def _warnings(start, last, final, best_step, rollbacks, lr_scale, opts: FitOptions, converged: bool) -> tuple[str, ...]:
+    """The ConvergenceWarning messages of a finished fit (see ConvergenceWarning)."""
+    notes = []
+    if last - start > 1e-6 * max(1.0, abs(start)):  # above rounding (float32 parameters)
+        kept = f"the model holds the best iterate (step {best_step}, NLL {final:.6g})" if opts.keep_best else (
+            "the model holds it (keep_best=False)"
+        )
+        notes.append(
+            f"the fit's last NLL {last:.6g} is above its start's {start:.6g}; {kept}; lower the learning rates"
+        )
+    if rollbacks:
+        notes.append(
+            f"{rollbacks} NLL spike(s) above {opts.spike_threshold:g} nats were rolled back to the best iterate "
+            f"and the learning rates halved each time (now x{lr_scale:g}); lower the learning rates"
+        )
+    if opts.tol is not None and not converged:
+        notes.append(f"tol={opts.tol:g} was not reached in {opts.num_iterations} iterations; raise num_iterations or tol")
+    return tuple(notes)
 
 
-def _stack(history: list[Tensor]) -> Tensor:
-    if not history:
-        return torch.empty(0, dtype=torch.float64)
-    return torch.stack([h.to("cpu", torch.float64) for h in history])
+def _full_nll(model: MixtureModel, x: Tensor) -> float:
+    """The mean NLL of all of `x` (chunked over N, no gradients, accumulated in float64)."""
+    return -model.score(x)
 
 
-def _check_finite(history: list[Tensor], start: int, stop: int) -> None:
-    if stop <= start:
-        return
-    window = _stack(history[start:stop])
-    bad = (~torch.isfinite(window)).nonzero()
-    if bad.numel():
-        i = int(bad[0, 0])
-        raise NonFiniteNLLError(start + i, float(window[i]))
-
-
-def _on_clamp(model, x, stepper, step, clamped, smallest, opts, min_mass, g, reset_raw, events) -> None:
-    """Record clamp events for the components touched and reset the collapsed ones."""
+def _on_clamp(model, x, stepper, step, clamped, smallest, opts, min_mass, g, reset_raw, events) -> bool:
+    """Record clamp events for the components touched and reset the collapsed ones; True if any was reset.
+    `smallest` is the smallest variance / floor ratio; events give the variance in the data's units."""
     shared = model.family.shared
     for c in clamped.nonzero()[:, 0].tolist():
-        events.append(
-            FitEvent(step, -1 if shared else c, "clamp", f"variance {float(smallest[c]):.3g} raised to {opts.clamp:.3g}")
-        )
+        variance = float(smallest[c]) * opts.clamp
+        events.append(FitEvent(step, -1 if shared else c, "clamp", f"variance {variance:.3g} raised to {opts.clamp:.3g}"))
     if not opts.reset:
-        return
+        return False
     mass = stepper.mass()
     touched = clamped.expand(model.num_components) if shared else clamped
     collapsed = (touched & (mass < min_mass)).nonzero()[:, 0].tolist()
     if not collapsed:
-        return
+        return False
     rows = _reset(model, x, collapsed, g, reset_raw)
     stepper.reset_moments(torch.tensor(collapsed, device=model.device))
     for c, row in zip(collapsed, rows, strict=True):
         events.append(
             FitEvent(step, c, "reset", f"mass {float(mass[c]):.3g} < {min_mass:.3g} on the floor; mean -> sample {row}")
         )
+    return True

@@ -57,6 +57,12 @@ class FusedAdam:
                                 has_complex=False, decoupled_weight_decay=False, **self._hyper)  # fmt: skip
 
     @torch.no_grad()
+    def restart(self) -> None:
+        """Zero every moment and step count: the next step is Adam's first from the current parameters."""
+        counters = {id(s): s for s in self.steps.values()}  # the fused kernel's one shared counter, once
+        torch._foreach_zero_([*self.exp_avg.values(), *self.exp_avg_sq.values(), *counters.values()])
+
+    @torch.no_grad()
     def reset_rows(self, params: list[Tensor], rows: Tensor) -> None:
         """Zero the moments of `rows` (first dimension) of each of `params`."""
         for p in params:

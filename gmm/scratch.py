@@ -284,8 +284,8 @@ def _make_fused_step(family: Family, spec: _Spec):
     floor_scale = family.floor_scale
     trainable = family.trainable
 
-    def fused_step(chunks, logits, locs, raw, m_logits, v_logits, m_locs, v_locs, m_raw, v_raw, scalars):
-        # scalars: [mixture lr / bc1, component lr / bc1, sqrt(bc2), raw floor]
+    def fused_step(chunks, logits, locs, raw, m_logits, v_logits, m_locs, v_locs, m_raw, v_raw, scalars, floor):
+        # scalars: [mixture lr / bc1, component lr / bc1, sqrt(bc2)]; floor: the raw floor, (1,) or (m,)
         nll, counts, g_logits, g_locs, g_raw = _nll_grad(chunks, logits, locs, raw, spec)
         bc2_sqrt = scalars[2]
         _adam_(logits, g_logits, m_logits, v_logits, scalars[0], bc2_sqrt)
@@ -293,10 +293,10 @@ def _make_fused_step(family: Family, spec: _Spec):
         if trainable:
             _adam_(raw, g_raw, m_raw, v_raw, scalars[1], bc2_sqrt)
             view = floor_view(raw)  # (K', m)
-            smallest = view.amin(-1)
-            clamped = smallest < scalars[3]
-            view.clamp_(min=scalars[3])
-            smallest = (smallest * (1.0 / floor_scale)).exp()
+            smallest = (view - floor).amin(-1)  # < 0 where the floor acts
+            clamped = smallest < 0
+            view.clamp_(min=floor)
+            smallest = (smallest * (1.0 / floor_scale)).exp()  # variance / floor
         else:
             clamped = torch.zeros(1, dtype=torch.bool, device=raw.device)
             smallest = raw.exp().reshape(1)
@@ -316,10 +316,10 @@ _COMPILED: dict[tuple, _Compiled] = {}  # per process: one compilation per (fami
 _COMPILED_MAX = 32
 
 
-def _leaves(chunks, params, exp_avg, exp_avg_sq, scalars) -> list[Tensor]:
+def _leaves(chunks, params, exp_avg, exp_avg_sq, scalars, floor) -> list[Tensor]:
     """The fused step's arguments, flattened in its signature's order."""
     (m_l, m_m, m_r), (v_l, v_m, v_r) = exp_avg, exp_avg_sq
-    return [*chunks, *params, m_l, v_l, m_m, v_m, m_r, v_r, scalars]
+    return [*chunks, *params, m_l, v_l, m_m, v_m, m_r, v_r, scalars, floor]
 
 
 def _call(fn, leaves: list[Tensor], num_chunks: int):
@@ -372,16 +372,17 @@ def _meta(t: Tensor) -> tuple:
 class ScratchStep:
     """Step function of `gmm.fit` on hand-derived gradients; the interface of `gmm.fit.AutogradStep`.
 
-    The variance floor at `opts.clamp` is applied inside `step`; `clamp` returns what it did.
+    The variance floor `clamp` (default `opts.clamp`; a float or (D,) per-axis floors) is applied inside
+    `step`; `clamp` returns what it did.
     Attributes: `compile_time` (seconds; 0 when eager or when this configuration was already compiled in this
     process), `compiled` (whether the step runs compiled).
     """
 
-    def __init__(self, model, x: Tensor, opts, quadratic: bool = False):
+    def __init__(self, model, x: Tensor, opts, quadratic: bool = False, clamp: float | Tensor | None = None):
         self.model = model
         self.family = model.family
         self.num_samples = x.shape[0]
-        self.clamp_value = opts.clamp
+        self.clamp_value = opts.clamp if clamp is None else clamp
         if quadratic:
             log.debug("the analytic step has no quadratic-expansion path; using the exact difference form")
         self.rows = x.split(chunk_rows(model.num_components, model.num_dims))
@@ -389,9 +390,11 @@ class ScratchStep:
         self.params = (model.logits.detach(), model.locs.detach(), model.raw_cov.detach())
         self.exp_avg = tuple(torch.zeros_like(p) for p in self.params)
         self.exp_avg_sq = tuple(torch.zeros_like(p) for p in self.params)
-        # [mixture lr / bc1, component lr / bc1, sqrt(bc2), raw floor]: written in place every step, so the
+        # [mixture lr / bc1, component lr / bc1, sqrt(bc2)]: written in place every step, so the
         # compiled step sees new learning rates without recompiling
-        self.scalars = torch.zeros(4, dtype=self.params[1].dtype, device=self.params[1].device)
+        self.scalars = torch.zeros(3, dtype=self.params[1].dtype, device=self.params[1].device)
+        floor = torch.as_tensor(self.family.raw_floor(self.clamp_value), dtype=self.scalars.dtype)
+        self.floor = floor.to(self.scalars.device).reshape(-1)  # (1,) or (m,): broadcasts over the floored view
         self._scalars_np = self.scalars.numpy() if self.scalars.device.type == "cpu" else None
         self.num_steps = 0
         self.compile_time = 0.0
@@ -405,7 +408,7 @@ class ScratchStep:
     def _use(self, fused: bool) -> None:
         self.chunks = tuple(c.T.contiguous() for c in self.rows) if fused else tuple(self.rows)
         self._fn = _make_fused_step(self.family, _spec(self.family, fused))
-        self._leaves = _leaves(self.chunks, self.params, self.exp_avg, self.exp_avg_sq, self.scalars)
+        self._leaves = _leaves(self.chunks, self.params, self.exp_avg, self.exp_avg_sq, self.scalars, self.floor)
 
     def _compile(self, fused: bool) -> None:
         t0 = time.perf_counter()
@@ -448,7 +451,6 @@ class ScratchStep:
             lr_mixture / bc1,
             lr_component / bc1,
             math.sqrt(1.0 - BETA2**step),
-            self.family.raw_floor(self.clamp_value),
         )
         if self._scalars_np is not None:
             self._scalars_np[:] = values  # no torch dispatch: cheaper than building a tensor
@@ -470,14 +472,22 @@ class ScratchStep:
     def clamp(self, clamp: float) -> tuple[Tensor, Tensor]:
         """(clamped (K',) bool, smallest variance (K',)) of the floor applied by the last step."""
         _, clamped, smallest = self._last
-        if clamp != self.clamp_value:  # a different floor than the one fused into the step
-            again, smallest_again = self.family.clamp_(self.model.raw_cov, clamp)
-            return clamped | again, torch.minimum(smallest, smallest_again)
+        if clamp is not self.clamp_value and (isinstance(clamp, Tensor) or clamp != self.clamp_value):
+            # a different floor than the one fused into the step
+            again = self.family.clamp_(self.model.raw_cov, clamp)
+            if again is not None:
+                return clamped | again[0], torch.minimum(smallest, again[1])
         return clamped, smallest
 
     def mass(self) -> Tensor:
         """(K,) responsibility mass sum_n p(k | x_n) at the parameters of the last step."""
         return self._last[0]
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Zero every moment and the step count: the next step is Adam's first from the current parameters."""
+        torch._foreach_zero_([*self.exp_avg, *self.exp_avg_sq])
+        self.num_steps = 0
 
     @torch.no_grad()
     def reset_moments(self, components: Tensor) -> None:
@@ -488,6 +498,6 @@ class ScratchStep:
             v[components] = 0
 
 
-def make_step(model, x: Tensor, opts, quadratic: bool = False) -> ScratchStep:
+def make_step(model, x: Tensor, opts, quadratic: bool = False, clamp: float | Tensor | None = None) -> ScratchStep:
     """The analytic step object for `gmm.fit` (eager, or compiled when `opts.compile`)."""
-    return ScratchStep(model, x, opts, quadratic)
+    return ScratchStep(model, x, opts, quadratic, clamp)
