@@ -230,6 +230,13 @@ class _Evaluator:
             self.on_eval(step, val_nll if self.val.shape[0] else nll)
 
 
+# what the learning rates and the clamp mean since gmm fits in standardized coordinates (gmm.standardize)
+_UNITS = {
+    "lr_units": "per data std: Adam runs on (x - mean) / std (per axis; one RMS std for isotropic families)",
+    "clamp_units": "variance in the data's units",
+}
+
+
 # -- the experiment ---------------------------------------------------------------------------------------
 def run_experiment(
     config: ExperimentConfig,
@@ -288,7 +295,7 @@ def run_experiment(
 
 def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) -> ExperimentResult:
     logger = _Logger(client, run_id)
-    logger.timed(log_params, client, run_id, config.flat())
+    logger.timed(log_params, client, run_id, {**config.flat(), **_UNITS})
     device, dtype = torch.device(config.device), config.torch_dtype
     train, val = data.train.to(device, dtype), data.val.to(device, dtype)
     model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)
@@ -354,6 +361,9 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     )
     finals = {k: v for k, v in partial.final_metrics().items() if k not in ("train_nll", "val_nll")}
     finals["em_converged"] = float(em_result.converged) if em_result is not None else None
+    finals["spike_count"] = float(result.spike_count)
+    if result.warnings:  # gmm's ConvergenceWarnings, also on stderr; the spikes are in events.csv
+        logger.timed(client.set_tag, run_id, "fit.warnings", " | ".join(result.warnings)[:5000])
     logger.add(finals, result.num_iterations)
     logger.flush()
 

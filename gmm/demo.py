@@ -7,9 +7,13 @@ progress and the final loss, and plot the fit.
 
 The flags and defaults of the original are kept (`--samples 1000 --components 5 --dims 2 --iterations 20000
 --family full --log_freq 5000 --radius 8.0 --mixture_lr 3e-5 --component_lr 1e-2 --visualize --seed 42`);
-`--family` takes every family in `gmm.FAMILIES`. New: `--clamp`, `--init`, `--em` (also fit EM from the same
-start and print both NLLs), `--out FILE` (where the figure goes; without a display it defaults to demo.png),
-`--gradients`, `--compile`. Bad flags or values print one line to stderr and exit with status 2.
+`--family` takes every family in `gmm.FAMILIES`. New: `--clamp`, `--init`, `--n_init` (restarts), `--em` (also
+fit EM from the same start and print both NLLs), `--out FILE` (where the figure goes; without a display it
+defaults to demo.png), `--gradients`, `--compile`. Bad flags or values print one line to stderr and exit with
+status 2. The learning rates are in units of the data's spread (`gmm.standardize`), the clamp in the data's.
+
+A fit that ends more than 0.05 nats per sample above the true parameters' NLL prints a warning to stderr: with
+enough data a maximum-likelihood fit ends at or below the truth, so such a gap means a poor local optimum.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from gmm._validation import check_choice
 from gmm.fit import GRADIENTS, FitOptions
 
 DEFAULT_FIGURE = "demo.png"
+ABOVE_TRUTH_WARNING = 0.05  # nats per sample above the true parameters' NLL that the demo warns about
 _TRUE = ("true", "t", "yes", "y", "1", "on")
 _FALSE = ("false", "f", "no", "n", "0", "off")
 
@@ -56,10 +61,13 @@ def _choice(choices: Sequence[str], name: str):
     return parse
 
 
+PROG = "python -m gmm.demo"
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = FitOptions()
     p = OneLineParser(
-        prog="python -m gmm.demo",
+        prog=PROG,
         description="Fit a Gaussian mixture by gradient descent to mock data drawn from a known mixture.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -94,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.init,
         help=f"starting point: one of {', '.join(gmm.INITS)} ('radius' is the original's uniform draw)",
     )
+    p.add_argument("--n_init", type=int, default=defaults.n_init, help="starts (seeds seed, seed + 1, ...), best kept")
     p.add_argument("--em", action="store_true", help="also fit EM from the same start and print both NLLs")
     p.add_argument(
         "--out",
@@ -182,6 +191,7 @@ def _run(args: argparse.Namespace, out: str | None) -> int:
         log_freq=args.log_freq,
         gradients=args.gradients,
         compile=args.compile,
+        n_init=args.n_init,
         progress=False,  # the progress lines below take its place
         callback=_progress(len(str(args.iterations))),
     )
@@ -192,6 +202,12 @@ def _run(args: argparse.Namespace, out: str | None) -> int:
         f"{result.iterations_per_second:.0f} it/s, {result.reset_count} resets)"
     )
     print(f"True NLL: {true_nll:.6f} (the generating parameters)")
+    if result.final_nll - true_nll > ABOVE_TRUTH_WARNING:
+        print(
+            f"{PROG}: warning: the fit ends {result.final_nll - true_nll:.4f} nats above the true parameters' NLL "
+            f"(> {ABOVE_TRUTH_WARNING}): a poor local optimum; try --n_init 10 or another --seed",
+            file=sys.stderr,
+        )
 
     em_result = None
     if args.em:

@@ -2,13 +2,18 @@
 
 | init         | means                                          | covariances                              | weights        |
 |--------------|------------------------------------------------|------------------------------------------|----------------|
-| `kmeans++`   | k-means++ seeding + Lloyd iterations           | within-cluster scatter, shrunk to `base` | cluster shares |
+| `kmeans++`   | best of 10 k-means++ seedings + Lloyd (*)      | within-cluster scatter, shrunk to `base` | cluster shares |
 | `random`     | K distinct data points                         | `base`                                   | equal          |
 | `radius`     | uniform in [-radius, radius]^D (the original)  | identity                                 | equal          |
 | `keep`       | the model's current parameters                 |                                          |                |
 
 `base` is the data covariance shrunk to one cluster's share of the volume: cov(X) / K^(2/D). It is also
 the covariance a collapsed component is reset to.
+
+(*) k-means measures distances in the fit's standardized coordinates (`gmm.standardize`: each axis divided by
+its std for full, tied and diagonal, all by one RMS std for the isotropic families), so a column in other
+units does not dominate the clustering and the start does not depend on the data's units; the means and
+covariances are then those of the clusters in the data's units.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .standardize import Standardizer
+
 INITS: tuple[str, ...] = ("kmeans++", "random", "radius", "keep")
 _KMEANS_MAX_SAMPLES = 100_000
 _KMEANS_ITERATIONS = 20
+_KMEANS_SEEDINGS = 10  # k-means runs from this many k-means++ seedings; the lowest inertia is kept (sklearn's n_init)
 
 
 _CHUNK_ROWS = 1 << 16  # rows per float64 block when scanning large data (memory stays O(chunk), not O(N))
@@ -37,9 +45,10 @@ def base_covariance(x: Tensor, num_components: int, floor: float) -> Tensor:
         cov += centred.T @ centred
     cov = cov.cpu() / max(1, num_samples - 1)
     cov = cov / num_components ** (2.0 / num_dims)
-    # a zero-variance dimension or a single point still gives an SPD matrix
-    scale = max(float(cov.diagonal().mean()), floor, 1e-12)
-    return cov + torch.eye(num_dims, dtype=torch.float64) * max(floor, 1e-6 * scale)
+    # a zero-variance dimension or a single point still gives an SPD matrix; per axis, so that a column in
+    # other units neither dominates nor vanishes (the start is the same in any units)
+    ridge = (1e-6 * cov.diagonal()).clamp_min(max(floor, 1e-12))
+    return cov + torch.diag(ridge)
 
 
 def kmeans_plus_plus(x: Tensor, num_components: int, g: torch.Generator) -> Tensor:
@@ -59,8 +68,16 @@ def kmeans_plus_plus(x: Tensor, num_components: int, g: torch.Generator) -> Tens
     return torch.stack(centers)
 
 
-def kmeans(x: Tensor, num_components: int, g: torch.Generator, iterations: int = _KMEANS_ITERATIONS):
-    """Lloyd's algorithm from k-means++ seeds. Returns (centers (K, D), labels (N,))."""
+def kmeans(
+    x: Tensor, num_components: int, g: torch.Generator, iterations: int = _KMEANS_ITERATIONS, seedings: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Lloyd's algorithm from k-means++ seeds, `seedings` times (seeds drawn from `g` in turn); the run with the
+    lowest inertia (sum of squared distances to the centers) is kept. Returns (centers (K, D), labels (N,))."""
+    runs = [_lloyd(x, num_components, g, iterations) for _ in range(seedings)]
+    return min(runs, key=lambda run: float((x - run[0][run[1]]).square().sum()))
+
+
+def _lloyd(x: Tensor, num_components: int, g: torch.Generator, iterations: int) -> tuple[Tensor, Tensor]:
     centers = kmeans_plus_plus(x, num_components, g)
     labels = torch.cdist(x, centers).argmin(-1)
     for _ in range(iterations):
@@ -95,7 +112,9 @@ def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: floa
         if xs.shape[0] > _KMEANS_MAX_SAMPLES:
             xs = xs[torch.randperm(xs.shape[0], generator=g)[:_KMEANS_MAX_SAMPLES].to(xs.device)]
         xs = xs.double()
-        means, labels = kmeans(xs, k, g)
+        coords = Standardizer.of(xs, model)
+        centers, labels = kmeans(coords.data(xs), k, g, seedings=_KMEANS_SEEDINGS)
+        means = centers * coords.scale + coords.shift
         resp = torch.nn.functional.one_hot(labels, k).double()
         covariances = scatter_covariances(xs, resp, means, base.to(xs.device), prior=d + 1.0)
         weights = (resp.sum(0) + 1.0) / (xs.shape[0] + k)

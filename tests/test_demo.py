@@ -116,6 +116,19 @@ def test_in_process_run_without_figure(capsys, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # --visualize false: no figure written
 
 
+def test_warns_when_the_fit_ends_far_above_the_truth(capsys, tmp_path, monkeypatch):
+    """A start that cannot move (both learning rates 0) from the original's uniform draw: far above the truth."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--samples", "200", "--components", "3", "--iterations", "2", "--log_freq", "2", "--init", "radius"]
+    assert main([*argv, "--component_lr", "0", "--mixture_lr", "0", "--visualize", "false"]) == 0
+    captured = capsys.readouterr()
+    gd = float(re.search(r"^GD NLL: (\S+)", captured.out, re.M).group(1))
+    true = float(re.search(r"^True NLL: (\S+)", captured.out, re.M).group(1))
+    assert gd - true > 0.05
+    assert re.search(r"warning: the fit ends \d+\.\d{4} nats above the true parameters' NLL", captured.err)
+    assert main([*argv[:-2], "--init", "kmeans++", "--n_init", "3", "--visualize", "false"]) == 0  # flag accepted
+
+
 def test_em_prints_both_nlls_from_the_same_start(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["--samples", "300", "--components", "3", "--iterations", "300", "--log_freq", "300"]
