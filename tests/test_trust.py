@@ -31,7 +31,8 @@ def test_affine_scaling_gives_the_same_fit(family):
     x = _blobs()
     y = 1000.0 * x + 5.0
     models = [gmm.make_model(family, 3, 2, dtype=torch.float64) for _ in range(2)]
-    results = [gmm.fit(m, data, num_iterations=40, component_lr=0.05, mixture_lr=0.05) for m, data in zip(models, (x, y), strict=True)]
+    options = dict(num_iterations=40, component_lr=0.05, mixture_lr=0.05)
+    results = [gmm.fit(m, data, **options) for m, data in zip(models, (x, y), strict=True)]
     shift = 2 * math.log(1000.0)
     torch.testing.assert_close(results[1].nll_history, results[0].nll_history + shift, rtol=0, atol=1e-8)
     assert results[1].final_nll - results[0].final_nll == pytest.approx(shift, abs=1e-8)
