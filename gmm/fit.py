@@ -13,7 +13,24 @@ Each iteration t = 1..T:
      drawn with the fit's generator from the 10% of points the model explains worst, its covariance to
      cov(X) / K^(2/D) (not for shared covariances), its weight logit to the mean logit, and its Adam
      moments to zero so momentum does not push it straight back (a "reset" event).
-history[T] is the exact NLL after the last update, which `fit` returns.
+history[T] is the exact NLL after the last update.
+
+Coordinates: the fit runs on z = (x - mean) / std (gmm.standardize: per axis, or one RMS std for the isotropic
+families), so learning rates are in units of the data's spread; the start is made in data units and mapped to
+z, the clamp becomes clamp / std_j^2 on axis j (a floor in the data's units), and the model is mapped back at
+the end (and around every callback, which sees data units). The record is in data units: NLL_x = NLL_z +
+sum_j log std_j.
+
+Best iterate (`keep_best`): the parameters with the lowest NLL seen (history[t] at every step; with
+mini-batches, the exact values at the log points and the start) are kept in a snapshot, and the model ends
+with them; `fit` returns their NLL. Spikes: when history[t] - history[t-1] > `spike_threshold` (not at a
+reset's step; with mini-batches between consecutive log points), a "spike" event is recorded and, with
+`spike_rollback`, the parameters go back to the best iterate, Adam restarts (moments and step count zeroed)
+and both learning rates are halved for the rest of the fit (again at each further spike). A non-finite NLL
+raises NonFiniteNLLError after restoring the last parameters whose NLL was finite.
+
+Restarts (`n_init`): starts with seeds seed, seed + 1, ... run one after the other (a loop that a batched
+population of fits can replace); the model keeps the start with the lowest final NLL.
 
 Mini-batches (`batch_size` < N): each step draws `batch_size` rows with replacement (the fit's generator) and
 steps on their mean NLL, so memory scales with the batch, not with N. history[t] is then that batch's
@@ -649,15 +666,18 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
         with in_data_units():
             return _full_nll(model, x) - shift
 
-    def on_spike(step: int, before: float, after: float) -> None:
+    def on_spike(step: int, before: float, after: float) -> bool:
+        """Log a spike; roll back when asked (see the module docstring). Returns whether it rolled back."""
         nonlocal lr_scale, rollbacks
         jump = f"NLL {before + shift:.6g} -> {after + shift:.6g} (+{after - before:.3g} > {opts.spike_threshold:g})"
-        if opts.spike_rollback and iterates.restore(iterates.best):
+        rolled = opts.spike_rollback and iterates.restore(iterates.best)
+        if rolled:
             stepper.restart()
             lr_scale *= 0.5
             rollbacks += 1
             jump += f"; rolled back to step {best_step} (NLL {best_nll + shift:.6g}), learning rates x{lr_scale:g}"
         events.append(FitEvent(step, -1, "spike", jump))
+        return rolled
 
     batched = getattr(stepper, "batch_size", None) is not None  # None also when batch_size >= N
     exact: float | None = None  # mini-batches: full-data NLL of the current parameters, from the last log point
@@ -700,7 +720,8 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
                         iterates.save_best()
                         best_nll, best_step = nll, step
                     elif last_exact is not None and nll - last_exact > spikes and last_reset <= step - log_freq:
-                        on_spike(step, last_exact, nll)
+                        if on_spike(step, last_exact, nll):
+                            nll = exact = best_nll  # the parameters are the best iterate's now
                     if opts.tol is not None and last_exact is not None and abs(nll - last_exact) < opts.tol:
                         converged = True
                         break  # the closing callback reports this step

@@ -2,7 +2,7 @@
 
 | init         | means                                          | covariances                              | weights        |
 |--------------|------------------------------------------------|------------------------------------------|----------------|
-| `kmeans++`   | best of 10 k-means++ seedings + Lloyd (*)      | within-cluster scatter, shrunk to `base` | cluster shares |
+| `kmeans++`   | k-means (*), best of 10 seedings by NLL        | within-cluster scatter, shrunk to `base` | cluster shares |
 | `random`     | K distinct data points                         | `base`                                   | equal          |
 | `radius`     | uniform in [-radius, radius]^D (the original)  | identity                                 | equal          |
 | `keep`       | the model's current parameters                 |                                          |                |
@@ -26,7 +26,7 @@ from .standardize import Standardizer
 INITS: tuple[str, ...] = ("kmeans++", "random", "radius", "keep")
 _KMEANS_MAX_SAMPLES = 100_000
 _KMEANS_ITERATIONS = 20
-_KMEANS_SEEDINGS = 10  # k-means runs from this many k-means++ seedings; the lowest inertia is kept (sklearn's n_init)
+_KMEANS_SEEDINGS = 10  # k-means runs from this many k-means++ seedings; the start with the lowest NLL is kept
 
 
 _CHUNK_ROWS = 1 << 16  # rows per float64 block when scanning large data (memory stays O(chunk), not O(N))
@@ -68,13 +68,9 @@ def kmeans_plus_plus(x: Tensor, num_components: int, g: torch.Generator) -> Tens
     return torch.stack(centers)
 
 
-def kmeans(
-    x: Tensor, num_components: int, g: torch.Generator, iterations: int = _KMEANS_ITERATIONS, seedings: int = 1
-) -> tuple[Tensor, Tensor]:
-    """Lloyd's algorithm from k-means++ seeds, `seedings` times (seeds drawn from `g` in turn); the run with the
-    lowest inertia (sum of squared distances to the centers) is kept. Returns (centers (K, D), labels (N,))."""
-    runs = [_lloyd(x, num_components, g, iterations) for _ in range(seedings)]
-    return min(runs, key=lambda run: float((x - run[0][run[1]]).square().sum()))
+def kmeans(x: Tensor, num_components: int, g: torch.Generator, iterations: int = _KMEANS_ITERATIONS):
+    """Lloyd's algorithm from k-means++ seeds. Returns (centers (K, D), labels (N,))."""
+    return _lloyd(x, num_components, g, iterations)
 
 
 def _lloyd(x: Tensor, num_components: int, g: torch.Generator, iterations: int) -> tuple[Tensor, Tensor]:
@@ -100,6 +96,27 @@ def scatter_covariances(x: Tensor, resp: Tensor, means: Tensor, base: Tensor, pr
     return (scatter + prior * base) / (counts + prior)[:, None, None]
 
 
+def _kmeans_start(model, xs: Tensor, base: Tensor, g: torch.Generator, clamp: float):
+    """(means, covariances, weights) of the k-means start with the lowest NLL over `_KMEANS_SEEDINGS` k-means++
+    seedings (distances in standardized coordinates; each start's NLL in `model`'s family, floored at `clamp`).
+    Picking by likelihood rather than inertia keeps the start whose clusters the mixture explains best."""
+    k, d = model.num_components, model.num_dims
+    coords = Standardizer.of(xs, model)
+    zs = coords.data(xs)
+    best = None
+    for _ in range(_KMEANS_SEEDINGS):
+        centers, labels = kmeans(zs, k, g)
+        means = centers * coords.scale + coords.shift
+        resp = torch.nn.functional.one_hot(labels, k).double()
+        start = means, scatter_covariances(xs, resp, means, base.to(xs.device), d + 1.0), (resp.sum(0) + 1) / (len(xs) + k)
+        model.set_parameters(*start)
+        model.family.clamp_(model.raw_cov.detach(), clamp)
+        nll = model.nll(xs)
+        if best is None or nll < best[0]:
+            best = (nll, start)
+    return best[1]
+
+
 @torch.no_grad()
 def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: float, radius: float | None = None):
     """Set `model`'s parameters from data `x` (N, D) by `method` (one of INITS), drawing from `g`."""
@@ -111,13 +128,7 @@ def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: floa
         xs = x  # k-means runs on at most _KMEANS_MAX_SAMPLES rows, drawn before the float64 copy
         if xs.shape[0] > _KMEANS_MAX_SAMPLES:
             xs = xs[torch.randperm(xs.shape[0], generator=g)[:_KMEANS_MAX_SAMPLES].to(xs.device)]
-        xs = xs.double()
-        coords = Standardizer.of(xs, model)
-        centers, labels = kmeans(coords.data(xs), k, g, seedings=_KMEANS_SEEDINGS)
-        means = centers * coords.scale + coords.shift
-        resp = torch.nn.functional.one_hot(labels, k).double()
-        covariances = scatter_covariances(xs, resp, means, base.to(xs.device), prior=d + 1.0)
-        weights = (resp.sum(0) + 1.0) / (xs.shape[0] + k)
+        means, covariances, weights = _kmeans_start(model, xs.double(), base, g, clamp)
     elif method == "random":
         idx = torch.randperm(x.shape[0], generator=g)[:k].to(x.device)
         means = x[idx].double()
