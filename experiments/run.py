@@ -231,7 +231,7 @@ class _Evaluator:
 
 
 # what the learning rates and the clamp mean since gmm fits in standardized coordinates (gmm.standardize)
-_UNITS = {
+UNIT_PARAMS = {
     "lr_units": "per data std: Adam runs on (x - mean) / std (per axis; one RMS std for isotropic families)",
     "clamp_units": "variance in the data's units",
 }
@@ -295,7 +295,7 @@ def run_experiment(
 
 def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) -> ExperimentResult:
     logger = _Logger(client, run_id)
-    logger.timed(log_params, client, run_id, {**config.flat(), **_UNITS})
+    logger.timed(log_params, client, run_id, {**config.flat(), **UNIT_PARAMS})
     device, dtype = torch.device(config.device), config.torch_dtype
     train, val = data.train.to(device, dtype), data.val.to(device, dtype)
     model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)

@@ -2,7 +2,7 @@
 
 | init         | means                                          | covariances                              | weights        |
 |--------------|------------------------------------------------|------------------------------------------|----------------|
-| `kmeans++`   | k-means (*), best of 10 seedings by NLL        | within-cluster scatter, shrunk to `base` | cluster shares |
+| `kmeans++`   | k-means (*), best of 10 seedings (**)          | within-cluster scatter, shrunk to `base` | cluster shares |
 | `random`     | K distinct data points                         | `base`                                   | equal          |
 | `radius`     | uniform in [-radius, radius]^D (the original)  | identity                                 | equal          |
 | `keep`       | the model's current parameters                 |                                          |                |
@@ -14,6 +14,7 @@ the covariance a collapsed component is reset to.
 its std for full, tied and diagonal, all by one RMS std for the isotropic families), so a column in other
 units does not dominate the clustering and the start does not depend on the data's units; the means and
 covariances are then those of the clusters in the data's units.
+(**) of 10 k-means++ seedings, the partition with the lowest NLL as a full-covariance mixture (`_kmeans_start`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .model import MixtureModel
 from .standardize import Standardizer
 
 INITS: tuple[str, ...] = ("kmeans++", "random", "radius", "keep")
@@ -97,21 +99,25 @@ def scatter_covariances(x: Tensor, resp: Tensor, means: Tensor, base: Tensor, pr
 
 
 def _kmeans_start(model, xs: Tensor, base: Tensor, g: torch.Generator, clamp: float):
-    """(means, covariances, weights) of the k-means start with the lowest NLL over `_KMEANS_SEEDINGS` k-means++
-    seedings (distances in standardized coordinates; each start's NLL in `model`'s family, floored at `clamp`).
-    Picking by likelihood rather than inertia keeps the start whose clusters the mixture explains best."""
+    """(means, covariances, weights) of the best of `_KMEANS_SEEDINGS` k-means runs from k-means++ seedings
+    (distances in standardized coordinates): the partition whose clusters a full-covariance mixture (their
+    scatter matrices, floored at `clamp`) explains best, i.e. with the lowest NLL. Judging every family's
+    partitions with the most flexible member keeps, e.g., three overlapping clusters from being covered by
+    one wide component of a constrained family (measured at the demo defaults: inertia and the family's own
+    NLL each picked such a start for one family of six; this criterion for none)."""
     k, d = model.num_components, model.num_dims
     coords = Standardizer.of(xs, model)
     zs = coords.data(xs)
+    judge = MixtureModel(k, d, "full", dtype=torch.float64, device=xs.device)
     best = None
     for _ in range(_KMEANS_SEEDINGS):
         centers, labels = kmeans(zs, k, g)
         means = centers * coords.scale + coords.shift
         resp = torch.nn.functional.one_hot(labels, k).double()
         start = means, scatter_covariances(xs, resp, means, base.to(xs.device), d + 1.0), (resp.sum(0) + 1) / (len(xs) + k)
-        model.set_parameters(*start)
-        model.family.clamp_(model.raw_cov.detach(), clamp)
-        nll = model.nll(xs)
+        judge.set_parameters(*start)
+        judge.family.clamp_(judge.raw_cov.detach(), clamp)
+        nll = judge.nll(xs)
         if best is None or nll < best[0]:
             best = (nll, start)
     return best[1]

@@ -20,7 +20,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from experiments import ExperimentConfig, load_model, run_experiment
 from experiments.metrics import adjusted_rand_index, recovery_error
-from experiments.run import EVENT_COLUMNS, curve_steps, main
+from experiments.run import EVENT_COLUMNS, UNIT_PARAMS, curve_steps, main
 from experiments.tracking import get_client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def test_run_finishes_with_params_and_tags(finished):
     uri, config, result = finished
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params == config.flat()
+    assert run.data.params == {**config.flat(), **UNIT_PARAMS}  # what the learning rates and clamp mean
     tags = run.data.tags
     assert tags["dataset.fingerprint"] == result.fingerprint and len(result.fingerprint) == 64
     for key in ("git.commit", "git.dirty", "version.torch", "version.numpy", "version.mlflow", "platform", "command"):
