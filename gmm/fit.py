@@ -23,7 +23,8 @@ sum_j log std_j.
 
 Best iterate (`keep_best`): the parameters with the lowest NLL seen (history[t] at every step; with
 mini-batches, the exact values at the log points and the start) are kept in a snapshot, and the model ends
-with them; `fit` returns their NLL. Spikes: when history[t] - history[t-1] > `spike_threshold` (not at a
+with them; `fit` returns their NLL. A reset starts that search afresh from the reset's step: the lower NLLs
+before it came from the collapsing component. Spikes: when history[t] - history[t-1] > `spike_threshold` (not at a
 reset's step; with mini-batches between consecutive log points), a "spike" event is recorded and, with
 `spike_rollback`, the parameters go back to the best iterate, Adam restarts (moments and step count zeroed)
 and both learning rates are halved for the rest of the fit (again at each further spike). A non-finite NLL
@@ -614,8 +615,8 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
     ) -> FitResult:
         """`final`: the data-unit NLL of the parameters left in the model, those of step `kept_step`."""
         kept = torch.tensor(history, dtype=torch.float64) + shift
-        if final is not None and kept_step == len(history) - 1:
-            kept[-1] = final  # computed on the data itself, after the map back
+        if final is not None and 0 <= kept_step < len(history):
+            kept[kept_step] = final  # computed on the data itself, after the map back
         result = FitResult(
             kept,
             tuple(events),
@@ -706,7 +707,8 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
                     on_spike(step - 1, history[-2], value)
             hit = stepper.clamp(clamp)
             if hit is not None and _on_clamp(model, z, stepper, step, *hit, opts, min_mass, g, reset_raw, events):
-                last_reset = step
+                # the low NLLs before a reset came from the collapsing component: the best is sought afresh
+                last_reset, best_nll, iterates.best = step, math.inf, -1
             if not batched and opts.tol is not None and step >= 2 and abs(history[-1] - history[-2]) < opts.tol:
                 converged = True
                 break

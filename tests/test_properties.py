@@ -42,7 +42,7 @@ def test_nll_finite_and_floor_holds_on_hostile_data(case, family, clamp):
     loss = model.fit(x, num_iterations=60, clamp=clamp, component_lr=0.05, mixture_lr=0.05)
     history = model.fit_result_.nll_history
     assert torch.isfinite(history).all(), history
-    assert loss == float(history[-1])
+    assert loss == float(history[model.fit_result_.best_step])  # the kept (best) iterate's NLL
     if family != "constant":
         assert bool((model.covariances.diagonal(dim1=-2, dim2=-1) >= clamp * (1 - 1e-9)).all())
     assert bool((torch.linalg.cholesky_ex(model.covariances).info == 0).all())
@@ -72,7 +72,8 @@ def test_isolated_point_collapse_is_reset(seed, family, distance, clamp, above):
     model.fit(x, num_iterations=1, clamp=clamp, component_lr=0.1, init="keep", seed=seed)
     result = model.fit_result_
     assert [(e.step, e.component, e.kind) for e in result.events] == [(1, 0, "clamp"), (1, 0, "reset")]
-    assert bool((x == model.means[0]).all(-1).any())  # the mean moved onto a data point
+    # the mean moved onto a data point (up to the rounding of the map back from standardized coordinates)
+    assert bool(torch.isclose(x, model.means[0], rtol=1e-12, atol=1e-12).all(-1).any())
     assert float(model.covariances[0].diagonal().amin()) > 100 * clamp  # and the variance off the floor
     assert torch.isfinite(result.nll_history).all()
 
