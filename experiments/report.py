@@ -79,6 +79,7 @@ import torch
 import gmm
 from gmm._cli import OneLineParser
 
+from .commands import module
 from .config import ExperimentConfig, add_arguments
 from .datasets import load_dataset
 
@@ -631,7 +632,7 @@ def build_document(
     )
     doc.para(f"What a seed varies: {manifest['seed_rule']}")
     doc.para(
-        f"Reproduce and check every number: `python -m experiments.report --verify {manifest['folder']}` "
+        f"Reproduce and check every number: `{module('experiments.report', '--verify', manifest['folder'])}` "
         f"(or `make verify-report REPORT={manifest['folder']}`)."
     )
     for family in families:
@@ -1145,7 +1146,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nWrote {folder}/ in {report.elapsed:.1f} s: report.md, report.html, runs.csv, summary.csv, manifest.json, "
         f"figures/ (MLflow parent run {report.parent_run_id})"
     )
-    print(f"Check it: python -m experiments.report --verify {folder}   (make verify-report REPORT={folder})")
+    print(f"Check it: {module('experiments.report', '--verify', folder)}   (or: make verify-report REPORT={folder})")
     return 0
 
 
