@@ -33,6 +33,7 @@ import argparse
 import copy
 import dataclasses
 import io
+import json
 import logging
 import math
 import sys
@@ -77,7 +78,8 @@ MODEL_NAME = "model"  # the logged MLflow model: runs:/<run_id>/model
 LEGACY_MODEL_ARTIFACT = "model/model.pt"  # what runs logged before the model became an MLflow model
 EVENT_COLUMNS = ("step", "component", "kind", "detail")
 # MLflow metric names: curves share a prefix so the UI groups them into one section each ("nll", "events",
-# "lr"); single final values go to "final" and the timings to "time" (shown as values on the run's page)
+# "lr"); single final values go to "summary" and the timings to "time". The UI orders sections by name, so
+# the curves come first; the run's Overview lists every metric's value, and the logged model its final ones.
 TRAIN_CURVE, VAL_CURVE, EM_CURVE = "nll/train", "nll/val", "nll/em"
 CLAMP_CURVE, RESET_CURVE = "events/clamps", "events/resets"
 TIME_METRICS = frozenset(
@@ -86,8 +88,8 @@ TIME_METRICS = frozenset(
 
 
 def metric_key(name: str) -> str:
-    """The MLflow key of a final value of `ExperimentResult.final_metrics()` (e.g. ari -> final/ari)."""
-    return f"time/{name}" if name in TIME_METRICS else f"final/{name}"
+    """The MLflow key of a final value of `ExperimentResult.final_metrics()` (e.g. ari -> summary/ari)."""
+    return f"time/{name}" if name in TIME_METRICS else f"summary/{name}"
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ def run_experiment(
 
         run_tags["dataset.file"] = str(Path(config.data_file).resolve())
         run_tags["dataset.file_sha256"] = file_sha256(config.data_file)
-    name = run_name or f"{config.family} seed {config.seed}"
+    name = run_name or f"{config.family}{f' {data.name}' if config.data_file else ''} seed {config.seed}"
     with tracked_run(uri, experiment_name, run_name=name, parent_run_id=parent_run_id, tags=run_tags) as (
         client,
         run_id,
@@ -316,6 +318,7 @@ def run_experiment(
 def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) -> ExperimentResult:
     logger = _Logger(client, run_id)
     logger.timed(log_params, client, run_id, config.flat())
+    logger.timed(_log_dataset_input, client, run_id, data, config)
     device, dtype = torch.device(config.device), config.torch_dtype
     train, val = data.train.to(device, dtype), data.val.to(device, dtype)
     model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)
@@ -395,7 +398,7 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
         for k, v in partial.final_metrics().items()
         if k not in ("train_nll", "val_nll", "clamp_count", "reset_count")
     }
-    finals["final/em_converged"] = float(em_result.converged) if em_result is not None else None
+    finals["summary/em_converged"] = float(em_result.converged) if em_result is not None else None
     if evaluator.last_step != result.num_iterations:
         finals[CLAMP_CURVE], finals[RESET_CURVE] = result.clamp_count, result.reset_count
     logger.add(finals, result.num_iterations)
@@ -416,6 +419,25 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     logger.add({metric_key(k): v for k, v in timings.items()}, result.num_iterations)
     logger.flush()
     return dataclasses.replace(partial, tracking_time=tracking_time, figure_time=figure_time)
+
+
+def _log_dataset_input(client, run_id: str, data: Dataset, config: ExperimentConfig) -> None:
+    """The data as the run's MLflow dataset input (the runs table's Dataset column): name, fingerprint, source."""
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+
+    if config.data_file is not None:
+        source_type, source = "local", {"uri": str(Path(config.data_file).resolve())}
+    else:
+        source_type, source = "code", {"generator": "experiments.datasets.load_dataset", **data.spec.as_dict()}
+    entity = DatasetEntity(
+        name=data.name or config.dataset or "generated",
+        digest=data.fingerprint[:12],
+        source_type=source_type,
+        source=json.dumps(source),
+        profile=json.dumps({"num_train": len(data.train), "num_val": len(data.val), "num_dims": data.num_dims}),
+    )
+    client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
 
 
 def curve_steps(num_points: int, every: int) -> list[int]:
@@ -566,13 +588,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+UI_URL = "http://127.0.0.1:5000"
+# MLflow 3's UI opens experiments in its GenAI view unless told otherwise; this URL parameter picks the
+# model-training view (runs, charts, logged models), which the UI then remembers
+UI_VIEW = "workflowType=machine_learning"
+
+
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on `uri`."""
     from .tracking import PROJECT_ROOT
 
     if uri == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}":
-        return "make ui   (http://127.0.0.1:5000)"
+        return "make ui"
     return module("mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", "5000")
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI that `ui_command` starts."""
+    return f"{UI_URL}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -606,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(format_summary(result))
     print(f"Run id: {result.run_id}")
-    print(f"Open the UI: {ui_command(uri)}")
+    experiment_id = get_client(uri).get_run(result.run_id).info.experiment_id
+    print(f"Open the UI: {ui_command(uri)}   then {run_url(experiment_id, result.run_id)}")
     return 0
 
 

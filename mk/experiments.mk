@@ -14,4 +14,5 @@ run: $(STAMP) ## one tracked fit: [FAMILY=full] [SEED=42] [CONFIG=file.yaml|json
 
 ui: $(STAMP) ## MLflow UI on the tracking store at http://127.0.0.1:5000 [UI_PORT=] [MLFLOW_TRACKING_URI=]
 	@test -n "$(MLFLOW_TRACKING_URI)" -o -f mlflow.db || echo "no runs yet: make run first (the UI starts anyway)"
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning  (the model-training view: runs, charts, logged models)"
 	$(PY) -m mlflow ui --backend-store-uri "$(TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT)

@@ -73,15 +73,15 @@ def test_final_metrics(finished):
     uri, config, result = finished
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
     for key in (
-        "final/true_nll_train",
-        "final/true_nll_val",
-        "final/em_nll_train",
-        "final/em_nll_val",
-        "final/gd_em_gap",
-        "final/recovery_error",
-        "final/ari",
-        "final/em_recovery_error",
-        "final/em_ari",
+        "summary/true_nll_train",
+        "summary/true_nll_val",
+        "summary/em_nll_train",
+        "summary/em_nll_val",
+        "summary/gd_em_gap",
+        "summary/recovery_error",
+        "summary/ari",
+        "summary/em_recovery_error",
+        "summary/em_ari",
         "time/wall_time",
         "time/iterations_per_second",
         "time/tracking_overhead",
@@ -89,11 +89,11 @@ def test_final_metrics(finished):
     ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["nll/train"] == pytest.approx(result.train_nll, abs=1e-12)  # the last point of the curve
-    assert metrics["final/em_nll_train"] == pytest.approx(result.em.final_nll, abs=1e-12)
-    assert metrics["final/num_iterations"] == config.iterations
-    assert 0.0 <= metrics["final/ari"] <= 1.0 and metrics["final/recovery_error"] >= 0
-    # each name once: curves under nll/, events/, lr/; single values under final/ and time/
-    assert {k.split("/")[0] for k in metrics} == {"nll", "events", "lr", "final", "time"}
+    assert metrics["summary/em_nll_train"] == pytest.approx(result.em.final_nll, abs=1e-12)
+    assert metrics["summary/num_iterations"] == config.iterations
+    assert 0.0 <= metrics["summary/ari"] <= 1.0 and metrics["summary/recovery_error"] >= 0
+    # each name once: curves under nll/, events/, lr/; single values under summary/ and time/
+    assert {k.split("/")[0] for k in metrics} == {"nll", "events", "lr", "summary", "time"}
 
 
 def test_events_figures_and_model_artifacts(finished, tmp_path):
@@ -276,3 +276,28 @@ def test_metrics_against_scikit_learn():
     assert recovery_error(truth + [1.0, 0, 0], truth) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same D"):
         recovery_error(truth, truth[:, :2])
+
+
+def test_mlflow_conventions_experiment_kind_logged_model_and_dataset(finished, tmp_path):
+    import mlflow.pytorch
+
+    from experiments.tracking import fluent_tracking_uri
+
+    uri, config, result = finished
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3: a training view
+    [output] = run.outputs.model_outputs  # the run's "Logged models"
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == "model" and logged.source_run_id == result.run_id and output.step == config.iterations
+    assert logged.experiment_id == run.info.experiment_id
+    with fluent_tracking_uri(uri):
+        model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model", dst_path=str(tmp_path))
+        served = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.log_prob(x), result.model.log_prob(x), rtol=0, atol=0)
+    np.testing.assert_allclose(served.predict(x.numpy()), result.model.log_prob(x).numpy(), rtol=0, atol=0)
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "generated" and result.fingerprint.startswith(dataset.dataset.digest)
+    assert client.get_run(result.run_id).data.params["components"] == "3"  # each param once

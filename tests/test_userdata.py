@@ -103,7 +103,7 @@ def test_a_tracked_run_on_a_csv(files, mlflow_uri):
     assert tags["dataset.fingerprint"] == result.fingerprint and len(tags["dataset.file_sha256"]) == 64
     assert "96 train / 24 validation" in tags["dataset.split"]
     assert np.isnan(result.ari) and np.isnan(result.true_nll_train) and np.isfinite(result.em_nll_train)
-    assert "final/ari" not in run.data.metrics  # no truth behind a file: not logged
+    assert "summary/ari" not in run.data.metrics  # no truth behind a file: not logged
 
 
 def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, mlflow_uri, capsys):
