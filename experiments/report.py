@@ -683,6 +683,11 @@ def seed_rule(config: ExperimentConfig) -> str:
             f"seed i (0 <= i < n) fits with seed = {config.seed} + i (initialization and resets); "
             f"the data is the named dataset {config.dataset!r} for every seed."
         )
+    if config.data_file is not None:
+        return (
+            f"seed i (0 <= i < n) fits with seed = {config.seed} + i (initialization and resets) on the data file "
+            f"{config.data_file!r}, split into train and validation afresh with data_seed = {config.data_seed} + i."
+        )
     return (
         f"seed i (0 <= i < n) fits with seed = {config.seed} + i (initialization and resets) on fresh data "
         f"generated with data_seed = {config.data_seed} + i."

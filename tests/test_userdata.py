@@ -121,3 +121,30 @@ def test_fit_and_fit_em_take_a_dataframe(points):
     assert a.fit_em(frame) == b.fit_em(torch.from_numpy(points))
     with pytest.raises(TypeError, match=r"non-numeric column\(s\) 'name'; select the numeric ones"):
         a.fit(frame.assign(name="p"))
+
+
+@pytest.mark.slow
+def test_a_seed_report_on_a_file_and_its_verification(files, tmp_path, capsys):
+    from experiments.report import main as report_main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "report"
+    common = ["--tracking-uri", uri]
+    argv = [
+        "--data",
+        str(files / "points.npy"),
+        "--components",
+        "2",
+        "--seeds",
+        "2",
+        "--iterations",
+        "30",
+        "--out",
+        str(out),
+    ]
+    assert report_main([*argv, "--no-log-figures", *common]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 4 and runs["data_seed"].tolist() == [0, 0, 1, 1]  # a fresh split per seed
+    assert "on the data file" in (out / "report.md").read_text()
+    assert report_main(["--verify", str(out), *common]) == 0
+    assert "PASS" in capsys.readouterr().out
