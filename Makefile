@@ -9,6 +9,10 @@ STAMP := $(VENV)/.stamp-install
 
 FAMILY ?= full
 SEED ?= 42
+DATA_SEED ?= 0
+DATA ?=
+COLUMNS ?=
+COMPONENTS ?=
 TRIALS ?=
 JOBS ?= 1
 STORAGE ?=
@@ -23,13 +27,18 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv with the CPU build of torch and the project (idempotent)
 
+# pip shows its progress (a bar per download on a terminal, one line per package otherwise): the first
+# install takes about a minute, and a silent minute looks like a hang.
 $(STAMP): pyproject.toml
+	@echo "== make install: creating $(VENV) (first time only; about a minute on a quiet machine)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned (CPU build): a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,postgres]"
+	$(PY) -m pip install --upgrade pip
+	@echo "== 1/2: PyTorch, pinned CPU build ($(TORCH)); a bare torch requirement would pull a multi-GB CUDA build"
+	$(PY) -m pip install "$(TORCH)"
+	@echo "== 2/2: this project, editable, with its extras (test, postgres, sklearn)"
+	$(PY) -m pip install -e ".[test,postgres,sklearn]"
 	touch $@
+	@echo "== installed. Run commands through make, or as .venv/bin/python -m ..., or after: source .venv/bin/activate"
 
 # Numerically sensitive modules: `make test` runs them a second time on another math-kernel path (MKL's
 # conditional-numerical-reproducibility mode and ATen's portable kernels), so a test that depends on where a

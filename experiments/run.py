@@ -618,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     print(
-        f"Fitting {config.family} (K={config.model_components}, D={config.model_dims}, {config.iterations} steps), "
-        f"data: {config.data_file or config.dataset or 'generated'}; tracking to {uri}",
+        f"Fitting {config.family} (K={config.model_components}, D={config.model_dims}, {config.iterations} steps, "
+        f"seed {config.seed}) to {describe_data(config)}; tracking to {uri}",
         flush=True,
     )
     try:
@@ -642,6 +642,23 @@ def main(argv: list[str] | None = None) -> int:
     experiment_id = get_client(uri).get_run(result.run_id).info.experiment_id
     print(f"Open the UI: {ui_command(uri)}   then {run_url(experiment_id, result.run_id)}")
     return 0
+
+
+def describe_data(config: ExperimentConfig) -> str:
+    """What data a run fits, in words (so that a config without data fields says it fits generated data)."""
+    if config.data_file is not None:
+        n, d = config.data_spec().shape
+        columns = f", columns {config.columns}" if config.columns else ""
+        scaled = ", standardized" if config.standardize else ""
+        return f"the file {config.data_file} ({n} x {d}{columns}{scaled}; split with data_seed {config.data_seed})"
+    spec = config.data_spec()
+    what = (
+        f"{spec.num_samples} points of {spec.num_components} {spec.family} clusters in {spec.num_dims}-D, radius "
+        f"{spec.radius:g}{f', {spec.perturbation}' if spec.perturbation else ''}, data_seed {spec.seed}"
+    )
+    if config.dataset is not None:
+        return f"the named dataset {config.dataset} ({what})"
+    return f"generated data ({what}; --dataset NAME or --data FILE fit other data)"
 
 
 def format_summary(r: ExperimentResult) -> str:

@@ -199,7 +199,7 @@ def load_file(spec: FileSpec, num_components: int | None = None) -> Dataset:
         raise ValueError(
             f"data file {spec.path!r} has {n} rows, {n - num_val} for training after holding out "
             f"val_fraction={spec.val_fraction}: fewer than the {num_components} components; "
-            "use fewer components (--num-components) or a smaller --val-fraction"
+            "use fewer components (--components K) or a smaller --val-fraction"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed + 1))
     val_index, train_index = order[:num_val].sort().values, order[num_val:].sort().values
