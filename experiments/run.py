@@ -1,23 +1,29 @@
 """Run one experiment: load its data, fit by gradient descent (and EM), log everything to one MLflow run.
 
-    python -m experiments.run --family full --components 5 --seed 42
-    python -m experiments.run --config studies/best/full-v1.json --em
-    make run FAMILY=full SEED=42 [CONFIG=FILE]     then     make ui
+    .venv/bin/python -m experiments.run --family full --components 5 --seed 42
+    .venv/bin/python -m experiments.run --data points.csv --columns x,y --components 3
+    make run FAMILY=full SEED=42 [DATA_SEED=0] [DATA=FILE] [CONFIG=FILE]     then     make ui
 
 What one run holds (read back with `MlflowClient`, or `load_model(run_id)` for the model):
-- params: the whole config, flattened (`ExperimentConfig.flat`);
-- metric curves with steps: `train_nll` every `log_every` steps (and at the last), `val_nll`,
-  `clamp_count`, `reset_count` (cumulative), `lr_mixture`, `lr_component` every `eval_every` steps;
-- final metrics: `train_nll`/`val_nll` (last points of their curves), `true_nll_train`/`true_nll_val`
-  (the generating parameters), `em_nll_train`/`em_nll_val` and `gd_em_gap` (with `em`),
-  `recovery_error` (mean distance of Hungarian-matched means), `ari` (adjusted Rand index on all points),
-  `wall_time`, `iterations_per_second`, `num_iterations`, `init_time`, `compile_time`, and the cost of the
-  tracking itself: `tracking_time` (every MLflow call but figures), `tracking_overhead` (its fraction of
-  the fit's wall time) and `figure_time`;
-- artifacts: `events.csv` (every clamp and reset), `figures/fit.png`, `figures/nll_curve.png`,
-  `model/model.pt` (state dict + config) and `model/config.json`;
-- tags: `dataset.fingerprint` (sha256 of the data), `dataset.name`, git commit and dirtiness, versions,
-  platform and the exact command line (experiments.tracking.repro_tags).
+- params: each setting once, with the value in effect (`ExperimentConfig.flat`); the exact config is the
+  artifact `config.json`;
+- metric curves with steps (the prefix groups them in the UI): `nll/train` every `log_every` steps (and at
+  the last), `nll/val`, `events/clamps`, `events/resets` (cumulative), `lr/mixture`, `lr/component` every
+  `eval_every` steps, `nll/em` (EM's iterations);
+- single values (`metric_key`): `summary/true_nll_train`, `summary/true_nll_val` (the generating
+  parameters; not for a data file), `summary/em_nll_train`, `summary/em_nll_val`, `summary/gd_em_gap`,
+  `summary/em_converged` (with `em`), `summary/recovery_error` (mean distance of Hungarian-matched means),
+  `summary/ari` (adjusted Rand index on all points), `summary/num_iterations`; timings `time/wall_time`,
+  `time/iterations_per_second`, `time/init_time`, `time/compile_time`, and the cost of the tracking itself:
+  `time/tracking_time` (every MLflow call but figures), `time/tracking_overhead` (its fraction of the fit's
+  wall time) and `time/figure_time`;
+- artifacts: `events.csv` (every clamp and reset), `config.json`, `figures/fit.png`, `figures/nll_curve.png`
+  (train NLL of GD and EM, validation NLL over them);
+- the fitted model as an MLflow model (pytorch flavor, signature, input example): `runs:/<run_id>/model`,
+  the run's "Logged models", with the final metrics linked to it;
+- the data as the run's dataset input; tags: `dataset.fingerprint` (sha256 of the data), `dataset.name`,
+  `dataset.shape`, `dataset.split` (and `dataset.file`, `dataset.file_sha256` for a file), git commit and
+  dirtiness, versions, platform and the exact command line (experiments.tracking.repro_tags).
 
 Metrics are buffered and written with `log_batch` at most every few seconds while the fit runs (so a long
 fit's curves grow in the UI) and once at the end. If the fit raises (a non-finite NLL, a failed

@@ -148,3 +148,16 @@ def test_a_seed_report_on_a_file_and_its_verification(files, tmp_path, capsys):
     assert "on the data file" in (out / "report.md").read_text()
     assert report_main(["--verify", str(out), *common]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_report_precision_rule_glossary_and_packages():
+    from experiments.report import GLOSSARY, RUN_COLUMNS, _decimals, _fmt_stat, installed_packages
+
+    assert set(RUN_COLUMNS) <= set(GLOSSARY)  # every column is explained
+    d = _decimals(1.3)  # two significant digits of the spread decide the decimals of every number of the cell
+    assert (_fmt_stat(0.853288, d), _fmt_stat(1.3, d)) == ("0.9", "1.3")
+    assert _fmt_stat(4.02761, _decimals(0.24)) == "4.03" and _fmt_stat(300, _decimals(0.0)) == "300"
+    packages = installed_packages()
+    assert any(p.startswith("torch==") for p in packages) and packages == sorted(
+        packages, key=lambda p: p.split("==")[0].lower()
+    )
