@@ -325,6 +325,7 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     logger = _Logger(client, run_id)
     logger.timed(log_params, client, run_id, config.flat())
     logger.timed(_log_dataset_input, client, run_id, data, config)
+    logger.last_flush = time.perf_counter()  # the first flush comes _FLUSH_SECONDS into the fit, not into the setup
     device, dtype = torch.device(config.device), config.torch_dtype
     train, val = data.train.to(device, dtype), data.val.to(device, dtype)
     model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)

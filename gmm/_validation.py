@@ -58,7 +58,7 @@ def as_tensor(data, name: str = "data", dtype: torch.dtype | None = None, device
         except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be numeric; could not convert it to a tensor ({err})") from None
     else:
-        raise TypeError(f"{name} must be a torch.Tensor, a NumPy array or a pandas DataFrame; got {type(data).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array (or a pandas DataFrame); got {type(data).__name__}")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
         raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}")
     if dtype is None:
