@@ -1212,7 +1212,8 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     print(
         f"Report: {', '.join(families)} x {num_seeds} seeds ({config.iterations} Adam steps + EM each, "
-        f"{config.dataset or 'generated data'}), {args.jobs} job{'s' * (args.jobs > 1)}; tracking to {uri}",
+        f"{config.data_file or config.dataset or 'generated data'}), {args.jobs} job{'s' * (args.jobs > 1)}; "
+        f"tracking to {uri}",
         flush=True,
     )
     try:

@@ -40,6 +40,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import socket
 import sys
 import time
@@ -208,6 +209,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ValueError("--data studies your own file instead of named datasets; drop --datasets")
     if args.data is None and (args.columns is not None or args.standardize):
         raise ValueError("--columns and --standardize apply to --data FILE; pass --data too")
+    if args.data is not None and args.study == DEFAULT_STUDY:  # its own study, apart from the named datasets'
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.data).stem) or "data"
+        args.study = "{family}-" + stem + "-" + STUDY_VERSION
     return families
 
 
