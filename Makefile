@@ -9,6 +9,10 @@ STAMP := $(VENV)/.stamp-install
 
 FAMILY ?= full
 SEED ?= 42
+DATA_SEED ?= 0
+DATA ?=
+COLUMNS ?=
+COMPONENTS ?=
 TRIALS ?=
 JOBS ?= 1
 STORAGE ?=
@@ -23,20 +27,25 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv with the CPU build of torch and the project (idempotent)
 
+# pip shows its progress (a bar per download on a terminal, one line per package otherwise): the first
+# install takes about a minute, and a silent minute looks like a hang.
 $(STAMP): pyproject.toml
+	@echo "== make install: creating $(VENV) (first time only; about a minute on a quiet machine)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned (CPU build): a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,postgres]"
+	$(PY) -m pip install --upgrade pip
+	@echo "== 1/2: PyTorch, pinned CPU build ($(TORCH)); a bare torch requirement would pull a multi-GB CUDA build"
+	$(PY) -m pip install "$(TORCH)"
+	@echo "== 2/2: this project, editable, with its extras (test, postgres, sklearn)"
+	$(PY) -m pip install -e ".[test,postgres,sklearn]"
 	touch $@
+	@echo "== installed. Run commands through make, or as .venv/bin/python -m ..., or after: source .venv/bin/activate"
 
 # Numerically sensitive modules: `make test` runs them a second time on another math-kernel path (MKL's
 # conditional-numerical-reproducibility mode and ATen's portable kernels), so a test that depends on where a
 # chaotic trajectory happens to go fails on every machine, not only on some CPUs.
 NUMERIC_TESTS := tests/test_collapse.py tests/test_fit.py tests/test_properties.py tests/test_scratch.py \
 	tests/test_likelihood.py tests/test_em.py tests/test_minibatch.py tests/test_optim.py tests/test_model.py \
-	tests/test_trust.py
+	tests/test_trust.py tests/test_distribution.py
 OTHER_KERNELS := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default
 
 test: $(STAMP) ## run the whole test suite (slow end-to-end tests included), then the numeric tests on other kernels

@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ import gmm
 from gmm._validation import check_choice, check_float, check_int
 
 from .datasets import PERTURBATIONS, DataSpec, get_spec
+
+if TYPE_CHECKING:
+    from .userdata import FileSpec
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 INITS = tuple(gmm.INITS)
@@ -49,21 +52,25 @@ _CURVE_POINTS = 500  # the automatic log_every keeps the logged train-NLL curve 
 class ExperimentConfig:
     """One experiment: the data, the model, the fit and what to log. Every field has a default.
 
-    The data is either a named dataset (`dataset`) or `gmm.generate_data(samples, components, dims, radius,
-    data_family, seed=data_seed)` with an optional perturbation; setting both is an error. The model has
-    `num_components` components (default: the data's number of clusters) of covariance `family`.
+    The data is a named dataset (`dataset`), a file of your own (`data_file`, split with `data_seed`), or
+    `gmm.generate_data(samples, components, dims, radius, data_family, seed=data_seed)` with an optional
+    perturbation; setting two of them is an error. The model has `num_components` components (default: the
+    data's number of clusters; for a file, `components`) of covariance `family`.
     """
 
     # -- data ---------------------------------------------------------------------------------------
     dataset: str | None = (
         None  # a name in experiments.datasets.DATASETS; None: generate from the fields below
     )
+    data_file: str | None = None  # your own .csv/.npy/.parquet file (experiments.userdata); split by data_seed
+    columns: str | None = None  # columns of data_file, by name or 0-based index ("x,y"); None: every column
+    standardize: bool = False  # z-score data_file's columns by the training split's mean and std
     samples: int = 1000  # N, points in the whole dataset (train + validation)
     components: int = 5  # true clusters K of the generated data
     dims: int = 2  # D
     radius: float = 8.0  # true means are uniform in [-radius, radius]^D
     data_family: str | None = None  # covariance family of the generating mixture; None: same as `family`
-    data_seed: int = 0  # seed of the generated data (the split uses data_seed + 1)
+    data_seed: int = 0  # seed of the generated data; the split of generated or file data uses data_seed + 1
     perturbation: str | None = None  # None, "duplicates" or "tiny_cluster" (see experiments.datasets)
     val_fraction: float = 0.2  # held-out fraction in [0, 1): fit on the rest, report the NLL on both
     # -- model --------------------------------------------------------------------------------------
@@ -142,25 +149,46 @@ class ExperimentConfig:
             check_int(self.log_every, "log_every", minimum=1)
         check_int(self.em_iterations, "em_iterations", minimum=1)
         check_float(self.em_tol, "em_tol", nonnegative=True)
-        for name in ("compile", "em", "log_figures", "log_model"):
+        for name in ("compile", "em", "log_figures", "log_model", "standardize"):
             _check_bool(getattr(self, name), name)
         if self.dataset is not None:
             clash = [name for name in _DATA_FIELDS if getattr(self, name) != _DATA_DEFAULTS[name]]
+            if self.data_file is not None:
+                clash.insert(0, "data_file")
             if clash:
                 raise ValueError(
                     f"dataset={self.dataset!r} fixes the data, so {', '.join(clash)} cannot be set with it; "
                     "drop them, or drop dataset to generate data from them"
                 )
+        if self.data_file is not None:
+            if not isinstance(self.data_file, str) or not self.data_file:
+                raise TypeError(f"data_file must be a file path; got {self.data_file!r}")
+            clash = [n for n in _GENERATION_FIELDS if getattr(self, n) != _DATA_DEFAULTS[n]]
+            if clash:
+                raise ValueError(
+                    f"{', '.join(clash)} describe generated data, not data_file={self.data_file!r}; drop them "
+                    "(components and data_seed apply: the model's K and the split's seed)"
+                )
+        elif self.columns is not None or self.standardize:
+            raise ValueError("columns and standardize apply to a data file only; pass data_file (--data FILE) too")
         spec = self.data_spec()
         k = self.model_components
-        if k > spec.num_samples:
+        if self.data_file is not None:
+            from .userdata import load_file
+
+            load_file(spec, k)  # a bad file, NaN rows or too few rows fail here, with the row or column
+        elif k > spec.num_samples:
             raise ValueError(
                 f"num_components={k} exceeds the {spec.num_samples} samples; use fewer components"
             )
 
     # -- derived values ---------------------------------------------------------------------------------
-    def data_spec(self) -> DataSpec:
-        """The DataSpec of the data: the named dataset's (with this val_fraction) or one from the fields."""
+    def data_spec(self) -> DataSpec | FileSpec:
+        """The spec of the data: the named dataset's (with this val_fraction), the data file's, or the fields'."""
+        if self.data_file is not None:
+            from .userdata import FileSpec
+
+            return FileSpec(self.data_file, self.columns, self.data_seed, self.val_fraction, self.standardize)
         if self.dataset is not None:
             return dataclasses.replace(get_spec(self.dataset), val_fraction=self.val_fraction)
         return DataSpec(
@@ -183,6 +211,8 @@ class ExperimentConfig:
 
     @property
     def model_dims(self) -> int:
+        if self.data_file is not None:
+            return self.data_spec().shape[1]
         return get_spec(self.dataset).num_dims if self.dataset is not None else self.dims
 
     @property
@@ -238,14 +268,37 @@ class ExperimentConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def flat(self) -> dict[str, str]:
-        """MLflow params: every field as a string, plus the resolved values (data spec, components, intervals)."""
-        params = {k: _param(v) for k, v in self.to_dict().items()}
-        spec = self.data_spec()
-        params.update({f"data.{k}": _param(v) for k, v in spec.as_dict().items()})
-        params["resolved.num_components"] = str(self.model_components)
-        params["resolved.eval_every"] = str(self.resolved_eval_every)
-        params["resolved.log_every"] = str(self.resolved_log_every)
-        return params
+        """MLflow params: each setting once, with the value in effect (the exact config is `to_dict()`).
+
+        A named dataset's data fields hold that dataset's values; a data file's hold its shape (samples,
+        dims), and the generation-only fields are left out; defaults given as None are resolved
+        (num_components, data_family, eval_every, log_every).
+        """
+        params = self.to_dict()
+        if self.dataset is not None:
+            spec = get_spec(self.dataset)
+            params.update(
+                samples=spec.num_samples,
+                components=spec.num_components,
+                dims=spec.num_dims,
+                radius=spec.radius,
+                data_family=spec.family,
+                data_seed=spec.seed,
+                perturbation=spec.perturbation,
+            )
+        elif self.data_file is not None:
+            for name in ("components", *_GENERATION_FIELDS):
+                params.pop(name)
+            params["samples"], params["dims"] = self.data_spec().shape
+        elif self.data_family is None:
+            params["data_family"] = self.family
+        if self.data_file is None:
+            for name in ("data_file", "columns", "standardize"):
+                params.pop(name)
+        params["num_components"] = self.model_components
+        params["eval_every"] = self.resolved_eval_every
+        params["log_every"] = self.resolved_log_every
+        return {k: _param(v) for k, v in params.items()}
 
     def replace(self, **changes) -> ExperimentConfig:
         """A copy with `changes` (checked like from_dict: unknown keys and bad values raise)."""
@@ -300,6 +353,7 @@ class ExperimentConfig:
 
 
 _DATA_FIELDS = ("samples", "components", "dims", "radius", "data_family", "data_seed", "perturbation")
+_GENERATION_FIELDS = ("samples", "dims", "radius", "data_family", "perturbation")  # meaningless for a data file
 _DATA_DEFAULTS = {f.name: f.default for f in fields(ExperimentConfig) if f.name in _DATA_FIELDS}
 
 # -- field types ------------------------------------------------------------------------------------------
@@ -333,6 +387,8 @@ def _param(value: Any) -> str:
 
 # -- command line -------------------------------------------------------------------------------------------
 def _flag_names(name: str, demo: bool) -> list[str]:
+    if name == "data_file":
+        return ["--data", "--data-file", "--data_file"]
     dashed = f"--{name.replace('_', '-')}"
     underscored = f"--{name}"
     if dashed == underscored:
@@ -347,12 +403,15 @@ _FLAGS: dict[str, tuple[str, bool]] = {
         "a named dataset (python -m experiments.datasets lists them); overrides the data flags",
         False,
     ),
+    "data_file": ("your own data: a .csv (header optional), .npy or .parquet file of numeric columns", False),
+    "columns": ("columns of --data to use, by name or 0-based index (x,y or 0,2)", False),
+    "standardize": ("z-score --data's columns by the training split's mean and std", False),
     "samples": ("data points N (train + validation)", True),
     "components": ("true clusters K of the generated data (and of the model unless --num-components)", True),
     "dims": ("dimensions D", True),
     "radius": ("true means are uniform in [-radius, radius]^D", True),
     "data_family": ("covariance family of the generated data (default: the model's family)", False),
-    "data_seed": ("seed of the generated data", False),
+    "data_seed": ("seed of the generated data, and of the train/validation split", False),
     "perturbation": ("perturb the generated data: duplicates or tiny_cluster", False),
     "val_fraction": ("held-out fraction of the data, in [0, 1)", False),
     "family": ("covariance family of the model", True),

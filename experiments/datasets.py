@@ -95,7 +95,8 @@ class Dataset:
         val: (N_val, D) float32 validation points (N_val = round(val_fraction * N); may be 0).
         labels_train: (N_train,) int64 true cluster of each training point.
         labels_val: (N_val,) int64 true cluster of each validation point.
-        mock: gmm.MockData of the full (perturbed) data and the generating mixture (`mock.true_model()`).
+        mock: gmm.MockData of the full (perturbed) data and the generating mixture (`mock.true_model()`);
+            None for a data file of your own (experiments.userdata: no truth).
         fingerprint: sha256 of the full data after perturbation (gmm.fingerprint).
         spec: the DataSpec it was made from.
         name: the DATASETS name, or None for an ad-hoc spec.
@@ -106,7 +107,7 @@ class Dataset:
     val: Tensor
     labels_train: Tensor
     labels_val: Tensor
-    mock: gmm.MockData
+    mock: gmm.MockData | None
     fingerprint: str
     spec: DataSpec
     name: str | None = None
@@ -115,7 +116,7 @@ class Dataset:
 
     @property
     def num_dims(self) -> int:
-        return int(self.mock.data.shape[1])
+        return int(self.train.shape[1])
 
 
 def _named() -> dict[str, DataSpec]:
@@ -190,7 +191,7 @@ def load_dataset(spec_or_name: DataSpec | str) -> Dataset:
     """Generate a dataset and split it; the same spec always gives the same tensors and fingerprint.
 
     Args:
-        spec_or_name: a DataSpec, or the name of one in DATASETS.
+        spec_or_name: a DataSpec, the name of one in DATASETS, or an experiments.userdata.FileSpec.
 
     Returns:
         A Dataset (see its docstring).
@@ -200,6 +201,10 @@ def load_dataset(spec_or_name: DataSpec | str) -> Dataset:
         TypeError: a spec_or_name of another type.
     """
     name = None
+    from .userdata import FileSpec, load_file  # imported here: userdata builds on this module
+
+    if isinstance(spec_or_name, FileSpec):  # a file of your own
+        return load_file(spec_or_name)
     if isinstance(spec_or_name, str):
         name, spec = spec_or_name, get_spec(spec_or_name)
     elif isinstance(spec_or_name, DataSpec):

@@ -79,6 +79,7 @@ import torch
 import gmm
 from gmm._cli import OneLineParser
 
+from .commands import module
 from .config import ExperimentConfig, add_arguments
 from .datasets import load_dataset
 
@@ -105,6 +106,29 @@ METRIC_COLUMNS = (
     "wall_time",  # seconds in the fit loop
 )
 RUN_COLUMNS = KEY_COLUMNS + METRIC_COLUMNS
+GLOSSARY = {  # every column of runs.csv and of the summary, as the report's glossary prints it
+    "family": "covariance family of the fitted model (and of the generated data)",
+    "seed": "seed of the fit: initialization and resets (config seed + i for seed i)",
+    "data_seed": "seed of the generated data and of the train/validation split (fixed for a named dataset)",
+    "method": "gd: gradient descent (Adam on the mean NLL); em: expectation-maximization from the same start",
+    "train_nll": "final mean negative log-likelihood on the training split, nats per sample (lower is better)",
+    "val_nll": "the same on the held-out validation split (- without one)",
+    "true_nll_train": "NLL of the parameters that generated the data, on the training split (- for a data file)",
+    "true_nll_val": "the same on the validation split",
+    "gd_em_gap": "GD's train_nll minus EM's, same seed (gd rows only): > 0 means EM found the better optimum, "
+    "< 0 gradient descent did",
+    "recovery_error": "mean Euclidean distance between fitted and true means after one-to-one Hungarian matching, "
+    "in data units (0 = every true mean recovered; - for a data file)",
+    "ari": "adjusted Rand index of the most responsible component against the true labels, all points "
+    "(1 = same partition, about 0 = chance; - for a data file)",
+    "clamp_count": "variance-floor events: steps at which a covariance diagonal was raised to clamp",
+    "reset_count": "collapsed components moved to a badly explained point (gmm.fit)",
+    "iterations": "Adam steps (gd) or EM iterations (em) run",
+    "converged": "1 when the method's tolerance stopped it early (gd: tol, off by default, so 0; em: em_tol), "
+    "else 0; its mean is the converged fraction, so 0 ± 0 means no seed stopped early",
+    "wall_time": "seconds in the fit loop (not compared by --verify)",
+    "mean ± std [min, max]": "over the seeds: mean, sample standard deviation (n - 1), smallest and largest",
+}
 TIMING_COLUMNS = ("wall_time",)  # left out of the sha256 and of --verify
 COUNT_COLUMNS = ("clamp_count", "reset_count", "iterations", "converged")  # compared exactly, always
 RTOL, ATOL = 1e-3, 1e-4  # --verify across platforms or versions: |got - expected| <= ATOL + RTOL * |expected|
@@ -362,6 +386,7 @@ def environment() -> dict[str, Any]:
     return {
         "git": {"commit": static.get("git.commit", "unknown"), "dirty": {"true": True, "false": False}.get(dirty)},
         "versions": versions,
+        "packages": installed_packages(),
         "platform": {
             "platform": platform.platform(),
             "system": platform.system(),
@@ -370,6 +395,19 @@ def environment() -> dict[str, Any]:
             "torch_threads_per_seed": 1,
         },
     }
+
+
+def installed_packages() -> list[str]:
+    """Every installed distribution as "name==version", sorted: the content of `pip freeze` (read through
+    importlib.metadata, without starting pip)."""
+    from importlib.metadata import distributions
+
+    names = {}
+    for dist in distributions():
+        name = dist.metadata["Name"]
+        if name:
+            names.setdefault(name.lower(), f"{name}=={dist.version}")
+    return [names[k] for k in sorted(names)]
 
 
 def _cpu_capability() -> str:
@@ -473,16 +511,27 @@ def family_figures(
     fig, axes = make_figure(2, figsize=(10.0, 4.4))
     rows = runs[runs["family"] == family]
     for ax, column, label in zip(axes, ("train_nll", "val_nll"), ("train", "validation"), strict=True):
-        groups = [rows.loc[rows["method"] == m, column].dropna().to_numpy() for m in METHODS]
-        if not all(len(g) for g in groups):
+        paired = rows.pivot_table(index="seed", columns="method", values=column).dropna()  # seeds with both
+        if paired.empty:
             ax.set_title(f"no {label} NLL")
             continue
+        groups = [paired[m].to_numpy() for m in METHODS]
         ax.boxplot(groups, tick_labels=list(METHODS.values()), widths=0.5, showfliers=False, medianprops={"color": "black"})
-        for i, values in enumerate(groups, start=1):
-            offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
-            ax.plot(i + offsets, values, "o", alpha=0.6, markersize=4)  # one point per seed, spread evenly
+        offsets = np.linspace(-0.15, 0.15, len(paired)) if len(paired) > 1 else np.zeros(1)
+        for k, (seed, values) in enumerate(paired[list(METHODS)].iterrows()):  # one line per seed: GD to EM
+            ax.plot(
+                np.arange(1, len(METHODS) + 1) + offsets[k],
+                values.to_numpy(),
+                "o-",
+                alpha=0.6,
+                markersize=4,
+                linewidth=0.8,
+                label=f"seed {seed}" if len(paired) <= 10 else None,
+            )
+        if len(paired) <= 10:
+            ax.legend(fontsize="x-small", ncols=2)
         ax.set_ylabel(f"final {label} NLL (nats per sample)")
-        ax.set_title(f"{family}: final {label} NLL per method")
+        ax.set_title(f"{family}: final {label} NLL, a line per seed")
         ax.grid(True, axis="y", alpha=0.3)
     figures[f"final_nll_{family}.png"] = _png(fig)
 
@@ -565,7 +614,8 @@ class _Document:
 
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:3px 8px}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:0.85em;display:block;max-width:100%;overflow-x:auto}"
+    "th,td{border:1px solid #ccc;padding:3px 6px}"
     "td{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
     "img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:0.85em}"
     "pre{background:#f6f6f6;padding:0.8em;overflow-x:auto}code{background:#f6f6f6}"
@@ -583,6 +633,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *(line(r) for r in rows)])
+
+
+def _decimals(spread: float) -> int | None:
+    """Decimals that keep two significant digits of `spread` (None: no spread to go by)."""
+    if not math.isfinite(spread) or spread <= 0:
+        return None
+    return max(0, 1 - math.floor(math.log10(spread)))
+
+
+def _fmt_stat(value: Any, decimals: int | None) -> str:
+    """One summary number by the precision rule: the spread's decimals; 6 significant digits without spread."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if decimals is None:
+        return _fmt(value)
+    if decimals > 6:  # tiny spreads: the same two significant digits, in scientific notation
+        return f"{float(value):.2g}" if float(value) != 0 else "0"
+    return f"{float(value):.{decimals}f}"
 
 
 def _fmt(value: Any, digits: int = 6) -> str:
@@ -608,7 +676,10 @@ def summary_table(summary: pd.DataFrame, family: str) -> tuple[list[str], list[l
                 cells.append("-")
                 continue
             r = match.iloc[0]
-            cells.append(f"{_fmt(r['mean'])} ± {_fmt(r['std'], 2)} [{_fmt(r['min'])}, {_fmt(r['max'])}]")
+            d = _decimals(float(r["std"]))
+            cells.append(
+                f"{_fmt_stat(r['mean'], d)} ± {_fmt_stat(r['std'], d)} [{_fmt_stat(r['min'], d)}, {_fmt_stat(r['max'], d)}]"
+            )
         table.append(cells)
     return headers, table
 
@@ -631,7 +702,7 @@ def build_document(
     )
     doc.para(f"What a seed varies: {manifest['seed_rule']}")
     doc.para(
-        f"Reproduce and check every number: `python -m experiments.report --verify {manifest['folder']}` "
+        f"Reproduce and check every number: `{module('experiments.report', '--verify', manifest['folder'])}` "
         f"(or `make verify-report REPORT={manifest['folder']}`)."
     )
     for family in families:
@@ -645,9 +716,17 @@ def build_document(
         ):
             doc.image(f"figures/{file}", alt, figures[file])
     doc.heading(2, "Every run (runs.csv)")
-    doc.table(
-        list(RUN_COLUMNS), [[_fmt(v, 3 if c in TIMING_COLUMNS else 8) for c, v in row.items()] for row in _records(runs)]
+    doc.para(
+        "Two tables, so that each fits a page; rows pair by family, seed and method. Numbers: 6 significant "
+        "digits here (runs.csv keeps full precision); in the summaries, mean, std, min and max are rounded to "
+        "the decimal of the std's second significant digit (its scientific form below 1e-6), or 6 significant "
+        "digits when the std is 0."
     )
+    records = _records(runs)
+    for columns in (RUN_COLUMNS[:10], KEY_COLUMNS + RUN_COLUMNS[10:]):
+        doc.table(list(columns), [[_fmt(row[c], 3 if c in TIMING_COLUMNS else 6) for c in columns] for row in records])
+    doc.heading(2, "Glossary")
+    doc.table(["column", "meaning"], [[name, meaning] for name, meaning in GLOSSARY.items()])
     doc.heading(2, "Configuration")
     doc.code(json.dumps(config, indent=2))
     doc.heading(2, "Environment")
@@ -656,6 +735,10 @@ def build_document(
     env_rows += [["runs.csv sha256 (timing columns excluded)", manifest["runs_csv"]["sha256"]]]
     env_rows += [[f"mlflow.{k}", str(v)] for k, v in manifest["mlflow"].items()]
     doc.table(["what", "value"], env_rows)
+    packages = manifest.get("packages") or []
+    if packages:
+        doc.para(f"Installed packages ({len(packages)}, as `pip freeze` lists them; also in manifest.json):")
+        doc.code("\n".join(packages))
     return doc
 
 
@@ -681,6 +764,11 @@ def seed_rule(config: ExperimentConfig) -> str:
         return (
             f"seed i (0 <= i < n) fits with seed = {config.seed} + i (initialization and resets); "
             f"the data is the named dataset {config.dataset!r} for every seed."
+        )
+    if config.data_file is not None:
+        return (
+            f"seed i (0 <= i < n) fits with seed = {config.seed} + i (initialization and resets) on the data file "
+            f"{config.data_file!r}, split into train and validation afresh with data_seed = {config.data_seed} + i."
         )
     return (
         f"seed i (0 <= i < n) fits with seed = {config.seed} + i (initialization and resets) on fresh data "
@@ -1124,7 +1212,8 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     print(
         f"Report: {', '.join(families)} x {num_seeds} seeds ({config.iterations} Adam steps + EM each, "
-        f"{config.dataset or 'generated data'}), {args.jobs} job{'s' * (args.jobs > 1)}; tracking to {uri}",
+        f"{config.data_file or config.dataset or 'generated data'}), {args.jobs} job{'s' * (args.jobs > 1)}; "
+        f"tracking to {uri}",
         flush=True,
     )
     try:
@@ -1145,7 +1234,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nWrote {folder}/ in {report.elapsed:.1f} s: report.md, report.html, runs.csv, summary.csv, manifest.json, "
         f"figures/ (MLflow parent run {report.parent_run_id})"
     )
-    print(f"Check it: python -m experiments.report --verify {folder}   (make verify-report REPORT={folder})")
+    print(f"Check it: {module('experiments.report', '--verify', folder)}   (or: make verify-report REPORT={folder})")
     return 0
 
 

@@ -1,23 +1,29 @@
 """Run one experiment: load its data, fit by gradient descent (and EM), log everything to one MLflow run.
 
-    python -m experiments.run --family full --components 5 --seed 42
-    python -m experiments.run --config studies/best/full-v1.json --em
-    make run FAMILY=full SEED=42 [CONFIG=FILE]     then     make ui
+    .venv/bin/python -m experiments.run --family full --components 5 --seed 42
+    .venv/bin/python -m experiments.run --data points.csv --columns x,y --components 3
+    make run FAMILY=full SEED=42 [DATA_SEED=0] [DATA=FILE] [CONFIG=FILE]     then     make ui
 
 What one run holds (read back with `MlflowClient`, or `load_model(run_id)` for the model):
-- params: the whole config, flattened (`ExperimentConfig.flat`);
-- metric curves with steps: `train_nll` every `log_every` steps (and at the last), `val_nll`,
-  `clamp_count`, `reset_count` (cumulative), `lr_mixture`, `lr_component` every `eval_every` steps;
-- final metrics: `train_nll`/`val_nll` (last points of their curves), `true_nll_train`/`true_nll_val`
-  (the generating parameters), `em_nll_train`/`em_nll_val` and `gd_em_gap` (with `em`),
-  `recovery_error` (mean distance of Hungarian-matched means), `ari` (adjusted Rand index on all points),
-  `wall_time`, `iterations_per_second`, `num_iterations`, `init_time`, `compile_time`, and the cost of the
-  tracking itself: `tracking_time` (every MLflow call but figures), `tracking_overhead` (its fraction of
-  the fit's wall time) and `figure_time`;
-- artifacts: `events.csv` (every clamp and reset), `figures/fit.png`, `figures/nll_curve.png`,
-  `model/model.pt` (state dict + config) and `model/config.json`;
-- tags: `dataset.fingerprint` (sha256 of the data), `dataset.name`, git commit and dirtiness, versions,
-  platform and the exact command line (experiments.tracking.repro_tags).
+- params: each setting once, with the value in effect (`ExperimentConfig.flat`); the exact config is the
+  artifact `config.json`;
+- metric curves with steps (the prefix groups them in the UI): `nll/train` every `log_every` steps (and at
+  the last), `nll/val`, `events/clamps`, `events/resets` (cumulative), `lr/mixture`, `lr/component` every
+  `eval_every` steps, `nll/em` (EM's iterations);
+- single values (`metric_key`): `summary/true_nll_train`, `summary/true_nll_val` (the generating
+  parameters; not for a data file), `summary/em_nll_train`, `summary/em_nll_val`, `summary/gd_em_gap`,
+  `summary/em_converged` (with `em`), `summary/recovery_error` (mean distance of Hungarian-matched means),
+  `summary/ari` (adjusted Rand index on all points), `summary/num_iterations`; timings `time/wall_time`,
+  `time/iterations_per_second`, `time/init_time`, `time/compile_time`, and the cost of the tracking itself:
+  `time/tracking_time` (every MLflow call but figures), `time/tracking_overhead` (its fraction of the fit's
+  wall time) and `time/figure_time`;
+- artifacts: `events.csv` (every clamp and reset), `config.json`, `figures/fit.png`, `figures/nll_curve.png`
+  (train NLL of GD and EM, validation NLL over them);
+- the fitted model as an MLflow model (pytorch flavor, signature, input example): `runs:/<run_id>/model`,
+  the run's "Logged models", with the final metrics linked to it;
+- the data as the run's dataset input; tags: `dataset.fingerprint` (sha256 of the data), `dataset.name`,
+  `dataset.shape`, `dataset.split` (and `dataset.file`, `dataset.file_sha256` for a file), git commit and
+  dirtiness, versions, platform and the exact command line (experiments.tracking.repro_tags).
 
 Metrics are buffered and written with `log_batch` at most every few seconds while the fit runs (so a long
 fit's curves grow in the UI) and once at the end. If the fit raises (a non-finite NLL, a failed
@@ -30,6 +36,7 @@ Exit status: 0 done, 1 the fit failed (run marked FAILED), 2 bad input (one line
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import io
 import json
@@ -43,6 +50,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from mlflow.entities import Metric
 
@@ -50,6 +58,7 @@ import gmm
 from gmm._cli import OneLineParser
 from gmm.fit import lr_factor
 
+from .commands import module
 from .config import ExperimentConfig, add_arguments, from_args
 from .datasets import Dataset, load_dataset
 from .metrics import adjusted_rand_index, recovery_error
@@ -71,8 +80,22 @@ __all__ = ["ExperimentResult", "StopRun", "load_model", "run_experiment", "main"
 log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 5.0  # buffered metrics are written at most this often while a fit runs
-MODEL_ARTIFACT = "model/model.pt"
+MODEL_NAME = "model"  # the logged MLflow model: runs:/<run_id>/model
+LEGACY_MODEL_ARTIFACT = "model/model.pt"  # what runs logged before the model became an MLflow model
 EVENT_COLUMNS = ("step", "component", "kind", "detail")
+# MLflow metric names: curves share a prefix so the UI groups them into one section each ("nll", "events",
+# "lr"); single final values go to "summary" and the timings to "time". The UI orders sections by name, so
+# the curves come first; the run's Overview lists every metric's value, and the logged model its final ones.
+TRAIN_CURVE, VAL_CURVE, EM_CURVE = "nll/train", "nll/val", "nll/em"
+CLAMP_CURVE, RESET_CURVE = "events/clamps", "events/resets"
+TIME_METRICS = frozenset(
+    {"wall_time", "iterations_per_second", "init_time", "compile_time", "tracking_time", "tracking_overhead", "figure_time"}
+)
+
+
+def metric_key(name: str) -> str:
+    """The MLflow key of a final value of `ExperimentResult.final_metrics()` (e.g. ari -> summary/ari)."""
+    return f"time/{name}" if name in TIME_METRICS else f"summary/{name}"
 
 
 @dataclass(frozen=True)
@@ -202,6 +225,8 @@ class _Evaluator:
         self.model, self.val, self.config, self.logger, self.on_eval = model, val, config, logger, on_eval
         self.clamps = self.resets = 0
         self.last_step = -1
+        self.val_steps: list[int] = []  # the validation curve, for the NLL figure
+        self.val_values: list[float] = []
 
     def __call__(self, step: int, nll: float, new_events: list) -> None:
         self.clamps += sum(e.kind == "clamp" for e in new_events)
@@ -216,13 +241,16 @@ class _Evaluator:
             raise FloatingPointError(
                 f"the validation NLL became non-finite ({val_nll}) at step {step}; lower the learning rates or raise clamp"
             )
+        if self.val.shape[0]:
+            self.val_steps.append(step)
+            self.val_values.append(val_nll)
         self.logger.add(
             {
-                "val_nll": val_nll,
-                "clamp_count": self.clamps,
-                "reset_count": self.resets,
-                "lr_mixture": cfg.mixture_lr * factor,
-                "lr_component": cfg.component_lr * factor,
+                VAL_CURVE: val_nll,
+                CLAMP_CURVE: self.clamps,
+                RESET_CURVE: self.resets,
+                "lr/mixture": cfg.mixture_lr * factor,
+                "lr/component": cfg.component_lr * factor,
             },
             step,
         )
@@ -274,11 +302,18 @@ def run_experiment(
     data = load_dataset(config.data_spec())  # bad data fails here, before a run exists
     run_tags = {
         "dataset.fingerprint": data.fingerprint,
-        "dataset.name": config.dataset or "generated",
+        "dataset.name": data.name or config.dataset or "generated",
+        "dataset.shape": f"{len(data.train) + len(data.val)} x {data.num_dims}",
+        "dataset.split": f"{len(data.train)} train / {len(data.val)} validation, seed {data.spec.seed + 1}",
         "family": config.family,
         **(tags or {}),
     }
-    name = run_name or f"{config.family} seed {config.seed}"
+    if config.data_file is not None:
+        from .userdata import file_sha256
+
+        run_tags["dataset.file"] = str(Path(config.data_file).resolve())
+        run_tags["dataset.file_sha256"] = file_sha256(config.data_file)
+    name = run_name or f"{config.family}{f' {data.name}' if config.data_file else ''} seed {config.seed}"
     with tracked_run(uri, experiment_name, run_name=name, parent_run_id=parent_run_id, tags=run_tags) as (
         client,
         run_id,
@@ -296,6 +331,8 @@ def run_experiment(
 def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) -> ExperimentResult:
     logger = _Logger(client, run_id)
     logger.timed(log_params, client, run_id, {**config.flat(), **UNIT_PARAMS})
+    logger.timed(_log_dataset_input, client, run_id, data, config)
+    logger.last_flush = time.perf_counter()  # the first flush comes _FLUSH_SECONDS into the fit, not into the setup
     device, dtype = torch.device(config.device), config.torch_dtype
     train, val = data.train.to(device, dtype), data.val.to(device, dtype)
     model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)
@@ -313,12 +350,22 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
 
     train_nll = result.final_nll
     val_nll = model.nll(val) if val.shape[0] else float("nan")
-    truth = data.mock.true_model(dtype=torch.float64)
-    true_train = truth.nll(data.train.double())
-    true_val = truth.nll(data.val.double()) if data.val.shape[0] else float("nan")
-    all_points = data.mock.data.to(device, dtype)
-    em_model, em_result, em_train, em_val = None, None, float("nan"), float("nan")
-    em_recovery, em_ari = float("nan"), float("nan")
+    nan = float("nan")
+    truth = data.mock  # None for a data file: nothing to compare with, so the truth-based measures are NaN
+    true_train, true_val = nan, nan
+    if truth is not None:
+        true_model = truth.true_model(dtype=torch.float64)
+        true_train = true_model.nll(data.train.double())
+        true_val = true_model.nll(data.val.double()) if data.val.shape[0] else nan
+
+    def recovery_and_ari(fitted: gmm.MixtureModel) -> tuple[float, float]:
+        if truth is None:
+            return nan, nan
+        predicted = fitted.predict(truth.data.to(device, dtype)).cpu()
+        return recovery_error(fitted.means, truth.means), adjusted_rand_index(truth.labels, predicted)
+
+    em_model, em_result, em_train, em_val = None, None, nan, nan
+    em_recovery, em_ari = nan, nan
     if config.em:
         em_model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)
         from gmm.em import fit_em
@@ -327,17 +374,17 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
             warnings.simplefilter("ignore", UserWarning)
             em_result = fit_em(em_model, train, **config.em_options())
         em_train = em_result.final_nll
-        em_val = em_model.nll(val) if val.shape[0] else float("nan")
-        em_recovery = recovery_error(em_model.means, data.mock.means)
-        em_ari = adjusted_rand_index(data.mock.labels, em_model.predict(all_points).cpu())
-    recovery = recovery_error(model.means, data.mock.means)
-    ari = adjusted_rand_index(data.mock.labels, model.predict(all_points).cpu())
+        em_val = em_model.nll(val) if val.shape[0] else nan
+        em_recovery, em_ari = recovery_and_ari(em_model)
+    recovery, ari = recovery_and_ari(model)
 
     _log_fit_record(logger, result, config)
     if val.shape[0] and evaluator.last_step != result.num_iterations:
-        logger.add({"val_nll": val_nll}, result.num_iterations)
+        logger.add({VAL_CURVE: val_nll}, result.num_iterations)
+        evaluator.val_steps.append(result.num_iterations)
+        evaluator.val_values.append(val_nll)
     if em_result is not None:
-        logger.add_curve("em_nll", em_result.nll_history.tolist(), range(len(em_result.nll_history)))
+        logger.add_curve(EM_CURVE, em_result.nll_history.tolist(), range(len(em_result.nll_history)))
     partial = ExperimentResult(  # timings of the tracking itself are filled in at the end
         run_id,
         config,
@@ -359,26 +406,55 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
         em_ari,
         em_model,
     )
-    finals = {k: v for k, v in partial.final_metrics().items() if k not in ("train_nll", "val_nll")}
-    finals["em_converged"] = float(em_result.converged) if em_result is not None else None
-    finals["spike_count"] = float(result.spike_count)
+    # the NLLs and counts are the last points of their curves; the rest are single values
+    finals = {
+        metric_key(k): v
+        for k, v in partial.final_metrics().items()
+        if k not in ("train_nll", "val_nll", "clamp_count", "reset_count")
+    }
+    finals["summary/em_converged"] = float(em_result.converged) if em_result is not None else None
+    finals["summary/spike_count"] = float(result.spike_count)
     if result.warnings:  # gmm's ConvergenceWarnings, also on stderr; the spikes are in events.csv
         logger.timed(client.set_tag, run_id, "fit.warnings", " | ".join(result.warnings)[:5000])
+    if evaluator.last_step != result.num_iterations:
+        finals[CLAMP_CURVE], finals[RESET_CURVE] = result.clamp_count, result.reset_count
     logger.add(finals, result.num_iterations)
     logger.flush()
 
     figure_time = 0.0
     if config.log_figures:
         t0 = time.perf_counter()
-        _log_figures(client, run_id, data, model, result, em_result, true_train)
+        validation = (evaluator.val_steps, evaluator.val_values)
+        _log_figures(client, run_id, data, model, result, em_result, true_train, validation)
         figure_time = time.perf_counter() - t0
+    logger.timed(client.log_dict, run_id, config.to_dict(), "config.json")
     if config.log_model:
-        logger.timed(_log_model, client, run_id, model, config)
+        logger.timed(_log_model, client, run_id, model, train, result.num_iterations)
     tracking_time = logger.seconds
     overhead = tracking_time / result.wall_time if result.wall_time > 0 else None
-    logger.add({"tracking_time": tracking_time, "tracking_overhead": overhead, "figure_time": figure_time}, 0)
+    timings = {"tracking_time": tracking_time, "tracking_overhead": overhead, "figure_time": figure_time}
+    logger.add({metric_key(k): v for k, v in timings.items()}, result.num_iterations)
     logger.flush()
     return dataclasses.replace(partial, tracking_time=tracking_time, figure_time=figure_time)
+
+
+def _log_dataset_input(client, run_id: str, data: Dataset, config: ExperimentConfig) -> None:
+    """The data as the run's MLflow dataset input (the runs table's Dataset column): name, fingerprint, source."""
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+
+    if config.data_file is not None:
+        source_type, source = "local", {"uri": str(Path(config.data_file).resolve())}
+    else:
+        source_type, source = "code", {"generator": "experiments.datasets.load_dataset", **data.spec.as_dict()}
+    entity = DatasetEntity(
+        name=data.name or config.dataset or "generated",
+        digest=data.fingerprint[:12],
+        source_type=source_type,
+        source=json.dumps(source),
+        profile=json.dumps({"num_train": len(data.train), "num_val": len(data.val), "num_dims": data.num_dims}),
+    )
+    client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
 
 
 def curve_steps(num_points: int, every: int) -> list[int]:
@@ -398,7 +474,7 @@ def _log_fit_record(logger: _Logger, result: gmm.FitResult | None, config: Exper
         steps = curve_steps(len(history), config.resolved_log_every)
         values = history[steps]
         keep = torch.isfinite(values)
-        logger.add_curve("train_nll", values[keep].tolist(), [s for s, k in zip(steps, keep.tolist(), strict=True) if k])
+        logger.add_curve(TRAIN_CURVE, values[keep].tolist(), [s for s, k in zip(steps, keep.tolist(), strict=True) if k])
     logger.flush()
     events = result.events if result is not None else ()
     logger.timed(logger.client.log_text, logger.run_id, events_csv(events), "events.csv")
@@ -416,35 +492,65 @@ def events_csv(events) -> str:
     return out.getvalue()
 
 
-def _log_figures(client, run_id: str, data: Dataset, model, result, em_result, true_nll: float) -> None:
+def _log_figures(client, run_id: str, data: Dataset, model, result, em_result, true_nll: float, validation) -> None:
     from gmm.plot import plot_data_and_model, plot_nll_curve
 
     fig = plot_data_and_model(data.train, model, title=f"{model.family.name} fit: train NLL {result.final_nll:.4f}")
     client.log_figure(run_id, fig, "figures/fit.png")
-    curves = {"gradient descent": result} if em_result is None else {"gradient descent": result, "EM": em_result}
-    reference = {"true parameters": true_nll} if math.isfinite(true_nll) else None
+    curves = {"gradient descent, train": result}
+    if em_result is not None:
+        curves["EM, train"] = em_result
+    reference = {"true parameters, train": true_nll} if math.isfinite(true_nll) else None
     fig = plot_nll_curve(curves, log_x=True, reference=reference)
+    steps, values = validation
+    if steps:  # the validation NLL, measured every eval_every steps, over the training curves
+        ax = fig.axes[0]
+        ax.plot(steps, values, "o-", color="tab:red", markersize=3, linewidth=1.2, label="gradient descent, validation")
+        ax.legend(fontsize="small")
     client.log_figure(run_id, fig, "figures/nll_curve.png")
 
 
-def _log_model(client, run_id: str, model: gmm.MixtureModel, config: ExperimentConfig) -> None:
-    state = {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "family": model.family.name,
-        "num_components": model.num_components,
-        "num_dims": model.num_dims,
-        "variance": model.variance,
-        "dtype": config.dtype,
-        "config": config.to_dict(),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp) / "model.pt")
-        (Path(tmp) / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        client.log_artifacts(run_id, tmp, "model")
+def _log_model(client, run_id: str, model: gmm.MixtureModel, train: torch.Tensor, step: int) -> None:
+    """Log the fitted model as an MLflow model (flavor pytorch): the run's "Logged models", loadable with
+    `mlflow.pytorch.load_model("runs:/<run_id>/model")` (a gmm.MixtureModel) or served by pyfunc, which maps
+    rows (N, D) to their log densities (N,). The final metrics (logged at `step`) are linked to it."""
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    from .tracking import fluent_tracking_uri
+
+    snapshot = copy.deepcopy(model).cpu()
+    snapshot.fit_result_ = None  # the fit record (curves, events) is the run's, not the model's
+    example = train[:5].detach().cpu().numpy()
+    with torch.no_grad():
+        signature = infer_signature(example, snapshot(torch.as_tensor(example)).numpy())
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", "gmm-gd"]
+    experiment_id = client.get_run(run_id).info.experiment_id
+    # created here, so it belongs to the run's experiment (log_model alone would file it under the active one)
+    logged = client.create_logged_model(experiment_id, name=MODEL_NAME, source_run_id=run_id, model_type="gmm")
+    pytorch_log = logging.getLogger("mlflow.pytorch")
+    level = pytorch_log.level
+    pytorch_log.setLevel(logging.ERROR)  # its warning on pickled models: this project's own module, by design
+    try:
+        with fluent_tracking_uri(client.tracking_uri), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pytorch.log_model(
+                snapshot,
+                name=MODEL_NAME,
+                run_id=run_id,
+                model_id=logged.model_id,
+                signature=signature,
+                input_example=example,
+                pip_requirements=requirements,
+                step=step,
+                serialization_format="pickle",  # the module itself, so load_model gives back a gmm.MixtureModel
+            )
+    finally:
+        pytorch_log.setLevel(level)
 
 
 def load_model(run_id: str, tracking_uri: str | None = None, *, device: str | torch.device = "cpu") -> gmm.MixtureModel:
-    """Rebuild the fitted model a run logged (its `model/model.pt` artifact).
+    """The fitted model a run logged (`mlflow.pytorch.load_model("runs:/<run_id>/model")`, with the URI resolved).
 
     Raises:
         ValueError: the run does not exist or logged no model (config log_model = false).
@@ -454,14 +560,29 @@ def load_model(run_id: str, tracking_uri: str | None = None, *, device: str | to
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException:
         raise ValueError(f"no MLflow run {run_id!r} in {uri}; check the run id and the tracking URI") from None
+    if run.outputs is not None and run.outputs.model_outputs:
+        import mlflow.pytorch
+
+        from .tracking import fluent_tracking_uri
+
+        with fluent_tracking_uri(uri):
+            model = mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_NAME}", map_location="cpu")
+        return model.to(device)
+    return _load_legacy_model(client, run_id, device)
+
+
+def _load_legacy_model(client, run_id: str, device) -> gmm.MixtureModel:
+    """A model logged as a `model/model.pt` state dict (runs made before the MLflow model)."""
+    from mlflow.exceptions import MlflowException
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = client.download_artifacts(run_id, MODEL_ARTIFACT, tmp)
+            path = client.download_artifacts(run_id, LEGACY_MODEL_ARTIFACT, tmp)
         except (MlflowException, OSError):
-            raise ValueError(f"run {run_id} logged no model ({MODEL_ARTIFACT}); rerun it with log_model: true") from None
+            raise ValueError(f"run {run_id} logged no model; rerun it with log_model: true") from None
         state = torch.load(path, map_location="cpu", weights_only=True)
     dtype = {"float32": torch.float32, "float64": torch.float64}[state["dtype"]]
     model = gmm.make_model(
@@ -484,13 +605,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+UI_URL = "http://127.0.0.1:5000"
+# MLflow 3's UI opens experiments in its GenAI view unless told otherwise; this URL parameter picks the
+# model-training view (runs, charts, logged models), which the UI then remembers
+UI_VIEW = "workflowType=machine_learning"
+
+
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on `uri`."""
     from .tracking import PROJECT_ROOT
 
     if uri == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}":
-        return "make ui   (http://127.0.0.1:5000)"
-    return f"mlflow ui --backend-store-uri '{uri}' --host 127.0.0.1 --port 5000"
+        return "make ui"
+    return module("mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", "5000")
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """The run's page in the UI that `ui_command` starts."""
+    return f"{UI_URL}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -503,8 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     print(
-        f"Fitting {config.family} (K={config.model_components}, D={config.model_dims}, {config.iterations} steps), "
-        f"data: {config.dataset or 'generated'}; tracking to {uri}",
+        f"Fitting {config.family} (K={config.model_components}, D={config.model_dims}, {config.iterations} steps, "
+        f"seed {config.seed}) to {describe_data(config)}; tracking to {uri}",
         flush=True,
     )
     try:
@@ -524,18 +656,38 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(format_summary(result))
     print(f"Run id: {result.run_id}")
-    print(f"Open the UI: {ui_command(uri)}")
+    experiment_id = get_client(uri).get_run(result.run_id).info.experiment_id
+    print(f"Open the UI: {ui_command(uri)}   then {run_url(experiment_id, result.run_id)}")
     return 0
+
+
+def describe_data(config: ExperimentConfig) -> str:
+    """What data a run fits, in words (so that a config without data fields says it fits generated data)."""
+    if config.data_file is not None:
+        n, d = config.data_spec().shape
+        columns = f", columns {config.columns}" if config.columns else ""
+        scaled = ", standardized" if config.standardize else ""
+        return f"the file {config.data_file} ({n} x {d}{columns}{scaled}; split with data_seed {config.data_seed})"
+    spec = config.data_spec()
+    what = (
+        f"{spec.num_samples} points of {spec.num_components} {spec.family} clusters in {spec.num_dims}-D, radius "
+        f"{spec.radius:g}{f', {spec.perturbation}' if spec.perturbation else ''}, data_seed {spec.seed}"
+    )
+    if config.dataset is not None:
+        return f"the named dataset {config.dataset} ({what})"
+    return f"generated data ({what}; --dataset NAME or --data FILE fit other data)"
 
 
 def format_summary(r: ExperimentResult) -> str:
     """A few lines on the run's outcome."""
+    truth = math.isfinite(r.true_nll_train)  # False for a data file: no generating parameters to compare with
     lines = [
         f"Final Loss: {r.train_nll:.2f}",
-        f"train NLL {r.train_nll:.6f}, validation NLL {r.val_nll:.6f}, true parameters {r.true_nll_train:.6f} / "
-        f"{r.true_nll_val:.6f}",
+        f"train NLL {r.train_nll:.6f}, validation NLL {r.val_nll:.6f}"
+        + (f", true parameters {r.true_nll_train:.6f} / {r.true_nll_val:.6f}" if truth else ""),
         f"{r.fit.num_iterations} steps in {r.fit.wall_time:.2f} s ({r.fit.iterations_per_second:.0f} it/s); "
-        f"{r.clamp_count} clamps, {r.reset_count} resets; recovery error {r.recovery_error:.4f}, ARI {r.ari:.4f}",
+        f"{r.clamp_count} clamps, {r.reset_count} resets"
+        + (f"; recovery error {r.recovery_error:.4f}, ARI {r.ari:.4f}" if truth else ""),
     ]
     if r.em is not None:
         lines.append(

@@ -64,6 +64,10 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 _MAX_TAG_CHARS = 5000
 _MAX_PARAM_CHARS = 6000
+# MLflow 3 opens an experiment on the view of its kind; without this tag it guesses GenAI (traces) and
+# hides the runs. Every experiment this project creates holds model-training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class StopRun(Exception):
@@ -148,7 +152,8 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
     """The id of experiment `name`, created when missing (restored when deleted).
 
     With a SQLite store and no `artifact_location`, artifacts go next to the database
-    (<db folder>/mlartifacts/<name>) rather than into whatever folder the process runs in.
+    (<db folder>/mlartifacts/<name>) rather than into whatever folder the process runs in. The experiment
+    is tagged as a model-training one (EXPERIMENT_KIND_TAG), also when it exists without the tag.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"experiment_name must be a non-empty string; got {name!r}")
@@ -158,14 +163,37 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
             folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
             artifact_location = (db.resolve().parent / "mlartifacts" / folder).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:  # created meanwhile by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version, or by hand
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (mlflow.pytorch.log_model / load_model) at `uri` while the block runs.
+
+    The fluent API reads one process-wide URI (and sets $MLFLOW_TRACKING_URI); both are restored after.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 # -- reproducibility --------------------------------------------------------------------------------------

@@ -50,18 +50,33 @@ def as_tensor(data, name: str = "data", dtype: torch.dtype | None = None, device
     """Turn a tensor or array-like into a floating tensor without copying when it can."""
     if isinstance(data, Tensor):
         x = data
+    elif hasattr(data, "columns") and hasattr(data, "dtypes") and hasattr(data, "to_numpy"):
+        x = torch.from_numpy(_frame_to_numpy(data, name))
     elif isinstance(data, np.ndarray) or isinstance(data, list | tuple):
         try:
             x = torch.as_tensor(np.asarray(data))
         except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be numeric; could not convert it to a tensor ({err})") from None
     else:
-        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array; got {type(data).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array (or a pandas DataFrame); got {type(data).__name__}")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
         raise TypeError(f"{name} must hold real numbers; got dtype {x.dtype}")
     if dtype is None:
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     return x.to(dtype=dtype, device=device)
+
+
+def _frame_to_numpy(frame, name: str) -> np.ndarray:
+    """A pandas DataFrame's values (duck-typed: pandas is not imported); non-numeric columns are named."""
+    kinds = {str(column): getattr(dtype, "kind", "O") for column, dtype in frame.dtypes.items()}
+    bad = [column for column, kind in kinds.items() if kind not in "biuf"]
+    if bad:
+        raise TypeError(
+            f"{name} has non-numeric column(s) {', '.join(map(repr, bad))}; select the numeric ones, "
+            f"e.g. df[[{', '.join(repr(c) for c in kinds if c not in bad)}]]"
+        )
+    dtype = np.float32 if kinds and all(str(d) == "float32" for d in frame.dtypes) else np.float64
+    return np.ascontiguousarray(frame.to_numpy(dtype=dtype, na_value=np.nan))
 
 
 def check_data(

@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
 from . import likelihood
 from ._validation import check_data, check_float, check_int, make_generator
@@ -157,12 +158,17 @@ class MixtureModel(nn.Module):
         cov = self.covariance()
         return torch.cat([likelihood.joint_log_prob(c, self.logits, self.locs, cov) for c in self._chunks(x)])
 
-    @torch.no_grad()
-    def log_prob(self, x) -> Tensor:
-        """(N,) log density of each sample under the mixture. Evaluated in chunks over N."""
+    def forward(self, x) -> Tensor:
+        """(N,) log density of each sample, differentiable w.r.t. the parameters (`log_prob` without
+        autograd). This is what `mlflow.pytorch`'s served model returns for a batch of rows."""
         x = self._check(x)
         cov = self.covariance()
         return torch.cat([likelihood.log_prob(c, self.logits, self.locs, cov) for c in self._chunks(x)])
+
+    @torch.no_grad()
+    def log_prob(self, x) -> Tensor:
+        """(N,) log density of each sample under the mixture. Evaluated in chunks over N."""
+        return self.forward(x)
 
     score_samples = log_prob
 
@@ -195,6 +201,63 @@ class MixtureModel(nn.Module):
         chol = torch.linalg.cholesky(self.covariances.cpu().double())  # (K, D, D)
         x = self.means.cpu().double()[labels] + (chol[labels] @ noise.unsqueeze(-1)).squeeze(-1)
         return x.to(self.dtype).to(self.device), labels.to(self.device)
+
+    # -- torch.distributions -----------------------------------------------------------------------
+    def to_distribution(self) -> MixtureSameFamily:
+        """The same mixture as a `torch.distributions.MixtureSameFamily` (differentiable w.r.t. the parameters).
+
+        Components are `MultivariateNormal(loc, scale_tril=L_k)` for the Cholesky families (`full`, `tied`)
+        and `Independent(Normal(loc, std), 1)` for the diagonal ones; its `log_prob` equals `log_prob` up to
+        rounding. Shared covariances are expanded to K components.
+        """
+        k = self.num_components
+        cov = self.covariance()
+        mixture = Categorical(logits=self.logits)
+        if cov.scale_tril is not None:
+            components = MultivariateNormal(self.locs, scale_tril=cov.scale_tril.expand(k, -1, -1))
+        else:
+            components = Independent(Normal(self.locs, cov.variances.sqrt().expand(k, -1)), 1)
+        return MixtureSameFamily(mixture, components)
+
+    @classmethod
+    def from_distribution(cls, distribution: MixtureSameFamily, family: str | None = None, **options) -> MixtureModel:
+        """A model holding the parameters of a `MixtureSameFamily` of Gaussians (the inverse of `to_distribution`).
+
+        Args:
+            distribution: a MixtureSameFamily, unbatched, whose components are `MultivariateNormal` or
+                `Independent(Normal, 1)`.
+            family: the model's family; default `full` for MultivariateNormal components, `diagonal` for
+                Independent Normals (a subclass such as GmmTied fixes it). Covariances are projected onto it.
+            options: `variance`, `dtype`, `device` of the model (dtype defaults to the distribution's).
+
+        Raises:
+            TypeError: another distribution, or other component distributions.
+            ValueError: a batched mixture.
+        """
+        if not isinstance(distribution, MixtureSameFamily):
+            raise TypeError(
+                f"distribution must be a torch.distributions.MixtureSameFamily; got {type(distribution).__name__}"
+            )
+        if distribution.batch_shape != ():
+            raise ValueError(
+                f"distribution must be one mixture (batch_shape ()); got batch_shape {tuple(distribution.batch_shape)}. "
+                "Index it first, e.g. dist[0]"
+            )
+        comp = distribution.component_distribution
+        if isinstance(comp, MultivariateNormal):
+            covariances, default = comp.covariance_matrix, "full"
+        elif isinstance(comp, Independent) and isinstance(comp.base_dist, Normal) and comp.reinterpreted_batch_ndims == 1:
+            covariances, default = torch.diag_embed(comp.base_dist.scale.square()), "diagonal"
+        else:
+            raise TypeError(
+                "the mixture's components must be MultivariateNormal or Independent(Normal, 1); "
+                f"got {type(comp).__name__}"
+            )
+        family = family or cls.family_name or default
+        dtype = options.pop("dtype", comp.mean.dtype)
+        weights = distribution.mixture_distribution.probs.detach().to(dtype)
+        means, covariances = comp.mean.detach().to(dtype), covariances.detach().to(dtype)
+        return cls.from_parameters(family, means, covariances, weights / weights.sum(), **options)
 
     # -- model selection ---------------------------------------------------------------------------
     def num_parameters(self) -> int:

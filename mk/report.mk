@@ -9,9 +9,12 @@ REPORTS_DIR ?= reports
 # FAMILY goes to the command only when typed (or when no CONFIG names one), so a CONFIG file's family stands
 _report_given = $(filter command line environment,$(origin $(1)))
 
-report: $(STAMP) ## seeds x (GD + EM) -> reports/NAME: FAMILY=full|...|all SEEDS=10 [JOBS=1] [CONFIG=file] [REPORT_ARGS=]
+report: $(STAMP) ## seeds x (GD + EM) -> reports/NAME: FAMILY=full|...|all SEEDS=10 [JOBS=1] [CONFIG=file] [DATA=file.csv COLUMNS= COMPONENTS=K] [SEED=42 DATA_SEED=0] [REPORT_ARGS=]
 	$(PY) -m experiments.report $(if $(or $(call _report_given,FAMILY),$(if $(CONFIG),,1)),--family $(FAMILY)) \
-		--seeds $(SEEDS) --jobs $(JOBS) $(if $(CONFIG),--config $(CONFIG)) $(REPORT_ARGS)
+		--seeds $(SEEDS) --jobs $(JOBS) $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(call _report_given,SEED),--seed $(SEED)) $(if $(call _report_given,DATA_SEED),--data-seed $(DATA_SEED)) \
+		$(if $(DATA),--data $(DATA)) $(if $(COLUMNS),--columns $(COLUMNS)) $(if $(COMPONENTS),--components $(COMPONENTS)) \
+		$(REPORT_ARGS)
 
 verify-report: $(STAMP) ## re-run a report from its manifest, compare every number: [REPORT=reports/NAME, default newest] [VERIFY_ARGS=]
 	@report="$(REPORT)"; \

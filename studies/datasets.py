@@ -50,3 +50,26 @@ def dataset_fingerprints(names: tuple[str, ...]) -> dict[str, str]:
             )
         prints[name] = current
     return prints
+
+
+def file_study_data(path: str, columns: str | None, standardize: bool, components: int, data_seed: int) -> dict:
+    """The ExperimentConfig fields of a study of your own data file (checked: the file loads and has enough rows)."""
+    from experiments.config import ExperimentConfig
+
+    data = {"data_file": str(path), "components": components, "data_seed": data_seed}
+    if columns is not None:
+        data["columns"] = columns
+    if standardize:
+        data["standardize"] = True
+    ExperimentConfig(**data)  # a bad file, column or size fails here, in one line
+    return data
+
+
+def file_fingerprints(data: dict) -> dict[str, str]:
+    """{file name: fingerprint of its selected columns} of a data-file study (experiments.userdata)."""
+    from pathlib import Path
+
+    from experiments.config import ExperimentConfig
+
+    config = ExperimentConfig(**data)
+    return {Path(data["data_file"]).name: load_dataset(config.data_spec()).fingerprint}

@@ -59,6 +59,9 @@ class StudySettings:
         seed: fit seed (initialization and resets), the same for every trial: trials differ only in params.
         log_every: step of the training-NLL curve each dataset run logs to MLflow.
         fingerprints: {dataset: sha256} of the data the study was started on.
+        data: for a study of your own data file, the ExperimentConfig fields that load it (data_file,
+            columns, standardize, components, data_seed); `datasets` then holds the file's name. Empty for
+            the named datasets.
     """
 
     family: str
@@ -69,11 +72,13 @@ class StudySettings:
     seed: int = 42
     log_every: int = 10
     fingerprints: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
 
     def config(self, dataset: str, overrides: dict) -> ExperimentConfig:
         """The ExperimentConfig of one fit of a trial: study settings, then the trial's `overrides`."""
+        source = dict(self.data) if self.data else {"dataset": dataset}
         base = ExperimentConfig(
-            dataset=dataset,
+            **source,
             family=self.family,
             iterations=self.iterations,
             eval_every=self.eval_every,
@@ -104,6 +109,7 @@ class StudySettings:
                 eval_every=int(d["eval_every"]),
                 seed=int(d["seed"]),
                 fingerprints=dict(d.get("fingerprints") or {}),
+                data=dict(d.get("data") or {}),
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"the study's recorded settings are incomplete or malformed ({e!r})") from None
@@ -118,6 +124,7 @@ class StudySettings:
             "eval_every": self.eval_every,
             "seed": self.seed,
             "fingerprints": dict(self.fingerprints),
+            **({"data": dict(self.data)} if self.data else {}),  # absent for named datasets, as recorded before
         }
 
 

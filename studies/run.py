@@ -40,6 +40,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import socket
 import sys
 import time
@@ -66,7 +67,7 @@ DEFAULT_TIMEOUT = 480.0  # seconds per family: with start-up and the closing plo
 DEFAULT_STUDY = "{family}-" + STUDY_VERSION
 BEST_DIR = PROJECT_ROOT / "studies" / "best"
 PRUNERS = ("median", "hyperband", "none")
-SETTINGS_OPTIONS = ("iterations", "eval_every", "seed", "space", "datasets")  # a worker takes the study's
+SETTINGS_OPTIONS = ("iterations", "eval_every", "seed", "space", "datasets", "data")  # a worker takes the study's
 
 
 # -- command line -------------------------------------------------------------------------------------------
@@ -98,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--space", default=None, help="search-space file overriding studies/space.yaml")
     p.add_argument("--datasets", default=None, help="comma-separated dataset names (default: the family's three)")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        default=None,
+        help="study your own data: a .csv (header optional), .npy or .parquet file of numeric columns",
+    )
+    p.add_argument("--columns", default=None, help="columns of --data, by name or 0-based index (x,y or 0,2)")
+    p.add_argument("--standardize", action="store_true", help="z-score --data by its training split's mean and std")
+    p.add_argument("--components", type=int, default=5, help="components of the model fitted to --data (default 5)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of --data's train/validation split (default 0)")
     p.add_argument(
         "--iterations",
         type=int,
@@ -194,6 +205,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--family all needs '{{family}}' in --study to name one study per family; got {args.study!r}")
     if args.datasets is not None and len(families) > 1:
         raise ValueError("--datasets names one family's datasets; use it with a single --family")
+    if args.data is not None and args.datasets is not None:
+        raise ValueError("--data studies your own file instead of named datasets; drop --datasets")
+    if args.data is None and (args.columns is not None or args.standardize):
+        raise ValueError("--columns and --standardize apply to --data FILE; pass --data too")
+    if args.data is not None and args.study == DEFAULT_STUDY:  # its own study, apart from the named datasets'
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.data).stem) or "data"
+        args.study = "{family}-" + stem + "-" + STUDY_VERSION
     return families
 
 
@@ -421,10 +439,11 @@ def summarize(study: optuna.Study, settings, added: int, wall_time: float, best_
 
 
 def best_config_dict(settings, overrides: dict) -> dict:
-    """The best trial as an ExperimentConfig file: the family, the study's fit length, the tuned values."""
+    """The best trial as an ExperimentConfig file: the family, the study's fit length, a data file's fields
+    (a study of your own data), the tuned values."""
     from experiments.config import ExperimentConfig
 
-    d = {"family": settings.family, "iterations": settings.iterations, "seed": settings.seed, **overrides}
+    d = {"family": settings.family, "iterations": settings.iterations, "seed": settings.seed, **settings.data, **overrides}
     ExperimentConfig.from_dict(d)  # validates; the file keeps only the keys that matter
     return d
 
@@ -578,6 +597,8 @@ class _Progress:
         self.start_number = start_number
         self.owners = owners  # "host:pid" of this invocation's processes; None: every new trial is ours
         self.done = 0
+        self.total = total
+        self.started = time.monotonic()
 
     def mine(self, trial: FrozenTrial) -> bool:
         """Whether this invocation ran `trial` (other workers may add trials to the study meanwhile)."""
@@ -596,8 +617,9 @@ class _Progress:
         count = {s: sum(t.state == s for t in mine) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         values = [t.value for t in trials if t.state == TrialState.COMPLETE]
         if len(mine) > self.done:
-            for t in sorted(mine, key=lambda t: t.number)[self.done :]:
-                log.info("trial %d %s", t.number, _outcome(t))
+            elapsed = time.monotonic() - self.started
+            for k, t in enumerate(sorted(mine, key=lambda t: t.number)[self.done :], start=self.done + 1):
+                log.info("%d/%d: trial %d %s%s", k, self.total, t.number, _outcome(t), _time_left(elapsed, k, self.total))
             self.bar.update(len(mine) - self.done)
             self.done = len(mine)
         self.bar.set_postfix(
@@ -610,6 +632,14 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _time_left(elapsed: float, done: int, total: int) -> str:
+    """", about 2 min left" from the mean time per finished trial so far (empty when done or unknown)."""
+    if done >= total or done <= 0 or total <= 0:
+        return ""
+    left = elapsed / done * (total - done)
+    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
 
 
 def _outcome(trial: FrozenTrial) -> str:
@@ -629,10 +659,23 @@ def _reason(trial: FrozenTrial) -> str:
 
 
 def _settings_for(args: argparse.Namespace, family: str):
-    from .datasets import dataset_fingerprints, study_datasets
+    from .datasets import dataset_fingerprints, file_fingerprints, file_study_data, study_datasets
     from .objective import StudySettings
     from .space import load_space
 
+    if args.data is not None:
+        data = file_study_data(args.data, args.columns, args.standardize, args.components, args.data_seed)
+        prints = file_fingerprints(data)
+        return StudySettings(
+            family=family,
+            datasets=tuple(prints),
+            space=load_space(family, args.space),
+            iterations=DEFAULT_ITERATIONS if args.iterations is None else args.iterations,
+            eval_every=DEFAULT_EVAL_EVERY if args.eval_every is None else args.eval_every,
+            seed=42 if args.seed is None else args.seed,
+            fingerprints=prints,
+            data=data,
+        )
     names = study_datasets(family, args.datasets.split(",") if args.datasets else None)
     return StudySettings(
         family=family,
@@ -675,7 +718,7 @@ def join_study(storage, study_name: str, family: str):
         ValueError: no such study, a study not made by studies.run or of another family, or datasets that
             regenerate to other data on this machine than the study recorded.
     """
-    from .datasets import dataset_fingerprints
+    from .datasets import dataset_fingerprints, file_fingerprints
     from .objective import StudySettings
 
     try:
@@ -691,7 +734,7 @@ def join_study(storage, study_name: str, family: str):
     settings = StudySettings.from_dict(recorded)
     if settings.family != family:
         raise ValueError(f"study {study_name!r} fits family {settings.family!r}, not {family!r}")
-    local = dataset_fingerprints(settings.datasets)
+    local = file_fingerprints(settings.data) if settings.data else dataset_fingerprints(settings.datasets)
     differ = [n for n in settings.datasets if settings.fingerprints.get(n, local[n]) != local[n]]
     if differ:
         raise ValueError(
@@ -874,10 +917,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
     print(format_table(summaries))
-    for s in summaries:
+    for s, settings in zip(summaries, all_settings, strict=True):
         if s.best_file:
             print(f"best parameters of {s.study_name}: {s.best_file}")
+            if settings is not None:
+                print(f"  {fit_best_hint(s.best_file, settings)}")
     return 0 if clean else 1
+
+
+def fit_best_hint(best_file: str, settings) -> str:
+    """How to fit the best parameters again, and on which data (the best file holds a data file's fields,
+    but not a named dataset: a study fits several of those)."""
+    try:
+        best_file = str(Path(best_file).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        pass
+    if settings.data:
+        return f"fit them on the same data: make run CONFIG={best_file}"
+    return (
+        f"fit them on one of the study's datasets ({', '.join(settings.datasets)}): make run CONFIG={best_file} "
+        f"RUN_ARGS='--dataset {settings.datasets[0]}' (without --dataset, make run fits generated data)"
+    )
 
 
 if __name__ == "__main__":

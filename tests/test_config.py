@@ -50,7 +50,11 @@ def test_derived_values():
     assert ExperimentConfig(data_family=None, family="isotropic").data_spec().family == "isotropic"
     flat = cfg.flat()
     assert all(isinstance(v, str) for v in flat.values())
-    assert flat["clamp"] == "1e-06" and flat["data.num_samples"] == "1000" and flat["resolved.log_every"] == "40"
+    assert flat["clamp"] == "1e-06" and flat["samples"] == "1000" and flat["log_every"] == "40"
+    assert flat["num_components"] == "5" and flat["data_family"] == "full"  # defaults given as None, resolved
+    assert set(flat) == set(cfg.to_dict()) - {"data_file", "columns", "standardize"}  # each setting once
+    named_flat = named.flat()  # a named dataset's data fields are that dataset's
+    assert named_flat["samples"] == str(spec.num_samples) and named_flat["components"] == str(spec.num_components)
 
 
 @pytest.mark.parametrize(

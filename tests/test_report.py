@@ -137,7 +137,7 @@ def test_seeds_are_nested_mlflow_runs_and_the_folder_is_an_artifact(written):
         assert child.data.tags["mlflow.parentRunId"] == parent_id
         assert child.data.tags["report.name"] == "tiny"
         assert child.data.tags["dataset.fingerprint"] == run["dataset_fingerprint"]
-        assert "em_nll_train" in child.data.metrics
+        assert "summary/em_nll_train" in child.data.metrics
 
 
 # -- verification ------------------------------------------------------------------------------------------

@@ -56,16 +56,16 @@ def test_run_finishes_with_params_and_tags(finished):
 def test_metric_curves_match_the_fit_record(finished):
     uri, config, result = finished
     client = MlflowClient(uri)
-    steps, values = _history(client, result.run_id, "train_nll")
+    steps, values = _history(client, result.run_id, "nll/train")
     assert steps == list(range(config.iterations + 1))  # log_every=1: the whole curve
     np.testing.assert_allclose(values, result.fit.nll_history.numpy(), rtol=0, atol=0)
-    val_steps, val_values = _history(client, result.run_id, "val_nll")
+    val_steps, val_values = _history(client, result.run_id, "nll/val")
     assert val_steps == list(range(10, config.iterations + 1, 10))
     assert val_values[-1] == pytest.approx(result.val_nll, abs=1e-12)
     assert all(math.isfinite(v) for v in val_values)
-    for key in ("clamp_count", "reset_count", "lr_mixture", "lr_component"):
+    for key in ("events/clamps", "events/resets", "lr/mixture", "lr/component"):
         assert [s for s, _ in zip(*_history(client, result.run_id, key), strict=True)][:6] == val_steps, key
-    lr_steps, lrs = _history(client, result.run_id, "lr_component")
+    lr_steps, lrs = _history(client, result.run_id, "lr/component")
     assert lrs[0] > lrs[-1] >= 0  # cosine annealing
 
 
@@ -73,25 +73,27 @@ def test_final_metrics(finished):
     uri, config, result = finished
     metrics = MlflowClient(uri).get_run(result.run_id).data.metrics
     for key in (
-        "true_nll_train",
-        "true_nll_val",
-        "em_nll_train",
-        "em_nll_val",
-        "gd_em_gap",
-        "recovery_error",
-        "ari",
-        "em_recovery_error",
-        "em_ari",
-        "wall_time",
-        "iterations_per_second",
-        "tracking_overhead",
-        "figure_time",
+        "summary/true_nll_train",
+        "summary/true_nll_val",
+        "summary/em_nll_train",
+        "summary/em_nll_val",
+        "summary/gd_em_gap",
+        "summary/recovery_error",
+        "summary/ari",
+        "summary/em_recovery_error",
+        "summary/em_ari",
+        "time/wall_time",
+        "time/iterations_per_second",
+        "time/tracking_overhead",
+        "time/figure_time",
     ):
         assert key in metrics and math.isfinite(metrics[key]), key
-    assert metrics["train_nll"] == pytest.approx(result.train_nll, abs=1e-12)
-    assert metrics["em_nll_train"] == pytest.approx(result.em.final_nll, abs=1e-12)
-    assert metrics["num_iterations"] == config.iterations
-    assert 0.0 <= metrics["ari"] <= 1.0 and metrics["recovery_error"] >= 0
+    assert metrics["nll/train"] == pytest.approx(result.train_nll, abs=1e-12)  # the last point of the curve
+    assert metrics["summary/em_nll_train"] == pytest.approx(result.em.final_nll, abs=1e-12)
+    assert metrics["summary/num_iterations"] == config.iterations
+    assert 0.0 <= metrics["summary/ari"] <= 1.0 and metrics["summary/recovery_error"] >= 0
+    # each name once: curves under nll/, events/, lr/; single values under summary/ and time/
+    assert {k.split("/")[0] for k in metrics} == {"nll", "events", "lr", "summary", "time"}
 
 
 def test_events_figures_and_model_artifacts(finished, tmp_path):
@@ -122,7 +124,7 @@ def test_events_are_logged_when_components_collapse(mlflow_uri):
         (e.step, e.component, e.kind) for e in result.fit.events
     ]
     metrics = client.get_run(result.run_id).data.metrics
-    assert metrics["clamp_count"] == result.clamp_count and metrics["reset_count"] == result.reset_count
+    assert metrics["events/clamps"] == result.clamp_count and metrics["events/resets"] == result.reset_count
 
 
 def test_a_raising_fit_ends_failed_and_keeps_its_curve(mlflow_uri):
@@ -136,7 +138,7 @@ def test_a_raising_fit_ends_failed_and_keeps_its_curve(mlflow_uri):
     run = client.get_run(info.value.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "RuntimeError: boom at the third evaluation"
-    steps, _ = _history(client, run.info.run_id, "train_nll")
+    steps, _ = _history(client, run.info.run_id, "nll/train")
     assert steps == list(range(0, 20))  # the curve up to the failure was not lost
     assert "Traceback" in Path(client.download_artifacts(run.info.run_id, "error.txt", ".")).read_text()
 
@@ -149,7 +151,7 @@ def test_a_nan_ends_failed_with_the_message(mlflow_uri):
     client = MlflowClient(mlflow_uri)
     run = client.get_run(info.value.run_id)
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["error"]
-    assert all(math.isfinite(v) for _, v in zip(*_history(client, run.info.run_id, "train_nll"), strict=True))
+    assert all(math.isfinite(v) for _, v in zip(*_history(client, run.info.run_id, "nll/train"), strict=True))
 
 
 def _wait_for_running(uri: str, proc: subprocess.Popen, timeout: float = 60.0):
@@ -160,7 +162,7 @@ def _wait_for_running(uri: str, proc: subprocess.Popen, timeout: float = 60.0):
         exp = client.get_experiment_by_name("gmm") if Path(uri[len("sqlite:///") :]).exists() else None
         if exp is not None:
             runs = client.search_runs([exp.experiment_id])
-            if runs and runs[0].data.metrics.get("val_nll") is not None:
+            if runs and runs[0].data.metrics.get("nll/val") is not None:
                 return runs[0].info.run_id
         time.sleep(0.3)
     raise AssertionError("the run did not start logging in time")
@@ -216,7 +218,7 @@ def test_an_interrupted_run_ends_killed(tmp_path, sig):
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "KILLED"
     assert "interrupted" in run.data.tags["stop_reason"]
-    assert len(MlflowClient(uri).get_metric_history(run_id, "train_nll")) > 10
+    assert len(MlflowClient(uri).get_metric_history(run_id, "nll/train")) > 10
 
 
 @pytest.mark.parametrize(
@@ -274,3 +276,28 @@ def test_metrics_against_scikit_learn():
     assert recovery_error(truth + [1.0, 0, 0], truth) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same D"):
         recovery_error(truth, truth[:, :2])
+
+
+def test_mlflow_conventions_experiment_kind_logged_model_and_dataset(finished, tmp_path):
+    import mlflow.pytorch
+
+    from experiments.tracking import fluent_tracking_uri
+
+    uri, config, result = finished
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3: a training view
+    [output] = run.outputs.model_outputs  # the run's "Logged models"
+    logged = client.get_logged_model(output.model_id)
+    assert logged.name == "model" and logged.source_run_id == result.run_id and output.step == config.iterations
+    assert logged.experiment_id == run.info.experiment_id
+    with fluent_tracking_uri(uri):
+        model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model", dst_path=str(tmp_path))
+        served = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.log_prob(x), result.model.log_prob(x), rtol=0, atol=0)
+    np.testing.assert_allclose(served.predict(x.numpy()), result.model.log_prob(x).numpy(), rtol=0, atol=0)
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "generated" and result.fingerprint.startswith(dataset.dataset.digest)
+    assert client.get_run(result.run_id).data.params["components"] == "3"  # each param once

@@ -83,7 +83,7 @@ def test_nested_mlflow_runs_under_one_parent(tiny_study):
     fits = _runs(uri, "fit")
     trial_ids = {r.info.run_id for r in trial_runs}
     assert fits and all(r.data.tags["mlflow.parentRunId"] in trial_ids for r in fits)
-    assert all(len(MlflowClient(uri).get_metric_history(r.info.run_id, "train_nll")) > 2 for r in fits[:3])
+    assert all(len(MlflowClient(uri).get_metric_history(r.info.run_id, "nll/train")) > 2 for r in fits[:3])
 
 
 def test_study_artifacts_and_best_file(tiny_study, tmp_path):
