@@ -35,8 +35,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 from .redact import redact
 
 log = logging.getLogger(__name__)
@@ -46,7 +44,6 @@ HTTP_RETRIES = "3"  # MLflow's HTTP retries during a run (its default 7 with bac
 HTTP_TIMEOUT = "20"  # seconds per MLflow HTTP request during a run (default 120)
 HEARTBEAT_SECONDS = 15.0  # an open run refreshes its heartbeat tag this often
 STALE_SECONDS = 600.0  # a RUNNING run of another host without a heartbeat this long is ended KILLED
-LOCK_TIMEOUT = 300.0  # seconds to wait for another process creating the same store
 HOST_TAG, PID_TAG, BEAT_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.time"
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _BUILDING = ".building-"  # infix of the temporary file a new store is built in
@@ -201,16 +198,27 @@ def check_store(uri: str) -> None:
 # -- 2. creation ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _folder_lock(db: Path) -> Iterator[None]:
-    """An exclusive lock on the store's folder while a new store may be created (a lock file next to it)."""
-    lock = FileLock(str(db.parent / f".{db.name}.lock"), timeout=LOCK_TIMEOUT)
+    """An exclusive lock on the store's folder while a new store may be created.
+
+    flock on the folder itself: no lock file is left next to the store (filelock's lock file where flock is
+    missing, e.g. on Windows).
+    """
     try:
-        with lock:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None:
+        from filelock import FileLock
+
+        with FileLock(str(db.parent / f".{db.name}.lock")):
             yield
-    except Timeout:
-        raise StoreError(
-            f"MLflow store {db}: another process kept it locked for {LOCK_TIMEOUT:g} s while creating it; "
-            f"check for a hung process, or remove {lock.lock_file}"
-        ) from None
+        return
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _build(db: Path, make_client):
