@@ -168,7 +168,8 @@ class _Logger:
         self.pending: list[Metric] = []
         self.seconds = 0.0
         self.closing = False  # True while a failed run's record is written: signals are then dropped
-        self.last_flush = time.perf_counter()
+        self.last_flush = -math.inf  # the first evaluation is written at once: a killed run keeps a curve
+        self.train_steps: set[int] = set()  # train_nll steps already logged during the fit
 
     def timed(self, fn: Callable, *args, **kwargs):
         """Call fn, timed; Ctrl-C / SIGTERM arriving meanwhile waits until the store write is complete."""
@@ -210,6 +211,11 @@ class _Evaluator:
             return
         self.last_step = step
         cfg = self.config
+        if math.isfinite(nll) and step % cfg.resolved_eval_every == 0 and cfg.tol is None:
+            # a call from inside the fit loop reports history[step - 1] (the NLL before update `step`); the
+            # fit's closing call (another step, or a convergence with tol) is left to the final curve
+            self.logger.train_steps.add(step - 1)
+            self.logger.add({"train_nll": nll}, step - 1)
         factor = lr_factor(cfg.lr_schedule, max(step - 1, 0), cfg.iterations)
         val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
         if self.val.shape[0] and not math.isfinite(val_nll):
@@ -382,10 +388,11 @@ def curve_steps(num_points: int, every: int) -> list[int]:
 
 
 def _log_fit_record(logger: _Logger, result: gmm.FitResult | None, config: ExperimentConfig) -> None:
-    """The training-NLL curve (finite values only) and events.csv of a finished or partial fit."""
+    """The training-NLL curve (finite values only; steps not already logged during the fit) and events.csv of a
+    finished or partial fit."""
     if result is not None and len(result.nll_history):
         history = result.nll_history
-        steps = curve_steps(len(history), config.resolved_log_every)
+        steps = [s for s in curve_steps(len(history), config.resolved_log_every) if s not in logger.train_steps]
         values = history[steps]
         keep = torch.isfinite(values)
         logger.add_curve("train_nll", values[keep].tolist(), [s for s, k in zip(steps, keep.tolist(), strict=True) if k])
