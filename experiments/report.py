@@ -81,6 +81,7 @@ from gmm._cli import OneLineParser
 
 from .config import ExperimentConfig, add_arguments
 from .datasets import load_dataset
+from .redact import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
 
@@ -773,7 +774,7 @@ def make_report(
     name = out.name
     uri = resolve_tracking_uri(tracking_uri)
     configs = seed_configs(base, families, num_seeds)
-    command = command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]))
+    command = redact(command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])))
     tags = {
         "report.name": name,
         "report.kind": "report",
@@ -828,7 +829,7 @@ def make_report(
                 "rtol": RTOL,
                 "atol": ATOL,
             },
-            "mlflow": {"tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_id},
+            "mlflow": {"tracking_uri": redact(uri), "experiment": experiment, "parent_run_id": parent_id},
             "jobs": jobs,
             "elapsed_seconds": round(elapsed, 3),
         }
@@ -1203,6 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     from mlflow.exceptions import MlflowException
 
     if args.verify is not None:
@@ -1240,7 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     print(
         f"Report: {', '.join(families)} x {num_seeds} seeds ({config.iterations} Adam steps + EM each, "
-        f"{config.dataset or 'generated data'}), {args.jobs} job{'s' * (args.jobs > 1)}; tracking to {uri}",
+        f"{config.dataset or 'generated data'}), {args.jobs} job{'s' * (args.jobs > 1)}; tracking to {redact(uri)}",
         flush=True,
     )
     try:

@@ -53,6 +53,7 @@ from gmm.fit import lr_factor
 from .config import ExperimentConfig, add_arguments, from_args
 from .datasets import Dataset, load_dataset
 from .metrics import adjusted_rand_index, recovery_error
+from .redact import install_log_redaction, redact
 from .tracking import (
     StopRun,
     add_tracking_arguments,
@@ -494,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     try:
         config = from_args(args)
         uri = resolve_tracking_uri(args.tracking_uri)
@@ -501,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     print(
         f"Fitting {config.family} (K={config.model_components}, D={config.model_dims}, {config.iterations} steps), "
-        f"data: {config.dataset or 'generated'}; tracking to {uri}",
+        f"data: {config.dataset or 'generated'}; tracking to {redact(uri)}",
         flush=True,
     )
     try:

@@ -636,10 +636,10 @@ def _reason(trial: FrozenTrial) -> str:
 def _settings_for(args: argparse.Namespace, family: str):
     from .datasets import dataset_fingerprints, study_datasets
     from .objective import StudySettings
-    from .space import load_space
+    from .space import check_values, load_space
 
     names = study_datasets(family, args.datasets.split(",") if args.datasets else None)
-    return StudySettings(
+    settings = StudySettings(
         family=family,
         datasets=names,
         space=load_space(family, args.space),
@@ -648,6 +648,13 @@ def _settings_for(args: argparse.Namespace, family: str):
         seed=42 if args.seed is None else args.seed,
         fingerprints=dataset_fingerprints(names),
     )
+    for name in names:  # every value the space can suggest, in a config as the trials build it
+        check_values(
+            settings.space,
+            lambda overrides, name=name: settings.config(name, overrides),
+            f"--space {args.space}" if args.space else "the search space",
+        )
+    return settings
 
 
 def open_study(storage, study_name: str, settings, attrs: dict | None = None) -> optuna.Study:
