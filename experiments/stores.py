@@ -32,6 +32,7 @@ import os
 import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def _build(db: Path, make_client):
     for stale in db.parent.glob(f".{db.name}{_BUILDING}*"):  # left by a creator that was SIGKILLed
         with contextlib.suppress(OSError):
             stale.unlink()
-    tmp = db.parent / f".{db.name}{_BUILDING}{os.getpid()}"
+    tmp = db.parent / f".{db.name}{_BUILDING}{os.getpid()}-{uuid.uuid4().hex[:8]}"  # a new URI each time
     try:
         make_client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates every table
         from .tracking import deferred_signals

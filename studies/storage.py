@@ -35,7 +35,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments.redact import redact
-from experiments.stores import CHECK_TIMEOUT, process_alive
+from experiments.stores import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = str(PROJECT_ROOT / "studies.log")
 JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
 HEARTBEAT_INTERVAL = 5  # seconds between heartbeats of a running trial
+CONNECT_TIMEOUT = 3  # seconds per connection attempt to a database server (libpq may try twice)
 GRACE_PERIOD = 60  # seconds without a heartbeat before another host's RUNNING trial counts as dead
 OWNER_KEY = "studies:worker"  # trial system attr: "<host>:<pid>" of the process running the trial
 BEAT_KEY = "studies:heartbeat"  # trial system attr (journal storage): unix time of the last heartbeat
@@ -215,7 +216,7 @@ def open_storage(
     else:  # a server: drop connections the server or a firewall closed while a long trial ran
         engine_kwargs = {"pool_pre_ping": True}
         if url.startswith(("postgresql", "postgres", "mysql")):  # a dead or silent server fails in seconds
-            engine_kwargs["connect_args"] = {"connect_timeout": int(CHECK_TIMEOUT)}
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
