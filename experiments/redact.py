@@ -59,8 +59,9 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def install_log_redaction() -> None:
-    """Put a RedactingFilter on every handler of the root logger (after logging.basicConfig)."""
-    for handler in logging.getLogger().handlers:
+def install_log_redaction(*loggers: str) -> None:
+    """Put a RedactingFilter on every handler of the root logger (after logging.basicConfig) and of the named
+    loggers (libraries such as optuna that keep their own handler)."""
+    for handler in [h for name in ("", *loggers) for h in logging.getLogger(name).handlers]:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())

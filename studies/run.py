@@ -258,10 +258,12 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("studies").setLevel(logging.INFO if verbose else logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
-    optuna.logging.get_logger("optuna").addFilter(_QuietTrialFailed())
+    for handler in optuna.logging.get_logger("optuna").handlers:  # a logger's own filter misses its children
+        if not any(isinstance(f, _QuietTrialFailed) for f in handler.filters):
+            handler.addFilter(_QuietTrialFailed())
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    install_log_redaction()
+    install_log_redaction("optuna")
 
 
 def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
