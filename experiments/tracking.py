@@ -7,7 +7,9 @@
 The block ends the run FINISHED when it completes, KILLED on Ctrl-C / SIGTERM (a SIGTERM handler that raises
 KeyboardInterrupt is installed while the run is open, in the main thread), FAILED on any other exception
 (tag `error` = "Type: message", artifact `error.txt` = the traceback), or with the status a `StopRun`
-carries (tag `stop_reason`). The exception is re-raised either way. While the run is being closed, SIGINT
+carries (tag `stop_reason`). The exception is re-raised either way. While it is open, a daemon thread refreshes
+its heartbeat tag (experiments.stores: a later command ends the run KILLED if its process dies). Tags, params,
+the error tag and error.txt go through experiments.redact (no passwords). While the run is being closed, SIGINT
 and SIGTERM are held back and re-raised afterwards, so a second Ctrl-C cannot leave the run RUNNING.
 
 Metrics go through `MlflowClient.log_batch`, at most 1000 per call (the store's limit): the SQLite store
@@ -270,8 +272,9 @@ def tracked_run(
     status, end_tags, error_text, raised = "FINISHED", {}, None, True
     with _sigterm_as_interrupt():
         run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
-        beat = _Heartbeat(client, run_id)
+        beat = None
         try:
+            beat = _Heartbeat(client, run_id)
             yield client, run_id
             raised = False
         except StopRun as err:
@@ -292,7 +295,8 @@ def tracked_run(
                 error_text = redact("".join(traceback.format_exception(err)))
             raise
         finally:
-            beat.stop()
+            if beat is not None:
+                beat.stop()
             with deferred_signals(reraise=not raised):
                 _end_run(client, run_id, status, {k: redact(v) for k, v in end_tags.items()}, error_text)
 
