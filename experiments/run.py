@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 import gmm
 from gmm._cli import OneLineParser
@@ -521,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
         run = getattr(err, "run_id", None)
         print(f"{parser.prog}: interrupted" + (f" (run {run} marked KILLED)" if run else ""), file=sys.stderr)
         return 130
+    except MlflowException as err:  # the store failed mid-run (a server gone for longer than the retries)
+        print(
+            f"{parser.prog}: lost the tracking store {redact(uri)}: {redact(' '.join(str(err).split()))[:300]}; "
+            "check it and rerun (the next command ends the open run KILLED)",
+            file=sys.stderr,
+        )
+        return 1
     print(format_summary(result))
     print(f"Run id: {result.run_id}")
     print(f"Open the UI: {ui_command(uri)}")

@@ -328,10 +328,16 @@ def _end_run(client: MlflowClient, run_id: str, status: str, tags: dict, error_t
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if error_text is not None:
             client.log_text(run_id, error_text, "error.txt")
-    except Exception:  # never let a logging problem keep the run open
-        log.exception("could not record why run %s ended", run_id)
-    finally:
+    except Exception as err:  # never let a logging problem keep the run open
+        log.warning("could not record why run %s ended: %s", run_id, _one_line(err))
+    try:
         client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+    except Exception as err:  # the store is gone: the heartbeat lets the next command on it end the run
+        log.warning("could not end run %s (%s); the next command on this store ends it KILLED", run_id, _one_line(err))
+
+
+def _one_line(err: BaseException) -> str:
+    return redact(" ".join(str(err).split()))[:300] or type(err).__name__
 
 
 # -- batched logging --------------------------------------------------------------------------------------

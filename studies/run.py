@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 import gmm
@@ -878,6 +879,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except MlflowException as e:  # a store that failed mid-study (a server gone for longer than the retries)
+        print(f"{parser.prog}: lost the tracking store: {redact(' '.join(str(e).split()))[:300]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

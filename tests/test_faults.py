@@ -448,3 +448,17 @@ def test_params_tags_and_errors_of_a_run_are_redacted(tmp_path, monkeypatch):
     everything = json.dumps([run.data.params, run.data.tags])
     everything += Path(MlflowClient(uri).download_artifacts(run_id, "error.txt", str(tmp_path))).read_text()
     assert "SECRETPW" not in everything and "optuna:***@db" in run.data.tags["command"]
+
+
+def test_a_device_this_torch_build_cannot_use_is_a_one_line_error(capsys):
+    import torch
+
+    from experiments.config import ExperimentConfig
+
+    with pytest.raises(ValueError, match="meta"):
+        ExperimentConfig(device="meta")
+    if torch.cuda.is_available():
+        assert ExperimentConfig(device="cuda").device == "cuda"
+    else:  # a CPU build: was an AssertionError traceback from inside torch
+        err = _one_line(_main("experiments.run", [*TINY_RUN, "--device", "cuda"], capsys))
+        assert "device 'cuda' is not available" in err and "cpu" in err
