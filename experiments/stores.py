@@ -187,13 +187,14 @@ def check_sqlite(db: Path) -> bool:
     return True  # an older schema with runs: MLflow itself says to run `mlflow db upgrade`
 
 
-def check_store(uri: str) -> None:
-    """Raise StoreError unless the store at `uri` can be used (see the module docstring); a new SQLite store
-    is not created here."""
+def check_store(uri: str) -> bool:
+    """Raise StoreError unless the store at `uri` can be used (see the module docstring); returns False for a
+    SQLite store still to be created (not created here), else True."""
     if uri.startswith(("http://", "https://")):
         check_server(uri)
     elif (db := sqlite_path(uri)) is not None:
-        check_sqlite(db)
+        return check_sqlite(db)
+    return True
 
 
 # -- 2. creation ------------------------------------------------------------------------------------------
@@ -250,10 +251,10 @@ def open_store(uri: str, make_client):
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    check_store(uri)
+    exists = check_store(uri)
     try:
-        db = sqlite_path(uri)
-        if db is not None and not check_sqlite(db):
+        if not exists:
+            db = sqlite_path(uri)
             with _folder_lock(db):
                 if not check_sqlite(db):  # another process may have created it meanwhile
                     _build(db, make_client)
