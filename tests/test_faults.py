@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import random
-import select
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,11 +95,64 @@ while True:
             break
         i = int(line)
         open_store(f"sqlite:///{root}/s{i}/mlflow.db", lambda u: MlflowClient(tracking_uri=u))
-        out = f"done {i}"
+        print(f"done {i}", flush=True)
     except KeyboardInterrupt:
-        out = f"interrupted {i}"
-    print(out, flush=True)
+        if i is not None:  # a signal while idle (it came just after the reply) has nothing to report
+            print(f"interrupted {i}", flush=True)
 """
+REPLY_TIMEOUT = 300  # seconds for one store (an interpreter start and MLflow's import on a loaded machine)
+
+
+class _Creator:
+    """The _CREATOR process: create store i on request, optionally interrupted; replies read by a thread
+    (a queue, so that no reply waits in a reader's buffer), stderr in a file (never a pipe that could fill)."""
+
+    def __init__(self, root: Path):
+        self.err = root / "creator.err"
+        with open(self.err, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _CREATOR, str(root)],
+                cwd=ROOT,
+                env=ENV,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        self.replies: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.replies.put(line.strip())
+        self.replies.put("")  # end of output: the process died
+
+    def ask(self, i: int, delay: float | None) -> str:
+        """Create store i; send SIGINT after `delay` s unless it finished first; 'done' or 'interrupted'."""
+        self.proc.stdin.write(f"{i}\n")
+        self.proc.stdin.flush()
+        reply = None
+        if delay is not None:
+            try:
+                reply = self.replies.get(timeout=delay)
+            except queue.Empty:
+                self.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while reply is None or not reply.endswith(f" {i}"):
+            try:
+                reply = self.replies.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"store {i}: no answer in {REPLY_TIMEOUT} s; stderr: {self.err.read_text()[-2000:]}")
+            assert reply, f"the creator died: {self.err.read_text()[-2000:]}"
+        return reply.split()[0]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=60)
 
 
 def _assert_absent_or_complete(db: Path) -> bool:
@@ -109,45 +163,19 @@ def _assert_absent_or_complete(db: Path) -> bool:
 @pytest.mark.slow
 def test_store_creation_interrupted_at_random_points_leaves_usable_stores(tmp_path):
     rng = random.Random(15)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CREATOR, str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-    def ask(i: int, delay: float | None) -> str:
-        """Create store i; send SIGINT after `delay` s unless it finished first; the reply for store i."""
-        proc.stdin.write(f"{i}\n")
-        proc.stdin.flush()
-        if delay is not None and not select.select([proc.stdout], [], [], delay)[0]:
-            proc.send_signal(signal.SIGINT)
-        while True:
-            ready = select.select([proc.stdout], [], [], 120)[0]
-            assert ready, f"store {i}: no answer in 120 s; stderr: {proc.stderr.read()[-2000:]}"
-            line = proc.stdout.readline().strip()
-            assert line, f"the creator died: {proc.stderr.read()[-2000:]}"
-            if line.endswith(f" {i}"):
-                return line.split()[0]
-
+    creator = _Creator(tmp_path)
     try:
+        assert creator.ask(0, None) == "done"  # imports are warm after it
         t0 = time.monotonic()
-        assert ask(0, None) == "done"
-        creation = time.monotonic() - t0  # the first creation: imports are warm after it
-        t0 = time.monotonic()
-        assert ask(1, None) == "done"
+        assert creator.ask(1, None) == "done"
         creation = max(0.3, time.monotonic() - t0)
         outcomes = {}
         i = 2
         while sum(o == "interrupted" for o in outcomes.values()) < 20 and i < 60:  # bounded
-            outcomes[i] = ask(i, rng.uniform(0.0, creation))
+            outcomes[i] = creator.ask(i, rng.uniform(0.0, creation))
             i += 1
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
+        creator.close()
     interrupted = [i for i, o in outcomes.items() if o == "interrupted"]
     assert len(interrupted) >= 20, outcomes
     complete = 0
@@ -158,19 +186,20 @@ def test_store_creation_interrupted_at_random_points_leaves_usable_stores(tmp_pa
     # SIGKILL cannot be caught: the temporary file stays behind, the store itself is never half-built
     for delay in (0.3, 0.9):
         folder = tmp_path / f"k{delay}"
-        killed = subprocess.Popen(
-            [sys.executable, "-c", _CREATOR, str(folder)], cwd=ROOT, env=ENV, stdin=subprocess.PIPE, text=True
-        )
-        killed.stdin.write("0\n")
-        killed.stdin.flush()
-        _wait_until(lambda folder=folder: (folder / "s0").is_dir(), 60, "the creation to start", killed)
-        time.sleep(delay)
-        killed.kill()
-        killed.wait(timeout=30)
-        _assert_absent_or_complete(folder / "s0" / "mlflow.db")
+        folder.mkdir()
+        killed = _Creator(folder)
+        try:
+            assert killed.ask(0, None) == "done"  # imports done: the next creation starts at once
+            killed.proc.stdin.write("1\n")
+            killed.proc.stdin.flush()
+            time.sleep(delay * creation)
+            killed.proc.kill()
+        finally:
+            killed.close()
+        _assert_absent_or_complete(folder / "s1" / "mlflow.db")
         interrupted.append(f"k{delay}")
     # every store is usable by the next command: a run in one interrupted, one killed and one complete store
-    usable = [tmp_path / f"s{interrupted[0]}", tmp_path / "k0.9" / "s0", tmp_path / "s0"]
+    usable = [tmp_path / f"s{interrupted[0]}", tmp_path / "k0.9" / "s1", tmp_path / "s0"]
     for folder in usable:
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         client = stores.open_store(uri, lambda u: MlflowClient(tracking_uri=u))
