@@ -127,6 +127,7 @@ class ExperimentConfig:
             raise ValueError(
                 f"device {self.device!r} is not a torch device name ({err}); use e.g. 'cpu'"
             ) from None
+        _check_device_available(torch.device(self.device))
         check_choice(self.dtype, DTYPES, "dtype")
         check_int(self.iterations, "iterations", minimum=1)
         check_float(self.mixture_lr, "mixture_lr", nonnegative=True)
@@ -489,6 +490,19 @@ def from_args(ns: argparse.Namespace) -> ExperimentConfig:
     config_file = getattr(ns, "config", None)
     base = ExperimentConfig.from_file(config_file) if config_file else ExperimentConfig()
     return base.replace(**given) if given else base
+
+
+def _check_device_available(device: torch.device) -> None:
+    """ValueError unless this torch build can put tensors on `device` (e.g. 'cuda' on a CPU-only build)."""
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if device.type == "meta" or available is None or not available():
+        raise ValueError(
+            f"device {str(device)!r} is not available in this torch build ({torch.__version__}); use device 'cpu'"
+            + (" or install a CUDA build of torch" if device.type == "cuda" else "")
+        )
 
 
 def read_mapping_file(path: str | Path, what: str, shape: str) -> dict:

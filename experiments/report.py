@@ -82,6 +82,7 @@ from gmm._cli import OneLineParser
 from .commands import module
 from .config import ExperimentConfig, add_arguments
 from .datasets import load_dataset
+from .redact import install_log_redaction, redact
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ TIMING_COLUMNS = ("wall_time",)  # left out of the sha256 and of --verify
 COUNT_COLUMNS = ("clamp_count", "reset_count", "iterations", "converged")  # compared exactly, always
 RTOL, ATOL = 1e-3, 1e-4  # --verify across platforms or versions: |got - expected| <= ATOL + RTOL * |expected|
 MANIFEST_FORMAT = "gmm-seed-report/1"
+REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports"  # the default folder, next to the stores
+MARKER = ".gmm-report.json"  # in every report folder: {"format": MANIFEST_FORMAT, "files": [every file written]}
 _MANIFEST_KEYS = ("format", "name", "families", "config", "seeds", "runs", "versions", "platform", "runs_csv")
 
 
@@ -458,21 +461,56 @@ def _umask() -> int:
     return mask
 
 
-def check_out_dir(out: Path) -> None:
-    """An existing --out must be an earlier report (it is replaced) or empty; anything else is refused.
+def _marker_files(folder: Path) -> set[str] | None:
+    """The files the report marker of `folder` lists (relative paths), or None when it carries no marker."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        files = marker["files"] if marker.get("format") == MANIFEST_FORMAT else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    return {str(f) for f in files} if isinstance(files, list) else None
+
+
+def _foreign_files(folder: Path, listed: set[str]) -> list[str]:
+    """Files under `folder` that its marker does not list (written by someone else)."""
+    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+    return sorted(found - listed - {MARKER})
+
+
+def check_out_dir(out: Path, force: bool = False) -> None:
+    """--out must be new, an empty folder, or (with `force`) an earlier report holding only files it wrote.
+
+    A report folder carries the marker file MARKER, which lists every file the report wrote; a folder without
+    it is never written into or replaced, so no file of the user's is ever deleted.
 
     Raises:
-        ValueError: `out` is a file, or a non-empty folder without manifest.json.
+        ValueError: `out` is a file, a non-empty folder that is not a report, an earlier report without
+            `force`, or a report folder someone added files to.
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder path such as reports/NAME")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise ValueError(f"--out {out} is a non-empty folder that is not a report (no manifest.json); choose another path")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    listed = _marker_files(out)
+    if listed is None:
+        raise ValueError(
+            f"--out {out} is a non-empty folder that is not a report (no {MARKER} marker); its files are left "
+            "alone: choose another path"
+        )
+    if not force:
+        raise ValueError(f"--out {out} holds an earlier report; pass --force to replace it, or choose another path")
+    foreign = _foreign_files(out, listed)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(
+            f"--out {out} holds files the report did not write ({shown}); move them away or choose another path"
+        )
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out` (an earlier report there is replaced)."""
+    """Move the finished folder `tmp` to `out` (an earlier report there, checked by check_out_dir, is replaced)."""
     if out.exists():
+        check_out_dir(out, force=True)  # again: files may have been added while the seeds ran
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, old)
         os.replace(tmp, out)
@@ -799,9 +837,11 @@ def make_report(
     tracking_uri: str | None = None,
     experiment: str = EXPERIMENT,
     command: str | None = None,
+    force: bool = False,
 ) -> Report:
     """Run `config` over `num_seeds` seeds for each of `families` (default: config.family) and write the
-    report folder `out` (default reports/<family>-<n>seeds-<UTC time>; an earlier report there is replaced).
+    report folder `out` (default <project>/reports/<family>-<n>seeds-<UTC time>; an earlier report there is
+    replaced only with `force`, and never a folder holding files the report did not write).
 
     Raises:
         ValueError / TypeError: bad arguments or config (before anything runs).
@@ -816,13 +856,13 @@ def make_report(
     created = datetime.now(UTC)
     if out is None:
         label = "all" if len(families) > 1 else families[0]
-        out = Path("reports") / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
+        out = REPORTS_DIR / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
     out = Path(out)
-    check_out_dir(out)
+    check_out_dir(out, force)
     name = out.name
     uri = resolve_tracking_uri(tracking_uri)
     configs = seed_configs(base, families, num_seeds)
-    command = command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]))
+    command = redact(command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])))
     tags = {
         "report.name": name,
         "report.kind": "report",
@@ -840,12 +880,7 @@ def make_report(
         outcomes = run_seeds(tasks, jobs, desc=f"report {name}")
         runs = runs_frame(outcomes)
         summary = summarize(runs)
-        figures: dict[str, bytes] = {}
-        for family in families:
-            mine = [o for o in outcomes if o.family == family]
-            median = median_outcome(mine)
-            median_config = next(c for c in configs if c.family == family and c.seed == median.seed)
-            figures.update(family_figures(family, mine, runs, median_config))
+        figures = all_figures(families, outcomes, runs, configs)
         elapsed = time.perf_counter() - t0
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -882,7 +917,7 @@ def make_report(
                 "rtol": RTOL,
                 "atol": ATOL,
             },
-            "mlflow": {"tracking_uri": uri, "experiment": experiment, "parent_run_id": parent_id},
+            "mlflow": {"tracking_uri": redact(uri), "experiment": experiment, "parent_run_id": parent_id},
             "jobs": jobs,
             "elapsed_seconds": round(elapsed, 3),
         }
@@ -893,19 +928,43 @@ def make_report(
     return Report(out, runs, summary, manifest, parent_id, elapsed)
 
 
+def all_figures(
+    families: Sequence[str], outcomes: Sequence[SeedOutcome], runs: pd.DataFrame, configs: Sequence[ExperimentConfig]
+) -> dict[str, bytes]:
+    """The figures of every family (file name -> PNG bytes)."""
+    figures: dict[str, bytes] = {}
+    for family in families:
+        mine = [o for o in outcomes if o.family == family]
+        median = median_outcome(mine)
+        median_config = next(c for c in configs if c.family == family and c.seed == median.seed)
+        figures.update(family_figures(family, mine, runs, median_config))
+    return figures
+
+
+def report_files(manifest: dict, runs: pd.DataFrame, summary: pd.DataFrame, figures: dict[str, bytes]) -> dict[str, bytes]:
+    """Every file of a report folder (relative path -> content), the marker included; a pure function of its
+    inputs, so --verify can regenerate the folder and compare it file by file."""
+    doc = build_document(manifest, runs, summary, figures)
+    files = {
+        "runs.csv": runs_csv_text(runs).encode(),
+        "summary.csv": summary.to_csv(index=False, lineterminator="\n").encode(),
+        **{f"figures/{file}": png for file, png in figures.items()},
+        "manifest.json": (json.dumps(manifest, indent=2) + "\n").encode(),
+        "report.md": doc.markdown().encode(),
+        "report.html": doc.html(f"Seed report: {manifest['name']}").encode(),
+    }
+    marker = {"format": MANIFEST_FORMAT, "written_by": "experiments.report", "files": sorted(files)}
+    files[MARKER] = (json.dumps(marker, indent=2) + "\n").encode()
+    return files
+
+
 def _write_folder(out: Path, manifest: dict, runs: pd.DataFrame, summary: pd.DataFrame, figures: dict[str, bytes]) -> None:
     """Write every file into a hidden temporary sibling folder, then rename it to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _atomic_write(tmp / "runs.csv", runs_csv_text(runs))
-        _atomic_write(tmp / "summary.csv", summary.to_csv(index=False, lineterminator="\n"))
-        for file, png in figures.items():
-            _atomic_write(tmp / "figures" / file, png)
-        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        doc = build_document(manifest, runs, summary, figures)
-        _atomic_write(tmp / "report.md", doc.markdown())
-        _atomic_write(tmp / "report.html", doc.html(f"Seed report: {manifest['name']}"))
+        for name, content in report_files(manifest, runs, summary, figures).items():
+            _atomic_write(tmp / name, content)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
         _replace_dir(tmp, out)
     except BaseException:
@@ -1045,6 +1104,51 @@ def describe_difference(d: dict[str, Any]) -> str:
     )
 
 
+_TIMING_FIELDS = ("manifest created_utc", "manifest elapsed_seconds", *(f"runs.csv {c}" for c in TIMING_COLUMNS))
+
+
+def _first_text_difference(name: str, expected: bytes, got: bytes) -> str:
+    if name.endswith(".png"):
+        return f"{name} differs from the regenerated figure"
+    old, new = expected.decode(errors="replace").splitlines(), got.decode(errors="replace").splitlines()
+    for number, (a, b) in enumerate(zip(old, new, strict=False), start=1):
+        if a != b:
+            return f"{name} differs from the regenerated file at line {number}: expected {a[:80]!r}, got {b[:80]!r}"
+    return f"{name} differs from the regenerated file: {len(new)} lines, expected {len(old)}"
+
+
+def compare_files(
+    folder: Path,
+    manifest: dict[str, Any],
+    runs: pd.DataFrame,
+    outcomes: Sequence[SeedOutcome],
+    configs: Sequence[ExperimentConfig],
+    exact: bool,
+) -> tuple[str | None, int]:
+    """Regenerate every file of the report in `folder` and compare it with the file there.
+
+    The text files are regenerated from the folder's manifest and runs.csv (whose numbers the caller has
+    checked against the re-run), so timestamps and timings are the folder's own; the figures come from the
+    re-run `outcomes` when `exact` (same platform and versions: byte for byte), else from the folder (other
+    platforms draw other pixels). Returns (the first difference as one phrase naming the file, or None;
+    the number of files compared).
+    """
+    figures = {p.name: p.read_bytes() for p in sorted((folder / "figures").glob("*.png"))}
+    if exact:
+        figures = all_figures(manifest["families"], outcomes, runs, configs)
+    expected = report_files(manifest, runs, summarize(runs), figures)
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+    for name, content in expected.items():
+        if name not in present:
+            return f"{name} is missing", len(expected)
+        if (folder / name).read_bytes() != content:
+            return _first_text_difference(name, content, (folder / name).read_bytes()), len(expected)
+    extra = sorted(present - set(expected))
+    if extra:
+        return f"{', '.join(extra[:3])} {'is' if len(extra) == 1 else 'are'} not part of the report", len(expected)
+    return None, len(expected)
+
+
 def verify_report(
     folder: str | Path, *, jobs: int = 1, tracking_uri: str | None = None, experiment: str = EXPERIMENT
 ) -> Verdict:
@@ -1099,16 +1203,23 @@ def verify_report(
         elif file_sha != manifest["runs_csv"].get("sha256"):
             message = f"FAIL: {folder}: the re-run matches runs.csv but runs.csv does not match the manifest's sha256"
             passed = False
+        elif (file_problem := compare_files(folder, manifest, expected, outcomes, configs, exact)[0]) is not None:
+            message = f"FAIL: {folder}: {file_problem} (the numbers of runs.csv were reproduced {mode})"
+            passed = False
         else:
             cells = len(expected) * (len(RUN_COLUMNS) - len(TIMING_COLUMNS))
-            message = f"PASS: {folder}: {len(expected)} runs, {cells} values reproduced {mode}"
+            figures = "the figures byte for byte" if exact else "the figures not (other platform or versions)"
+            message = (
+                f"PASS: {folder}: {len(expected)} runs, {cells} values reproduced {mode}; every file regenerated and "
+                f"compared, {figures}; timestamps and timings taken from the folder ({', '.join(_TIMING_FIELDS)})"
+            )
             passed = True
         client.set_tag(run_id, "report.verify", "PASS" if passed else "FAIL")
     return Verdict(passed, exact, message, difference, run_id)
 
 
 # -- command line -----------------------------------------------------------------------------------------
-_REPORT_FLAGS = ("seeds", "out")
+_REPORT_FLAGS = ("seeds", "out", "force")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1129,7 +1240,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=argparse.SUPPRESS,
         metavar="FOLDER",
-        help="report folder [default: reports/<family>-<N>seeds-<time>]",
+        help="report folder [default: reports/<family>-<N>seeds-<time> in the project]",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="replace the earlier report in --out (never a folder holding other files)",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, metavar="N", help="worker processes, one seed each at a time [default: 1]"
@@ -1175,6 +1292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     from mlflow.exceptions import MlflowException
 
     if args.verify is not None:
@@ -1204,7 +1322,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_plan(families, num_seeds, args.jobs)
         out = getattr(args, "out", None)
         if out is not None:
-            check_out_dir(Path(out))
+            check_out_dir(Path(out), getattr(args, "force", False))
     except (ValueError, TypeError) as err:
         parser.error(str(err))
     from .tracking import resolve_tracking_uri
@@ -1213,11 +1331,20 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Report: {', '.join(families)} x {num_seeds} seeds ({config.iterations} Adam steps + EM each, "
         f"{config.data_file or config.dataset or 'generated data'}), {args.jobs} job{'s' * (args.jobs > 1)}; "
-        f"tracking to {uri}",
+        f"tracking to {redact(uri)}",
         flush=True,
     )
     try:
-        report = make_report(config, families, num_seeds, out, jobs=args.jobs, tracking_uri=uri, experiment=args.experiment)
+        report = make_report(
+            config,
+            families,
+            num_seeds,
+            out,
+            jobs=args.jobs,
+            tracking_uri=uri,
+            experiment=args.experiment,
+            force=getattr(args, "force", False),
+        )
     except (ValueError, TypeError, MlflowException) as err:
         parser.error(str(err))
     except SeedFailed as err:

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 import gmm
 from gmm._cli import OneLineParser
@@ -62,6 +63,7 @@ from .commands import module
 from .config import ExperimentConfig, add_arguments, from_args
 from .datasets import Dataset, load_dataset
 from .metrics import adjusted_rand_index, recovery_error
+from .redact import install_log_redaction, redact
 from .tracking import (
     StopRun,
     add_tracking_arguments,
@@ -191,7 +193,8 @@ class _Logger:
         self.pending: list[Metric] = []
         self.seconds = 0.0
         self.closing = False  # True while a failed run's record is written: signals are then dropped
-        self.last_flush = time.perf_counter()
+        self.last_flush = -math.inf  # the first evaluation is written at once: a killed run keeps a curve
+        self.train_steps: set[int] = set()  # train_nll steps already logged during the fit
 
     def timed(self, fn: Callable, *args, **kwargs):
         """Call fn, timed; Ctrl-C / SIGTERM arriving meanwhile waits until the store write is complete."""
@@ -235,6 +238,11 @@ class _Evaluator:
             return
         self.last_step = step
         cfg = self.config
+        if math.isfinite(nll) and step % cfg.resolved_eval_every == 0 and cfg.tol is None:
+            # a call from inside the fit loop reports history[step - 1] (the NLL before update `step`); the
+            # fit's closing call (another step, or a convergence with tol) is left to the final curve
+            self.logger.train_steps.add(step - 1)
+            self.logger.add({"train_nll": nll}, step - 1)
         factor = lr_factor(cfg.lr_schedule, max(step - 1, 0), cfg.iterations)
         val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
         if self.val.shape[0] and not math.isfinite(val_nll):
@@ -468,10 +476,11 @@ def curve_steps(num_points: int, every: int) -> list[int]:
 
 
 def _log_fit_record(logger: _Logger, result: gmm.FitResult | None, config: ExperimentConfig) -> None:
-    """The training-NLL curve (finite values only) and events.csv of a finished or partial fit."""
+    """The training-NLL curve (finite values only; steps not already logged during the fit) and events.csv of a
+    finished or partial fit."""
     if result is not None and len(result.nll_history):
         history = result.nll_history
-        steps = curve_steps(len(history), config.resolved_log_every)
+        steps = [s for s in curve_steps(len(history), config.resolved_log_every) if s not in logger.train_steps]
         values = history[steps]
         keep = torch.isfinite(values)
         logger.add_curve(TRAIN_CURVE, values[keep].tolist(), [s for s, k in zip(steps, keep.tolist(), strict=True) if k])
@@ -629,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
     try:
         config = from_args(args)
         uri = resolve_tracking_uri(args.tracking_uri)
@@ -636,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     print(
         f"Fitting {config.family} (K={config.model_components}, D={config.model_dims}, {config.iterations} steps, "
-        f"seed {config.seed}) to {describe_data(config)}; tracking to {uri}",
+        f"seed {config.seed}) to {describe_data(config)}; tracking to {redact(uri)}",
         flush=True,
     )
     try:
@@ -654,6 +664,13 @@ def main(argv: list[str] | None = None) -> int:
         run = getattr(err, "run_id", None)
         print(f"{parser.prog}: interrupted" + (f" (run {run} marked KILLED)" if run else ""), file=sys.stderr)
         return 130
+    except MlflowException as err:  # the store failed mid-run (a server gone for longer than the retries)
+        print(
+            f"{parser.prog}: lost the tracking store {redact(uri)}: {redact(' '.join(str(err).split()))[:300]}; "
+            "check it and rerun (the next command ends the open run KILLED)",
+            file=sys.stderr,
+        )
+        return 1
     print(format_summary(result))
     print(f"Run id: {result.run_id}")
     experiment_id = get_client(uri).get_run(result.run_id).info.experiment_id

@@ -7,7 +7,9 @@
 The block ends the run FINISHED when it completes, KILLED on Ctrl-C / SIGTERM (a SIGTERM handler that raises
 KeyboardInterrupt is installed while the run is open, in the main thread), FAILED on any other exception
 (tag `error` = "Type: message", artifact `error.txt` = the traceback), or with the status a `StopRun`
-carries (tag `stop_reason`). The exception is re-raised either way. While the run is being closed, SIGINT
+carries (tag `stop_reason`). The exception is re-raised either way. While it is open, a daemon thread refreshes
+its heartbeat tag (experiments.stores: a later command ends the run KILLED if its process dies). Tags, params,
+the error tag and error.txt go through experiments.redact (no passwords). While the run is being closed, SIGINT
 and SIGTERM are held back and re-raised afterwards, so a second Ctrl-C cannot leave the run RUNNING.
 
 Metrics go through `MlflowClient.log_batch`, at most 1000 per call (the store's limit): the SQLite store
@@ -40,11 +42,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; concurrent first use of a new SQLite store is not serialized
-    fcntl = None
-
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports: runs are often offline
 warnings.filterwarnings("ignore", message=r".*``noload`` loader strategy is deprecated.*")
 for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
@@ -55,6 +52,16 @@ import numpy as np  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+from .redact import redact, redact_mapping  # noqa: E402
+from .stores import (  # noqa: E402
+    BEAT_TAG,
+    HEARTBEAT_SECONDS,
+    StoreError,  # noqa: F401  (re-exported: what get_client raises)
+    heartbeat_tags,
+    open_store,
+    sqlite_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,46 +113,16 @@ def add_tracking_arguments(parser, experiment: str) -> None:
     parser.add_argument("--experiment", default=experiment, help=f"MLflow experiment [default: {experiment}]")
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite:/// URI, or None for other stores (and in-memory SQLite)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-@contextmanager
-def _store_init_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock on the folder of a SQLite store while its tables may be created.
-
-    MLflow creates and migrates the tables of a fresh SQLite database on first use, without a lock:
-    two processes opening the same new store at once (a run and a UI, two study workers) make all
-    but one fail inside Alembic ("Online migration expected to match one row ...", or a UNIQUE
-    constraint). Locking the folder (flock, no lock file left behind) makes them take turns; later
-    openings, which find the tables, pass straight through.
-    """
-    db = sqlite_path(uri)
-    if db is None or fcntl is None:
-        yield
-        return
-    folder = db.resolve().parent
-    folder.mkdir(parents=True, exist_ok=True)  # MLflow would create it too, after the race
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 @functools.lru_cache(maxsize=16)
 def get_client(uri: str) -> MlflowClient:
-    """One MlflowClient per URI and process (creating one opens the store, creating its tables if new).
+    """One MlflowClient per URI and process, for a store checked, created if new, and swept of dead runs.
 
-    Safe to call from several processes at once on a new SQLite store (see `_store_init_lock`).
+    The first call per URI runs experiments.stores.open_store: a dead or silent tracking server, a corrupt,
+    half-built or read-only SQLite store raise StoreError (a ValueError, one line) within seconds; a new
+    SQLite store is built atomically, safe against signals and against concurrent first use; RUNNING runs of
+    dead processes are ended KILLED.
     """
-    with _store_init_lock(uri):
-        return MlflowClient(tracking_uri=uri)
+    return open_store(uri, lambda u: MlflowClient(tracking_uri=u))
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None) -> str:
@@ -240,7 +217,7 @@ def repro_tags() -> dict[str, str]:
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     return {
         **_static_tags(),
-        "command": shlex.join(argv)[:_MAX_TAG_CHARS],
+        "command": redact(shlex.join(argv))[:_MAX_TAG_CHARS],
         "mlflow.source.name": sys.argv[0] or "-",
     }
 
@@ -316,13 +293,16 @@ def tracked_run(
     uri = resolve_tracking_uri(tracking_uri)
     client = get_client(uri)
     experiment_id = ensure_experiment(client, experiment_name, artifact_location, uri)
-    all_tags = {**repro_tags(), **{str(k): str(v)[:_MAX_TAG_CHARS] for k, v in (tags or {}).items()}}
+    extra = {k: v[:_MAX_TAG_CHARS] for k, v in redact_mapping(tags or {}).items()}
+    all_tags = {**repro_tags(), **extra, **heartbeat_tags()}
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = str(parent_run_id)
     status, end_tags, error_text, raised = "FINISHED", {}, None, True
     with _sigterm_as_interrupt():
         run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        beat = None
         try:
+            beat = _Heartbeat(client, run_id)
             yield client, run_id
             raised = False
         except StopRun as err:
@@ -339,12 +319,35 @@ def tracked_run(
                 status, end_tags = "KILLED", {"stop_reason": f"pruned: {err}"[:_MAX_TAG_CHARS]}
             else:
                 status = "FAILED"
-                end_tags = {"error": f"{type(err).__name__}: {err}"[:_MAX_TAG_CHARS]}
-                error_text = "".join(traceback.format_exception(err))
+                end_tags = {"error": redact(f"{type(err).__name__}: {err}")[:_MAX_TAG_CHARS]}
+                error_text = redact("".join(traceback.format_exception(err)))
             raise
         finally:
+            if beat is not None:
+                beat.stop()
             with deferred_signals(reraise=not raised):
-                _end_run(client, run_id, status, end_tags, error_text)
+                _end_run(client, run_id, status, {k: redact(v) for k, v in end_tags.items()}, error_text)
+
+
+class _Heartbeat:
+    """A daemon thread that refreshes an open run's heartbeat tag every HEARTBEAT_SECONDS (see stores)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.client.set_tag(self.run_id, BEAT_TAG, f"{time.time():.0f}")
+            except Exception as err:  # a store that drops out briefly: the next beat tries again
+                log.debug("heartbeat of run %s failed: %s", self.run_id, redact(err))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=HEARTBEAT_SECONDS)
 
 
 def _end_run(client: MlflowClient, run_id: str, status: str, tags: dict, error_text: str | None) -> None:
@@ -353,10 +356,16 @@ def _end_run(client: MlflowClient, run_id: str, status: str, tags: dict, error_t
             client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if error_text is not None:
             client.log_text(run_id, error_text, "error.txt")
-    except Exception:  # never let a logging problem keep the run open
-        log.exception("could not record why run %s ended", run_id)
-    finally:
+    except Exception as err:  # never let a logging problem keep the run open
+        log.warning("could not record why run %s ended: %s", run_id, _one_line(err))
+    try:
         client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+    except Exception as err:  # the store is gone: the heartbeat lets the next command on it end the run
+        log.warning("could not end run %s (%s); the next command on this store ends it KILLED", run_id, _one_line(err))
+
+
+def _one_line(err: BaseException) -> str:
+    return redact(" ".join(str(err).split()))[:300] or type(err).__name__
 
 
 # -- batched logging --------------------------------------------------------------------------------------
@@ -408,8 +417,9 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, object]) -> None:
-    """Log params as strings (None -> "None"), at most 100 per call; long values are truncated."""
-    items = [Param(str(k), ("None" if v is None else str(v))[:_MAX_PARAM_CHARS]) for k, v in params.items()]
+    """Log params as strings (None -> "None", credentials redacted), at most 100 per call; long values are
+    truncated."""
+    items = [Param(k, v[:_MAX_PARAM_CHARS]) for k, v in redact_mapping(params).items()]
     for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 

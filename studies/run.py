@@ -50,9 +50,11 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 import gmm
+from experiments.redact import install_log_redaction, redact
 from gmm._cli import OneLineParser
 
 from . import STUDY_VERSION
@@ -266,8 +268,8 @@ class _QuietTrialFailed(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         from .objective import TrialFailed
 
-        if record.exc_info and isinstance(record.exc_info[1], TrialFailed):
-            record.exc_info = None
+        if record.exc_info and isinstance(record.exc_info[1], TrialFailed | KeyboardInterrupt):
+            record.exc_info = None  # Ctrl-C / SIGTERM: the command says "interrupted" once
         return True
 
 
@@ -275,9 +277,12 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("studies").setLevel(logging.INFO if verbose else logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
-    optuna.logging.get_logger("optuna").addFilter(_QuietTrialFailed())
+    for handler in optuna.logging.get_logger("optuna").handlers:  # a logger's own filter misses its children
+        if not any(isinstance(f, _QuietTrialFailed) for f in handler.filters):
+            handler.addFilter(_QuietTrialFailed())
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    install_log_redaction("optuna")
 
 
 def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
@@ -322,10 +327,10 @@ def _worker_main(job: WorkerJob) -> None:
 # -- MLflow runs orphaned by a killed process --------------------------------------------------------------
 def end_orphan_runs(tracking_uri: str, experiment: str) -> int:
     """End (KILLED) RUNNING runs of `experiment` owned by a dead process on this host; returns how many."""
+    from experiments.stores import process_alive
     from experiments.tracking import get_client
 
     from .objective import WORKER_TAG
-    from .storage import _process_alive
 
     client = get_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -335,7 +340,7 @@ def end_orphan_runs(tracking_uri: str, experiment: str) -> int:
     for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
         owner = run.data.tags.get(WORKER_TAG, "")
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+        if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
             client.set_tag(run.info.run_id, "stop_reason", f"process {pid} died while the run was open")
             client.set_terminated(run.info.run_id, "KILLED")
             ended += 1
@@ -599,6 +604,7 @@ class _Progress:
         self.done = 0
         self.total = total
         self.started = time.monotonic()
+        self.logged: set[int] = set()  # trial numbers already logged (trials finish out of order)
 
     def mine(self, trial: FrozenTrial) -> bool:
         """Whether this invocation ran `trial` (other workers may add trials to the study meanwhile)."""
@@ -618,8 +624,12 @@ class _Progress:
         values = [t.value for t in trials if t.state == TrialState.COMPLETE]
         if len(mine) > self.done:
             elapsed = time.monotonic() - self.started
-            for k, t in enumerate(sorted(mine, key=lambda t: t.number)[self.done :], start=self.done + 1):
-                log.info("%d/%d: trial %d %s%s", k, self.total, t.number, _outcome(t), _time_left(elapsed, k, self.total))
+            for t in sorted(mine, key=lambda t: t.number):
+                if t.number not in self.logged:
+                    self.logged.add(t.number)
+                    k = len(self.logged)
+                    left = _time_left(elapsed, k, self.total)
+                    log.info("%d/%d: trial %d %s%s", k, self.total, t.number, _outcome(t), left)
             self.bar.update(len(mine) - self.done)
             self.done = len(mine)
         self.bar.set_postfix(
@@ -661,12 +671,12 @@ def _reason(trial: FrozenTrial) -> str:
 def _settings_for(args: argparse.Namespace, family: str):
     from .datasets import dataset_fingerprints, file_fingerprints, file_study_data, study_datasets
     from .objective import StudySettings
-    from .space import load_space
+    from .space import check_values, load_space
 
     if args.data is not None:
         data = file_study_data(args.data, args.columns, args.standardize, args.components, args.data_seed)
         prints = file_fingerprints(data)
-        return StudySettings(
+        settings = StudySettings(
             family=family,
             datasets=tuple(prints),
             space=load_space(family, args.space),
@@ -676,16 +686,24 @@ def _settings_for(args: argparse.Namespace, family: str):
             fingerprints=prints,
             data=data,
         )
-    names = study_datasets(family, args.datasets.split(",") if args.datasets else None)
-    return StudySettings(
-        family=family,
-        datasets=names,
-        space=load_space(family, args.space),
-        iterations=DEFAULT_ITERATIONS if args.iterations is None else args.iterations,
-        eval_every=DEFAULT_EVAL_EVERY if args.eval_every is None else args.eval_every,
-        seed=42 if args.seed is None else args.seed,
-        fingerprints=dataset_fingerprints(names),
-    )
+    else:
+        names = study_datasets(family, args.datasets.split(",") if args.datasets else None)
+        settings = StudySettings(
+            family=family,
+            datasets=names,
+            space=load_space(family, args.space),
+            iterations=DEFAULT_ITERATIONS if args.iterations is None else args.iterations,
+            eval_every=DEFAULT_EVAL_EVERY if args.eval_every is None else args.eval_every,
+            seed=42 if args.seed is None else args.seed,
+            fingerprints=dataset_fingerprints(names),
+        )
+    for name in settings.datasets:  # every value the space can suggest, in a config as the trials build it
+        check_values(
+            settings.space,
+            lambda overrides, name=name: settings.config(name, overrides),
+            f"--space {args.space}" if args.space else "the search space",
+        )
+    return settings
 
 
 def open_study(storage, study_name: str, settings, attrs: dict | None = None) -> optuna.Study:
@@ -761,17 +779,17 @@ def run_study(args: argparse.Namespace, family: str, settings, tracking_uri: str
         recorded = study.user_attrs
         experiment = args.experiment or recorded.get("mlflow_experiment") or f"study-{study_name}"
         pruner = args.pruner or recorded.get("pruner") or "median"
-        if recorded.get("mlflow_tracking_uri") not in (None, _redact(tracking_uri)):
+        if recorded.get("mlflow_tracking_uri") not in (None, redact(tracking_uri)):
             log.warning(
                 "study %s logs to MLflow at %s, this worker to %s; set MLFLOW_TRACKING_URI to share one server",
                 study_name,
                 recorded["mlflow_tracking_uri"],
-                _redact(tracking_uri),
+                redact(tracking_uri),
             )
     else:
         experiment = args.experiment or f"study-{study_name}"
         pruner = args.pruner or "median"
-        attrs = {"mlflow_experiment": experiment, "pruner": pruner, "mlflow_tracking_uri": _redact(tracking_uri)}
+        attrs = {"mlflow_experiment": experiment, "pruner": pruner, "mlflow_tracking_uri": redact(tracking_uri)}
         study = open_study(storage, study_name, settings, attrs)
     # known only now: a worker's experiment comes from the study
     storage.heartbeat_stale_trial_callback = StaleTrialHandler(tracking_uri, experiment, args.retries)
@@ -797,7 +815,7 @@ def run_study(args: argparse.Namespace, family: str, settings, tracking_uri: str
             {
                 "study": study_name,
                 "family": family,
-                "storage": _redact(storage_url),
+                "storage": redact(storage_url),
                 "trials": args.trials,
                 "jobs": jobs,
                 "timeout": args.timeout,
@@ -832,7 +850,7 @@ def run_study(args: argparse.Namespace, family: str, settings, tracking_uri: str
             args.verbose,
             args.retries,
         )
-        owners = {worker_tag()} if args.worker else None
+        owners = {worker_tag()}  # not every new trial: other invocations may run trials of the study meanwhile
         progress = _Progress(args.trials, study_name, args.progress, start_number, owners)
         try:
             if args.trials == 0:
@@ -857,13 +875,6 @@ def run_study(args: argparse.Namespace, family: str, settings, tracking_uri: str
         summary = summarize(study, settings, added, wall, str(best_file) if best_file else None)
         log_study_artifacts(client, parent_id, study, summary, settings, plots=args.plots)
     return summary, clean
-
-
-def _redact(url: str) -> str:
-    """`url` without its password (user:secret@host -> user:***@host), for logging."""
-    import re
-
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def _run_workers(jobs: list[WorkerJob], study: optuna.Study, progress: _Progress) -> bool:
@@ -899,10 +910,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("studies").setLevel(logging.INFO)  # no bar: one line per trial instead
     try:
         families = check_args(args)
-        open_storage(args.storage)  # a bad URL fails here, before any study starts
-        from experiments.tracking import resolve_tracking_uri
+        open_storage(args.storage)  # a bad URL or a dead database server fails here, before any study starts
+        from experiments.tracking import get_client, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
+        get_client(tracking_uri)  # so does a dead or silent tracking server, or a broken store (StoreError)
         # bad space/datasets fail here; a worker reads its settings from the study
         all_settings = [None if args.worker else _settings_for(args, family) for family in families]
         summaries, clean = [], True
@@ -913,6 +925,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except MlflowException as e:  # a store that failed mid-study (a server gone for longer than the retries)
+        print(f"{parser.prog}: lost the tracking store: {redact(' '.join(str(e).split()))[:300]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,11 @@ def _config_fields() -> tuple[str, ...] | None:
 
 
 def _check_number(value, what: str) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-1 (no dot) as a string; config files accept it as a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{what} must be a finite number; got {value!r}")
     return float(value)
@@ -218,3 +223,23 @@ def load_space(
         else:
             fixed[name] = entry
     return SearchSpace(family, tuple(params), fixed)
+
+
+def check_values(space: SearchSpace, make_config: Callable[[dict], object], where: str = "the search space") -> None:
+    """Build a config (`make_config(overrides)`, e.g. a trial's) with every value the space can suggest: each
+    choice, each bound, the frozen 0, and the fixed values; so a bad entry fails before the first trial.
+
+    Raises:
+        ValueError: naming the parameter, the value and what the config said about it.
+    """
+    probes: list[tuple[str, object]] = [("(fixed values)", None)]
+    for p in space.params:
+        values = p.choices if isinstance(p, ChoiceParam) else (p.low, p.high, *((0.0,) if p.frozen else ()))
+        probes += [(p.name, v) for v in values]
+    for name, value in probes:
+        overrides = dict(space.fixed) if value is None else {**space.fixed, name: value}
+        try:
+            make_config(overrides)
+        except (ValueError, TypeError) as err:
+            shown = name if value is None else f"{name} = {value!r}"
+            raise ValueError(f"{where} ({space.family}): {shown} is not accepted: {err}; fix the space file") from None

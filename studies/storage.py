@@ -34,12 +34,16 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from experiments.redact import redact
+from experiments.stores import process_alive
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = str(PROJECT_ROOT / "studies.log")
 JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
 HEARTBEAT_INTERVAL = 5  # seconds between heartbeats of a running trial
+CONNECT_TIMEOUT = 3  # seconds per connection attempt to a database server (libpq may try twice)
 GRACE_PERIOD = 60  # seconds without a heartbeat before another host's RUNNING trial counts as dead
 OWNER_KEY = "studies:worker"  # trial system attr: "<host>:<pid>" of the process running the trial
 BEAT_KEY = "studies:heartbeat"  # trial system attr (journal storage): unix time of the last heartbeat
@@ -76,23 +80,6 @@ def journal_path(url: str) -> Path | None:
     return None
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host and is not a zombie."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child not yet reaped by its parent is a zombie: dead for our purposes
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
 class _OwnedTrials:
     """Mixin for heartbeat storages: record which process runs each trial; fail trials of dead processes."""
 
@@ -114,7 +101,7 @@ class _OwnedTrials:
             if not isinstance(owner, str) or ":" not in owner:
                 continue
             owner_host, pid = owner.rsplit(":", 1)
-            if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
                 dead[trial._trial_id] = f"worker process {pid} died while the trial was running"
         return dead
 
@@ -205,11 +192,20 @@ def open_storage(
         try:
             backend = JournalFileBackend(str(path))
         except OSError as e:
-            raise ValueError(f"storage {url!r}: cannot open the journal file: {e.strerror or e}") from e
-        return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, stale_callback)
+            raise ValueError(
+                f"storage {url!r}: cannot open the journal file: {e.strerror or e}; check its permissions and "
+                "those of its folder, or give another --storage"
+            ) from None
+        try:  # replays the whole journal: a corrupt record fails here, not mid-study
+            return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, stale_callback)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(
+                f"study journal {str(path)!r} is corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                f"restore it from a backup, or move it away (mv {path} {path}.corrupt) to start a new one"
+            ) from None
     if "://" not in url:
         raise ValueError(
-            f"unknown storage {url!r}; use a journal file (PATH.log or journal:PATH), sqlite:///FILE.db, "
+            f"unknown storage {redact(url)!r}; use a journal file (PATH.log or journal:PATH), sqlite:///FILE.db, "
             "or another SQLAlchemy URL (postgresql://user@host/db)"
         )
     import sqlalchemy.exc
@@ -219,6 +215,8 @@ def open_storage(
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:  # a server: drop connections the server or a firewall closed while a long trial ran
         engine_kwargs = {"pool_pre_ping": True}
+        if url.startswith(("postgresql", "postgres", "mysql")):  # a dead or silent server fails in seconds
+            engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -231,7 +229,12 @@ def open_storage(
             )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot open storage {url!r}: {first}") from e
+        raise ValueError(
+            redact(
+                f"cannot open storage {url!r}: {first}; check that the database server runs, the host, port, user "
+                "and database name, or give another --storage"
+            )
+        ) from None
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

@@ -185,6 +185,43 @@ def test_verify_fails_when_the_manifest_no_longer_matches(written, tmp_path, mlf
     assert code == 1 and out.startswith("FAIL: ") and names in out, out
 
 
+@pytest.mark.parametrize(
+    ("name", "old", "new"),
+    [
+        ("summary.csv", "full,gd,", "full,gd ,"),
+        ("report.md", "# Seed report", "# Seed Report"),
+        ("report.html", "<h1>Seed report", "<h1>Seed Report"),
+        ("figures/fit_full.png", None, None),
+    ],
+)
+def test_verify_names_an_edited_file_of_the_report(written, tmp_path, name, old, new):
+    """Every file is regenerated from the folder's manifest and runs.csv and compared; compare_files without
+    the re-run's figures (exact=False) keeps this fast (the CLI runs the same check after its re-run)."""
+    folder = tmp_path / "edited"
+    shutil.copytree(written[0], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    runs = report._normalized(read_runs_csv(folder / "runs.csv"))
+    assert report.compare_files(folder, manifest, runs, [], [], exact=False)[0] is None
+    path = folder / name
+    if old is None:  # a figure: the HTML embeds the folder's figures, so it no longer matches them
+        path.write_bytes(path.read_bytes() + b"\0")
+        name = "report.html"
+    else:
+        assert old in path.read_text()
+        path.write_text(path.read_text().replace(old, new, 1))
+    problem, count = report.compare_files(folder, manifest, runs, [], [], exact=False)
+    assert problem is not None and problem.startswith(f"{name} differs"), problem
+    assert count == len(json.loads((folder / report.MARKER).read_text())["files"]) + 1
+
+
+def test_verify_cli_names_the_edited_file(written, tmp_path, mlflow_uri, capsys):
+    folder = tmp_path / "edited"
+    shutil.copytree(written[0], folder)
+    (folder / "notes.txt").write_text("mine")
+    code, out, _ = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
+    assert code == 1 and out.startswith("FAIL: ") and "notes.txt is not part of the report" in out, out
+
+
 def test_cross_platform_tolerance_is_one_part_in_a_thousand():
     """The documented tolerance, written out here (not read from the module, so widening it fails):
     |got - expected| <= 1e-4 + 1e-3 * |expected|."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -428,3 +429,65 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(servers, tmp_path
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     runs = runs_by_kind(servers.tracking_uri, study_name)
     assert all(r.info.status != "RUNNING" for kind in runs.values() for r in kind)  # the dead worker's too
+
+
+@pytest.mark.slow
+def test_no_password_reaches_runs_tags_params_artifacts_or_output(servers, tmp_path):
+    """A study on a password-bearing storage URL (trust authentication ignores the password) and tracking URI:
+    search every run, tag, param and artifact of it, the study's records and the command's output."""
+    from mlflow.tracking import MlflowClient
+
+    secret, tracking_secret = "SECRETPW15", "TRACKPW15"
+    storage = servers.storage.replace("://postgres@", f"://postgres:{secret}@")
+    tracking = servers.tracking_uri.replace("://", f"://gmm:{tracking_secret}@", 1)
+    argv = [
+        sys.executable,
+        "-m",
+        "studies.run",
+        *COMMON,
+        "--study",
+        "secrets",
+        "--storage",
+        storage,
+        "--tracking-uri",
+        tracking,
+        "--best-dir",
+        str(tmp_path / "best"),
+        "--trials",
+        "2",
+        *STUDY_SETTINGS,
+    ]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = [where for where, text in [("stdout", proc.stdout), ("stderr", proc.stderr)] if secret in text]
+    client = MlflowClient(servers.tracking_uri)
+    exp = client.get_experiment_by_name("study-secrets")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    assert len(runs) >= 5  # the invocation, 2 trials, their fits
+    searched = 0
+
+    def search(where: str, text: str | bytes) -> None:
+        nonlocal searched
+        searched += 1
+        data = text if isinstance(text, bytes) else text.encode()
+        found.extend(f"{where} ({s})" for s in (secret, tracking_secret) if s.encode() in data)
+
+    for run in runs:
+        name = run.info.run_name
+        search(f"{name}: tags", json.dumps(run.data.tags))
+        search(f"{name}: params", json.dumps(run.data.params))
+        pending = [a for a in client.list_artifacts(run.info.run_id)]
+        while pending:  # every artifact, in every folder
+            item = pending.pop()
+            if item.is_dir:
+                pending += client.list_artifacts(run.info.run_id, item.path)
+                continue
+            local = client.download_artifacts(run.info.run_id, item.path, str(tmp_path))
+            search(f"{name}: {item.path}", Path(local).read_bytes())
+    study = optuna.load_study(study_name="secrets", storage=servers.storage)
+    search("study user attrs", json.dumps(study.user_attrs, default=str))
+    for trial in study.get_trials(deepcopy=False):
+        search(f"trial {trial.number}", json.dumps([trial.user_attrs, trial.system_attrs, trial.params], default=str))
+    assert not found, found
+    assert any("postgres:***@" in r.data.tags.get("command", "") for r in runs)  # redacted, not dropped
+    print(f"searched {len(runs)} runs: {searched} tag/param sets and artifacts, no password")
