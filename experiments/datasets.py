@@ -41,7 +41,7 @@ import difflib
 import json
 import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -357,7 +357,7 @@ COLLAPSE_PROTOCOL = CollapseProtocol()
 @dataclass(frozen=True)
 class CollapseMeasure:
     """One dataset under a CollapseProtocol: per seed, the step of the first clamp event (None: none),
-    whether the NLL went non-finite, and the final validation NLL."""
+    whether the NLL went non-finite, and the final validation NLL (NaN for a fit stopped at its first clamp)."""
 
     name: str
     first_clamp: tuple[int | None, ...]
@@ -375,21 +375,34 @@ class CollapseMeasure:
 
 
 def measure_collapse(name: str, protocol: CollapseProtocol = COLLAPSE_PROTOCOL) -> CollapseMeasure:
-    """Fit the named dataset's model under `protocol`, once per seed (no MLflow; a few seconds)."""
+    """Fit the named dataset's model under `protocol`, once per seed (no MLflow; a few seconds). A fit
+    stops at its first clamp event, which is all it has to show."""
     ds = load_dataset(name)
     spec = ds.spec
     first, diverged, val = [], [], []
     for seed in protocol.seeds:
         model = gmm.make_model(spec.family, spec.fit_components, spec.num_dims)
         try:
-            result = gmm.fit(model, ds.train, **protocol.fit_options(seed))
+            result = gmm.fit(model, ds.train, **protocol.fit_options(seed), callback=stop_at_first_clamp)
+        except _Collapsed:
+            result = model.fit_result_
         except FloatingPointError:
             first.append(None), diverged.append(True), val.append(float("nan"))
             continue
         first.append(next((e.step for e in result.events if e.kind == "clamp"), None))
         diverged.append(False)
-        val.append(model.nll(ds.val) if ds.val.shape[0] else float("nan"))
+        val.append(model.nll(ds.val) if ds.val.shape[0] and result.completed else float("nan"))
     return CollapseMeasure(name, tuple(first), tuple(diverged), tuple(val))
+
+
+class _Collapsed(Exception):
+    """Raised by `stop_at_first_clamp`: the fit has shown what it had to."""
+
+
+def stop_at_first_clamp(step: int, nll: float, new_events: list) -> None:
+    """A fit callback that ends the fit (raising) at the first log point after a clamp event."""
+    if any(e.kind == "clamp" for e in new_events):
+        raise _Collapsed(step)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,7 +469,7 @@ def _print_collapse(names: list[str]) -> int:
         steps = [c for c in m.first_clamp if c is not None]
         first = f"first clamp at step {min(steps)}-{max(steps)}" if steps else "no clamp"
         finite = [v for v in m.val_nll if math.isfinite(v)]
-        val = f"median val NLL {sorted(finite)[len(finite) // 2]:.3f}" if finite else "val NLL -"
+        val = f"median val NLL {sorted(finite)[len(finite) // 2]:.3f}" if finite else ""
         print(f"{name:30s} {DATASETS[name].cause:13s} {100 * m.rate:5.0f}%  {first:28s} {val}", flush=True)
     return 0
 

@@ -298,7 +298,7 @@ def test_settings_round_trip_through_the_study_record():
     from studies.objective import StudySettings
     from studies.space import load_space
 
-    names = ("full-separated", "full-collapse")
+    names = ("full-separated", "full-point-mass")
     settings = StudySettings("full", names, load_space("full"), 300, 25, 7, fingerprints=dataset_fingerprints(names))
     assert StudySettings.from_dict(settings.as_dict()) == settings
     with pytest.raises(ValueError, match="recorded settings are incomplete"):

@@ -70,11 +70,11 @@ def test_space_override_file_replaces_entries_one_by_one(tmp_path):
         "full:\n  init: {choices: [kmeans++, random]}\n  mixture_lr: null\n  iterations: 300\n"
     )
     full = load_space("full", path)
-    assert [p.name for p in full.params] == ["clamp", "component_lr", "init"]
+    assert [p.name for p in full.params] == ["clamp", "component_lr", "reset", "init"]
     assert full.params[0] == FloatParam("clamp", 1e-6, 1e-2, log=True)
     assert full.fixed == {"iterations": 300}
     tied = load_space("tied", path)  # the default section reaches every family; the full section does not
-    assert [p.name for p in tied.params] == ["clamp", "component_lr", "mixture_lr"] and tied.fixed == {}
+    assert [p.name for p in tied.params] == ["clamp", "component_lr", "mixture_lr", "reset"] and tied.fixed == {}
     json_path = tmp_path / "space.json"
     json_path.write_text(json.dumps({"constant": {"component_lr": {"low": 0.01, "high": 0.1}}}))
     assert load_space("constant", json_path).params[0] == FloatParam("component_lr", 0.01, 0.1)
