@@ -1,4 +1,4 @@
-"""The collapse benchmark: collapse that is structurally forced, and a validation NLL that punishes it.
+"""The collapse benchmark (experiments.datasets): structurally forced collapse, and a validation NLL that punishes it.
 
 The point-mass and outlier datasets put a single value (30 copies, or one far point) at least 2 radius away
 from every other point, and the model has a spare component that k-means starts exactly on it. Its mean
