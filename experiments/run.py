@@ -7,7 +7,8 @@
 What one run holds (read back with `MlflowClient`, or `load_model(run_id)` for the model):
 - params: the whole config, flattened (`ExperimentConfig.flat`);
 - metric curves with steps: `train_nll` every `log_every` steps (and at the last), `val_nll`,
-  `clamp_count`, `reset_count` (cumulative), `lr_mixture`, `lr_component` every `eval_every` steps;
+  `clamp_count`, `reset_count` (cumulative), `min_variance` (smallest variance of any component),
+  `lr_mixture`, `lr_component` every `eval_every` steps;
 - final metrics: `train_nll`/`val_nll` (last points of their curves), `true_nll_train`/`true_nll_val`
   (the generating parameters), `em_nll_train`/`em_nll_val` and `gd_em_gap` (with `em`),
   `recovery_error` (mean distance of Hungarian-matched means), `ari` (adjusted Rand index on all points),
@@ -15,6 +16,8 @@ What one run holds (read back with `MlflowClient`, or `load_model(run_id)` for t
   tracking itself: `tracking_time` (every MLflow call but figures), `tracking_overhead` (its fraction of
   the fit's wall time) and `figure_time`;
 - artifacts: `events.csv` (every clamp and reset), `figures/fit.png`, `figures/nll_curve.png`,
+  `figures/smallest_variance.png` (each component's smallest variance at every evaluation, log scale, the
+  clamp as a line, clamp events and resets marked),
   `model/model.pt` (state dict + config) and `model/config.json`;
 - tags: `dataset.fingerprint` (sha256 of the data), `dataset.name`, git commit and dirtiness, versions,
   platform and the exact command line (experiments.tracking.repro_tags).
@@ -202,6 +205,8 @@ class _Evaluator:
         self.model, self.val, self.config, self.logger, self.on_eval = model, val, config, logger, on_eval
         self.clamps = self.resets = 0
         self.last_step = -1
+        self.steps: list[int] = []  # eval steps, and each covariance's smallest variance there (the figure)
+        self.smallest: list[torch.Tensor] = []
 
     def __call__(self, step: int, nll: float, new_events: list) -> None:
         self.clamps += sum(e.kind == "clamp" for e in new_events)
@@ -212,6 +217,10 @@ class _Evaluator:
         cfg = self.config
         factor = lr_factor(cfg.lr_schedule, max(step - 1, 0), cfg.iterations)
         val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
+        with torch.no_grad():
+            smallest = self.model.family.variances_of(self.model.raw_cov.detach()).amin(-1).double().cpu()  # (K',)
+        self.steps.append(step)
+        self.smallest.append(smallest)
         if self.val.shape[0] and not math.isfinite(val_nll):
             raise FloatingPointError(
                 f"the validation NLL became non-finite ({val_nll}) at step {step}; lower the learning rates or raise clamp"
@@ -221,6 +230,7 @@ class _Evaluator:
                 "val_nll": val_nll,
                 "clamp_count": self.clamps,
                 "reset_count": self.resets,
+                "min_variance": float(smallest.min()),
                 "lr_mixture": cfg.mixture_lr * factor,
                 "lr_component": cfg.component_lr * factor,
             },
@@ -371,6 +381,12 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     if config.log_figures:
         t0 = time.perf_counter()
         _log_figures(client, run_id, data, model, result, em_result, true_train)
+        if evaluator.steps:
+            from gmm.plot import plot_smallest_variances
+
+            smallest = torch.stack(evaluator.smallest)
+            fig = plot_smallest_variances(evaluator.steps, smallest, config.clamp, result.events)
+            client.log_figure(run_id, fig, "figures/smallest_variance.png")
         figure_time = time.perf_counter() - t0
     if config.log_model:
         logger.timed(_log_model, client, run_id, model, config)

@@ -1,6 +1,6 @@
 """Run an Optuna study of clamp and learning rates for one covariance family (or all), tracked in MLflow.
 
-    python -m studies.run --family full                          # 40 trials; resumes the study "full-v1"
+    python -m studies.run --family full                          # 40 trials; resumes the study "full-v2"
     python -m studies.run --family full --trials 30 --jobs 2     # two worker processes share the study
     python -m studies.run --family all --timeout 300             # every family in turn, 5 minutes each
     python -m studies.run --family full --storage sqlite:///studies.db --space my_space.yaml

@@ -96,3 +96,33 @@ def test_protocol_settings_lie_inside_the_studies_search_space():
     assert COLLAPSE_PROTOCOL.clamp == space["clamp"].low
     assert space["component_lr"].low <= COLLAPSE_PROTOCOL.component_lr <= space["component_lr"].high
     assert COLLAPSE_PROTOCOL.iterations == DEFAULT_ITERATIONS
+
+
+def test_a_run_shows_the_collapse_in_its_smallest_variance_curve_and_figure(mlflow_uri, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from experiments import ExperimentConfig, run_experiment
+
+    config = ExperimentConfig(
+        dataset="diagonal-point-mass", family="diagonal", iterations=300, eval_every=10, clamp=1e-3,
+        component_lr=0.1, reset=False, log_model=False,
+    )  # fmt: skip
+    result = run_experiment(config, mlflow_uri)
+    assert result.clamp_count > 0
+    client = MlflowClient(mlflow_uri)
+    curve = [m.value for m in client.get_metric_history(result.run_id, "min_variance")]
+    assert len(curve) == 30 and curve[0] > 1e-2  # the start: a variance far above the floor ...
+    assert min(curve) == pytest.approx(1e-3, rel=1e-5)  # ... held at the clamp once it collapsed
+    figures = {f.path for f in client.list_artifacts(result.run_id, "figures")}
+    assert "figures/smallest_variance.png" in figures
+
+
+def test_smallest_variance_figure_checks_its_input():
+    from gmm.plot import plot_smallest_variances
+
+    with pytest.raises(ValueError, match="len\\(steps\\)"):
+        plot_smallest_variances([1, 2], torch.ones(3, 2))
+    with pytest.raises(ValueError, match="not log variances"):
+        plot_smallest_variances([1], -torch.ones(1, 2))
+    fig = plot_smallest_variances([1, 2], torch.tensor([[1.0, 0.5], [0.1, 1e-3]]), 1e-3)
+    assert fig.axes[0].get_yscale() == "log"
