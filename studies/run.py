@@ -11,13 +11,14 @@ Many machines (README "Scaling out"): create the study once on a shared database
     python -m studies.run --worker --family full --trials 20 --retries 1 --storage postgresql+psycopg://...
     make study-worker FAMILY=full STORAGE=postgresql+psycopg://user@db-host/optuna [TRIALS=20] [RETRIES=1]
 
-Each invocation adds `--trials` trials to the study "<family>-v1" (created on first use, resumed after: the
+Each invocation adds `--trials` trials to the study "<family>-v2" (created on first use, resumed after: the
 storage keeps every trial) and stops early after `--timeout` seconds. Storage: the journal file
 studies.log in the project by default (see studies/storage.py). MLflow: one parent run per invocation
 (experiment "study-<study name>"), one nested run per trial, one per fit; the parent gets best_params.json,
-trials.csv and Optuna's plots. At the end a table shows each study's best value, best parameters, trial
-counts and collapse (reset) counts, and the best parameters go to studies/best/<study>.json, a config file
-for `python -m experiments.run --config FILE` (`make run CONFIG=FILE`).
+trials.csv (pruned trials' values apart, as partial_value), Optuna's plots and the validation NLL against
+clamp. At the end a table shows each study's best value, best parameters, trial counts, resets and clamp
+events, and how many trials had clamp events; the best parameters go to studies/best/<study>.json, a config
+file for `python -m experiments.run --config FILE` (`make run CONFIG=FILE`).
 
 `--worker` joins an existing study: it takes the study's recorded settings (datasets, search space,
 iterations, eval_every, seed; the datasets must regenerate to the recorded fingerprints on this machine), its
