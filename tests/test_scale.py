@@ -374,7 +374,8 @@ def test_three_workers_share_one_postgres_study(servers, tmp_path):
         assert run.data.tags["trial"] == str(t.number) and run.data.tags["study"] == study_name
         parent = parents[run.data.tags["mlflow.parentRunId"]]
         assert parent.data.tags[WORKER_TAG] == t.system_attrs[OWNER_KEY] == run.data.tags[WORKER_TAG]
-        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[t.state.name]
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}[t.state.name]
+        assert ("pruned" in run.data.tags) == (t.state.name == "PRUNED")
     for fit in runs["fit"]:  # fit runs sit under the trial run of the same trial
         trial_run = trial_runs[fit.data.tags["mlflow.parentRunId"]]
         assert fit.data.tags["trial"] == trial_run.data.tags["trial"]
