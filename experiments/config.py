@@ -12,7 +12,7 @@ values a ValueError saying what was received and what would work.
 Config files are flat mappings (YAML or JSON), e.g.
 
     family: full
-    dataset: full-collapse      # a name in experiments.datasets.DATASETS; omit to use the data fields
+    dataset: full-point-mass    # a name in experiments.datasets.DATASETS; omit to use the data fields
     iterations: 5000
     clamp: 1.0e-4               # YAML 1.1 reads a bare 1e-4 as a string; float fields accept numeric strings
     em: true
@@ -71,7 +71,7 @@ class ExperimentConfig:
     radius: float = 8.0  # true means are uniform in [-radius, radius]^D
     data_family: str | None = None  # covariance family of the generating mixture; None: same as `family`
     data_seed: int = 0  # seed of the generated data; the split of generated or file data uses data_seed + 1
-    perturbation: str | None = None  # None, "duplicates" or "tiny_cluster" (see experiments.datasets)
+    perturbation: str | None = None  # None or one of experiments.datasets.PERTURBATIONS (a collapse cause)
     val_fraction: float = 0.2  # held-out fraction in [0, 1): fit on the rest, report the NLL on both
     # -- model --------------------------------------------------------------------------------------
     family: str = "full"  # covariance family of the fitted model (one of gmm.FAMILIES)
@@ -413,7 +413,7 @@ _FLAGS: dict[str, tuple[str, bool]] = {
     "radius": ("true means are uniform in [-radius, radius]^D", True),
     "data_family": ("covariance family of the generated data (default: the model's family)", False),
     "data_seed": ("seed of the generated data, and of the train/validation split", False),
-    "perturbation": ("perturb the generated data: duplicates or tiny_cluster", False),
+    "perturbation": ("perturb the generated data: point_mass, quantized, subspace or outliers", False),
     "val_fraction": ("held-out fraction of the data, in [0, 1)", False),
     "family": ("covariance family of the model", True),
     "num_components": ("components of the model (default: the data's clusters)", False),

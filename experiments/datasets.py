@@ -1,22 +1,37 @@
-"""Named, stable datasets with a fixed train/validation split, so runs and studies compare like with like.
+"""Named, stable datasets with a fixed train/validation split: a collapse benchmark per family, and controls.
 
-    from experiments.datasets import DATASETS, load_dataset
-    ds = load_dataset("full-separated")          # or load_dataset(DataSpec(...))
+    from experiments.datasets import DATASETS, load_dataset, collapse_datasets, control_datasets
+    ds = load_dataset("full-point-mass")         # or load_dataset(DataSpec(...))
     ds.train, ds.val                             # (N_train, D), (N_val, D) float32
-    ds.fingerprint                               # sha256 of the full data (after any perturbation)
+    ds.fingerprint                               # sha256 of train and validation points together
+    ds.spec.cause, describe("full-point-mass")   # "point_mass", and what causes the collapse
 
-Every dataset is `gmm.generate_data` with fixed arguments, optionally perturbed to provoke a collapse:
+Every dataset is `gmm.generate_data` with fixed arguments, split into training and validation points, then
+(for a collapse dataset) changed by one documented cause of degenerate likelihood maxima, a component
+shrinking onto a point or a line while the likelihood goes to infinity (Bishop, PRML p. 433). The causes
+(`CAUSES`; a spec's `cause`):
 
-- "duplicates": ~5% of all points, taken from cluster 0, are replaced by copies of one point of that
-  cluster. A component sitting on the copies can shrink its variance towards 0 (an unbounded likelihood).
-- "tiny_cluster": one extra cluster of 3 points, far outside the box of the other means (every coordinate
-  at 2.5 * radius). Its points are drawn with the shared covariance for shared families and with 1e-4 times
-  the covariance of component 0 otherwise; the truth (`mock`) gets it as an extra component.
+- "control": well-posed data; the model has as many components as there are clusters.
+- "overspecified": few points per cluster and many more model components than clusters, so some
+  component covers fewer than D + 1 points (`model_components` > `num_components`).
+- "point_mass": 30 exact copies of one point, added to the training split only (a duplicated record),
+  away from the clusters; the model has one spare component, which k-means starts on the copies.
+- "quantized": every coordinate rounded to a grid of width 1 (a few values per axis and cluster); the
+  model has twice as many components as clusters, so components settle on single grid values. Validation
+  points are dequantized (uniform noise of the grid's width, as density models of discrete data do),
+  so collapse onto grid values is not rewarded on validation.
+- "subspace": the training points of one cluster (every cluster for `tied`, whose covariance is shared)
+  lie on a line through its mean: the sample covariance is singular along the normal of that line, so the
+  variance there can only shrink. Validation points keep their full-rank spread.
+- "outliers": 3 isolated points far from every cluster and from each other, in the training split only;
+  the model has 3 spare components, which k-means++ starts on them (each covers a single point).
 
-The split is a permutation drawn from a torch.Generator seeded with `spec.seed + 1` (the perturbation uses
-`spec.seed + 2`), so it never depends on global random state. `experiments/fingerprints.json` holds the
+Validation points never duplicate a training point: every added copy or outlier goes to the training split.
+The split is a permutation drawn from a torch.Generator seeded with `spec.seed + 1`, the changes use
+`spec.seed + 2`, so nothing depends on global random state. `experiments/fingerprints.json` holds the
 fingerprint of every named dataset; `python -m experiments.datasets --check` regenerates and compares them,
-`--write` rewrites the file (only after a deliberate change to the data).
+`--write` rewrites the file (only after a deliberate change to the data), and `--collapse` fits every
+collapse dataset and control under `COLLAPSE_PROTOCOL` and prints its measured collapse rate.
 """
 
 from __future__ import annotations
@@ -24,8 +39,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,13 +50,23 @@ from torch import Tensor
 import gmm
 from gmm._validation import check_choice, check_float, check_int
 
-PERTURBATIONS = ("duplicates", "tiny_cluster")
+PERTURBATIONS = ("point_mass", "quantized", "subspace", "outliers")
+CAUSES = {
+    "control": "well-posed: as many model components as clusters, no degenerate points",
+    "overspecified": "over-specified K: few points per cluster, many more model components than clusters",
+    "point_mass": "point mass: 30 exact copies of one point (training split only), one spare component",
+    "quantized": "quantized features: coordinates rounded to a grid of width 1, twice the components; "
+    "validation dequantized",
+    "subspace": "singular cluster: training points of a cluster on a line (validation keeps full rank)",
+    "outliers": "isolated outliers: 3 far single points (training split only), 3 spare components",
+}
 FINGERPRINTS_PATH = Path(__file__).with_name("fingerprints.json")
 
-_DUPLICATE_FRACTION = 0.05  # of all points, replaced by copies of one point of cluster 0
-_TINY_CLUSTER_SIZE = 3
-_TINY_CLUSTER_OFFSET = 2.5  # the tiny cluster's center, in units of radius, on every axis
-_TINY_CLUSTER_SCALE = 1e-4  # its covariance relative to component 0's (non-shared families)
+_POINT_MASS_COPIES = 30
+_POINT_MASS_OFFSET = 3.0  # the copies sit at (3 radius, -3 radius, 0, ...): far outside the box of the means
+_GRID_WIDTH = 1.0  # "quantized": coordinates rounded to multiples of this (data units)
+_NUM_OUTLIERS = 3
+_OUTLIER_OFFSET = 5.0  # outliers at 5 radius from the origin, in directions 120 degrees apart
 
 
 @dataclass(frozen=True)
@@ -48,14 +74,16 @@ class DataSpec:
     """Arguments of one dataset: `gmm.generate_data` inputs, a perturbation and the validation fraction.
 
     Attributes:
-        num_samples: N, points in the whole dataset (train + validation).
-        num_components: K, true clusters (a "tiny_cluster" perturbation adds one more).
+        num_samples: N, points drawn from the mixture (train + validation, before any added points).
+        num_components: K, true clusters.
         num_dims: D.
         radius: means are uniform in [-radius, radius]^D.
         family: covariance family of the generating mixture (one of gmm.FAMILIES).
         seed: seed of the data; the split uses seed + 1 and the perturbation seed + 2.
-        perturbation: None, "duplicates" or "tiny_cluster" (see the module docstring).
-        val_fraction: fraction of the points held out for validation, in [0, 1).
+        perturbation: None or one of PERTURBATIONS (see the module docstring).
+        val_fraction: fraction of the drawn points held out for validation, in [0, 1).
+        model_components: components of the model fitted to it (None: num_components); more than
+            num_components makes an over-specified model.
     """
 
     num_samples: int
@@ -66,6 +94,7 @@ class DataSpec:
     seed: int
     perturbation: str | None = None
     val_fraction: float = 0.2
+    model_components: int | None = None
 
     def __post_init__(self):
         check_int(self.num_samples, "num_samples", minimum=1)
@@ -81,6 +110,20 @@ class DataSpec:
             raise ValueError(
                 f"val_fraction must be in [0, 1); got {vf}. Use e.g. 0.2 to hold out 20% of the data"
             )
+        if self.model_components is not None:
+            check_int(self.model_components, "model_components", minimum=1)
+
+    @property
+    def fit_components(self) -> int:
+        """Components of the model fitted to this dataset."""
+        return self.model_components if self.model_components is not None else self.num_components
+
+    @property
+    def cause(self) -> str:
+        """The key in CAUSES: the perturbation, "overspecified" or "control"."""
+        if self.perturbation is not None:
+            return self.perturbation
+        return "overspecified" if self.fit_components > self.num_components else "control"
 
     def as_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -88,19 +131,20 @@ class DataSpec:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """One loaded dataset: a fixed train/validation split of `mock.data`.
+    """One loaded dataset: a fixed train/validation split of `mock.data`, then the spec's perturbation.
 
     Attributes:
-        train: (N_train, D) float32 training points.
-        val: (N_val, D) float32 validation points (N_val = round(val_fraction * N); may be 0).
-        labels_train: (N_train,) int64 true cluster of each training point.
+        train: (N_train, D) float32 training points (with any added copies or outliers).
+        val: (N_val, D) float32 validation points (N_val = round(val_fraction * N); may be 0); dequantized
+            for "quantized".
+        labels_train: (N_train,) int64 true cluster of each training point (-1 for added points).
         labels_val: (N_val,) int64 true cluster of each validation point.
-        mock: gmm.MockData of the full (perturbed) data and the generating mixture (`mock.true_model()`);
+        mock: gmm.MockData: the drawn points before the perturbation and the generating mixture (`mock.true_model()`);
             None for a data file of your own (experiments.userdata: no truth).
-        fingerprint: sha256 of the full data after perturbation (gmm.fingerprint).
+        fingerprint: sha256 of the training points followed by the validation points (gmm.fingerprint).
         spec: the DataSpec it was made from.
         name: the DATASETS name, or None for an ad-hoc spec.
-        train_index, val_index: rows of `mock.data` in each split.
+        train_index, val_index: rows of `mock.data` drawn into each split (before the perturbation).
     """
 
     train: Tensor
@@ -120,16 +164,24 @@ class Dataset:
 
 
 def _named() -> dict[str, DataSpec]:
+    """The benchmark: per family its collapse datasets (one cause each), then its two controls."""
     specs: dict[str, DataSpec] = {}
     for family in gmm.FAMILIES:
+        shared = gmm.families.get_family(family, 2).shared
+        trainable = gmm.families.get_family(family, 2).trainable
+        collapse: dict[str, DataSpec] = {}
+        if trainable and not shared:  # a per-component covariance can shrink onto a few points
+            collapse["overspecified"] = DataSpec(40, 2, 2, 8.0, family, 0, model_components=12)
+            collapse["point-mass"] = DataSpec(600, 4, 2, 8.0, family, 0, "point_mass", model_components=5)
+            collapse["outliers"] = DataSpec(600, 4, 2, 8.0, family, 0, "outliers", model_components=7)
+        if trainable:
+            collapse["quantized"] = DataSpec(600, 4, 2, 8.0, family, 0, "quantized", model_components=8)
+        if family in ("full", "diagonal", "tied"):  # a line is degenerate for these covariances only
+            collapse["subspace"] = DataSpec(600, 4, 2, 8.0, family, 0, "subspace")
+        for cause, spec in collapse.items():
+            specs[f"{family}-{cause}"] = spec
         specs[f"{family}-separated"] = DataSpec(600, 4, 2, 8.0, family, 0)
         specs[f"{family}-overlapping"] = DataSpec(600, 4, 2, 3.0, family, 0)
-        # a per-component covariance can collapse onto duplicated points; a shared one cannot, so the
-        # shared families get a far tiny cluster that has to steal a component instead
-        shared = gmm.families.get_family(family, 2).shared
-        specs[f"{family}-collapse"] = DataSpec(
-            600, 4, 2, 8.0, family, 0, "tiny_cluster" if shared else "duplicates"
-        )
     return specs
 
 
@@ -137,9 +189,25 @@ DATASETS: dict[str, DataSpec] = _named()
 
 
 def datasets_for_family(family: str) -> list[str]:
-    """Names of the named datasets generated by `family` (separated, overlapping, collapse)."""
+    """Names of the named datasets generated by `family`: its collapse datasets, then its controls."""
     check_choice(family, gmm.FAMILIES, "family")
     return [name for name, spec in DATASETS.items() if spec.family == family]
+
+
+def collapse_datasets(family: str) -> list[str]:
+    """Names of `family`'s collapse datasets (each with one cause, `DATASETS[name].cause`)."""
+    return [name for name in datasets_for_family(family) if DATASETS[name].cause != "control"]
+
+
+def control_datasets(family: str) -> list[str]:
+    """Names of `family`'s well-posed controls."""
+    return [name for name in datasets_for_family(family) if DATASETS[name].cause == "control"]
+
+
+def describe(name: str) -> str:
+    """One line on what the named dataset is and what makes it collapse."""
+    spec = get_spec(name)
+    return f"{CAUSES[spec.cause]} (K={spec.num_components} clusters, {spec.fit_components} model components)"
 
 
 def get_spec(name: str) -> DataSpec:
@@ -150,41 +218,49 @@ def get_spec(name: str) -> DataSpec:
         close = difflib.get_close_matches(name, DATASETS, n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(
-            f"unknown dataset {name!r}; names are <family>-separated, <family>-overlapping and "
-            f"<family>-collapse for family in {', '.join(gmm.FAMILIES)}.{hint}"
+            f"unknown dataset {name!r}; `python -m experiments.datasets` lists the names "
+            f"(<family>-<cause> or <family>-separated / -overlapping).{hint}"
         )
     return DATASETS[name]
 
 
-def _duplicates(mock: gmm.MockData, g: torch.Generator) -> gmm.MockData:
-    members = (mock.labels == 0).nonzero()[:, 0]
-    count = min(max(2, round(_DUPLICATE_FRACTION * mock.data.shape[0])), members.numel() - 1)
-    if count < 1:
-        return mock
-    chosen = members[torch.randperm(members.numel(), generator=g)[: count + 1]]
-    data = mock.data.clone()
-    data[chosen[1:]] = data[chosen[0]].clone()  # `count` copies of one point of cluster 0
-    return replace(mock, data=data)
+# -- perturbations: (train, labels_train, val) -> the same, changed -----------------------------------------
+def _point_mass(train, labels, val, spec: DataSpec, mock: gmm.MockData, g: torch.Generator):
+    where = torch.zeros(spec.num_dims, dtype=train.dtype)
+    where[0], where[min(1, spec.num_dims - 1)] = _POINT_MASS_OFFSET * spec.radius, -_POINT_MASS_OFFSET * spec.radius
+    copies = where.expand(_POINT_MASS_COPIES, -1)
+    return torch.cat([train, copies]), torch.cat([labels, labels.new_full((_POINT_MASS_COPIES,), -1)]), val
 
 
-def _tiny_cluster(mock: gmm.MockData, radius: float, g: torch.Generator) -> gmm.MockData:
-    k, d = mock.means.shape
-    center = torch.full((1, d), _TINY_CLUSTER_OFFSET * radius, dtype=torch.float64)
-    shared = gmm.families.get_family(mock.family, d).shared
-    cov = mock.covariances[:1] if shared else mock.covariances[:1] * _TINY_CLUSTER_SCALE  # (1, D, D)
-    noise = torch.randn(_TINY_CLUSTER_SIZE, d, generator=g, dtype=torch.float64)
-    points = center + noise @ torch.linalg.cholesky(cov[0]).T
-    data = torch.cat([mock.data, points.to(mock.data.dtype)])
-    labels = torch.cat([mock.labels, torch.full((_TINY_CLUSTER_SIZE,), k, dtype=mock.labels.dtype)])
-    counts = torch.bincount(labels, minlength=k + 1).double()
-    return gmm.MockData(
-        data=data,
-        labels=labels,
-        means=torch.cat([mock.means, center]),
-        covariances=torch.cat([mock.covariances, cov]),
-        weights=counts / counts.sum(),
-        family=mock.family,
-    )
+def _outliers(train, labels, val, spec: DataSpec, mock: gmm.MockData, g: torch.Generator):
+    angles = torch.arange(_NUM_OUTLIERS, dtype=torch.float64) * (2 * math.pi / _NUM_OUTLIERS) + 0.25
+    points = torch.zeros(_NUM_OUTLIERS, spec.num_dims, dtype=torch.float64)
+    points[:, 0] = angles.cos()
+    points[:, min(1, spec.num_dims - 1)] += angles.sin()
+    points = points * (_OUTLIER_OFFSET * spec.radius)
+    return torch.cat([train, points.to(train.dtype)]), torch.cat([labels, labels.new_full((_NUM_OUTLIERS,), -1)]), val
+
+
+def _quantized(train, labels, val, spec: DataSpec, mock: gmm.MockData, g: torch.Generator):
+    grid = _GRID_WIDTH
+    noise = (torch.rand(val.shape, generator=g, dtype=torch.float64) - 0.5) * grid
+    dequantized = (torch.round(val.double() / grid) * grid + noise).to(val.dtype)
+    return torch.round(train / grid) * grid, labels, dequantized
+
+
+def _subspace(train, labels, val, spec: DataSpec, mock: gmm.MockData, g: torch.Generator):
+    """Training points of cluster 0 (every cluster for a shared covariance) projected onto the line through
+    the cluster's mean along the major axis of its covariance: axis-aligned for diagonal covariances."""
+    shared = gmm.families.get_family(spec.family, spec.num_dims).shared
+    out = train.double().clone()
+    for k in range(spec.num_components if shared else 1):
+        rows = labels == k
+        axis = int(mock.covariances[k].diagonal().argmin())
+        out[rows, axis] = mock.means[k, axis]
+    return out.to(train.dtype), labels, val
+
+
+_PERTURB = {"point_mass": _point_mass, "outliers": _outliers, "quantized": _quantized, "subspace": _subspace}
 
 
 def load_dataset(spec_or_name: DataSpec | str) -> Dataset:
@@ -212,37 +288,33 @@ def load_dataset(spec_or_name: DataSpec | str) -> Dataset:
     else:
         raise TypeError(f"load_dataset takes a DataSpec or a dataset name; got {type(spec_or_name).__name__}")
 
-    size = spec.num_samples - (_TINY_CLUSTER_SIZE if spec.perturbation == "tiny_cluster" else 0)
-    if size < spec.num_components:
+    if spec.num_samples < spec.num_components:
         raise ValueError(
-            f"num_samples={spec.num_samples} is too small for {spec.num_components} components"
-            f"{' plus a tiny cluster' if spec.perturbation == 'tiny_cluster' else ''}; use more samples"
+            f"num_samples={spec.num_samples} is too small for {spec.num_components} components; use more samples"
         )
     mock = gmm.generate_data(
-        size, spec.num_components, spec.num_dims, spec.radius, spec.family, seed=spec.seed
+        spec.num_samples, spec.num_components, spec.num_dims, spec.radius, spec.family, seed=spec.seed
     )
-    g = torch.Generator().manual_seed(spec.seed + 2)
-    if spec.perturbation == "duplicates":
-        mock = _duplicates(mock, g)
-    elif spec.perturbation == "tiny_cluster":
-        mock = _tiny_cluster(mock, spec.radius, g)
-
     n = mock.data.shape[0]
     num_val = round(spec.val_fraction * n)
-    if n - num_val < spec.num_components:
+    if n - num_val < spec.fit_components:
         raise ValueError(
             f"val_fraction={spec.val_fraction} leaves {n - num_val} training points for "
-            f"{spec.num_components} components; lower val_fraction or use more samples"
+            f"{spec.fit_components} components; lower val_fraction or use more samples"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.seed + 1))
     val_index, train_index = order[:num_val].sort().values, order[num_val:].sort().values
+    train, labels_train, val = mock.data[train_index], mock.labels[train_index], mock.data[val_index]
+    if spec.perturbation is not None:
+        g = torch.Generator().manual_seed(spec.seed + 2)
+        train, labels_train, val = _PERTURB[spec.perturbation](train, labels_train, val, spec, mock, g)
     return Dataset(
-        train=mock.data[train_index],
-        val=mock.data[val_index],
-        labels_train=mock.labels[train_index],
+        train=train,
+        val=val,
+        labels_train=labels_train,
         labels_val=mock.labels[val_index],
         mock=mock,
-        fingerprint=gmm.fingerprint(mock.data),
+        fingerprint=gmm.fingerprint(torch.cat([train, val])),
         spec=spec,
         name=name,
         train_index=train_index,
@@ -260,36 +332,150 @@ def stored_fingerprints() -> dict[str, str]:
     return json.loads(FINGERPRINTS_PATH.read_text())
 
 
+@dataclass(frozen=True)
+class CollapseProtocol:
+    """How a collapse dataset is shown to collapse: fits with resets off and the clamp at the low end of
+    studies/space.yaml, for the studies' iteration budget, at a learning rate inside the search space.
+    A fit *collapses* when it records a clamp event or its NLL goes non-finite."""
+
+    clamp: float = 1e-8  # the low end of the studies' clamp range
+    component_lr: float = 0.1  # inside the studies' component_lr range (1e-3..3e-1)
+    mixture_lr: float = 0.01
+    iterations: int = 1000  # the studies' default budget (studies.run.DEFAULT_ITERATIONS)
+    seeds: tuple[int, ...] = tuple(range(10))  # fit seeds (initialization)
+
+    def fit_options(self, seed: int) -> dict:
+        return {
+            "num_iterations": self.iterations,
+            "clamp": self.clamp,
+            "component_lr": self.component_lr,
+            "mixture_lr": self.mixture_lr,
+            "reset": False,
+            "seed": seed,
+        }
+
+
+COLLAPSE_PROTOCOL = CollapseProtocol()
+
+
+@dataclass(frozen=True)
+class CollapseMeasure:
+    """One dataset under a CollapseProtocol: per seed, the step of the first clamp event (None: none),
+    whether the NLL went non-finite, and the final validation NLL (NaN for a fit stopped at its first clamp)."""
+
+    name: str
+    first_clamp: tuple[int | None, ...]
+    diverged: tuple[bool, ...]
+    val_nll: tuple[float, ...]
+
+    @property
+    def collapsed(self) -> tuple[bool, ...]:
+        return tuple(c is not None or d for c, d in zip(self.first_clamp, self.diverged, strict=True))
+
+    @property
+    def rate(self) -> float:
+        """Share of seeds that collapsed."""
+        return sum(self.collapsed) / len(self.collapsed) if self.collapsed else float("nan")
+
+
+def measure_collapse(name: str, protocol: CollapseProtocol = COLLAPSE_PROTOCOL) -> CollapseMeasure:
+    """Fit the named dataset's model under `protocol`, once per seed (no MLflow; a few seconds). A fit
+    stops at its first clamp event, which is all it has to show."""
+    ds = load_dataset(name)
+    spec = ds.spec
+    first, diverged, val = [], [], []
+    for seed in protocol.seeds:
+        model = gmm.make_model(spec.family, spec.fit_components, spec.num_dims)
+        try:
+            result = gmm.fit(model, ds.train, **protocol.fit_options(seed), callback=stop_at_first_clamp)
+        except _Collapsed:
+            result = model.fit_result_
+        except FloatingPointError:
+            first.append(None), diverged.append(True), val.append(float("nan"))
+            continue
+        first.append(next((e.step for e in result.events if e.kind == "clamp"), None))
+        diverged.append(False)
+        val.append(model.nll(ds.val) if ds.val.shape[0] and result.completed else float("nan"))
+    return CollapseMeasure(name, tuple(first), tuple(diverged), tuple(val))
+
+
+class _Collapsed(Exception):
+    """Raised by `stop_at_first_clamp`: the fit has shown what it had to."""
+
+
+def stop_at_first_clamp(step: int, nll: float, new_events: list) -> None:
+    """A fit callback that ends the fit (raising) at the first log point after a clamp event."""
+    if any(e.kind == "clamp" for e in new_events):
+        raise _Collapsed(step)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.datasets",
-        description="List the named datasets and check their fingerprints.",
+        description="List the named datasets (cause, sizes, fingerprint), check their fingerprints, or measure "
+        "how often each one collapses.",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--check", action="store_true", help="regenerate and compare with fingerprints.json")
     group.add_argument(
         "--write", action="store_true", help="rewrite fingerprints.json (deliberate data changes only)"
     )
+    group.add_argument(
+        "--collapse",
+        action="store_true",
+        help="fit each dataset under COLLAPSE_PROTOCOL (resets off, clamp 1e-8, component_lr 0.1, 1000 steps, "
+        "10 seeds) and print its measured collapse rate",
+    )
+    parser.add_argument("--family", default=None, help="only this family's datasets")
     args = parser.parse_args(argv)
-    current = compute_fingerprints()
+    names = list(DATASETS) if args.family is None else _family_names(parser, args.family)
+    if args.collapse:
+        return _print_collapse(names)
+    current = {name: load_dataset(name).fingerprint for name in names}
     if args.write:
-        FINGERPRINTS_PATH.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+        stored = stored_fingerprints() if FINGERPRINTS_PATH.exists() and args.family else {}
+        stored = {k: v for k, v in stored.items() if k in DATASETS}
+        FINGERPRINTS_PATH.write_text(json.dumps({**stored, **current}, indent=2, sort_keys=True) + "\n")
         print(f"wrote {len(current)} fingerprints to {FINGERPRINTS_PATH}")
         return 0
     stored = stored_fingerprints() if FINGERPRINTS_PATH.exists() else {}
     bad = 0
-    for name, spec in DATASETS.items():
+    for name in names:
+        spec = DATASETS[name]
         ok = stored.get(name) == current[name]
         bad += not ok
         if not args.check or not ok:
             status = "ok" if ok else "CHANGED" if name in stored else "missing"
             print(
-                f"{name:28s} {spec.num_samples:5d} x {spec.num_dims}  K={spec.num_components}  "
-                f"radius={spec.radius:g}  {spec.perturbation or '-':12s}  {current[name][:12]}  {status}"
+                f"{name:30s} {spec.num_samples:4d} x {spec.num_dims}  K={spec.num_components} "
+                f"model K={spec.fit_components:<3d} {spec.cause:13s} {current[name][:12]}  {status}"
             )
     if args.check:
-        print(f"{len(DATASETS) - bad}/{len(DATASETS)} fingerprints match {FINGERPRINTS_PATH.name}")
+        print(f"{len(names) - bad}/{len(names)} fingerprints match {FINGERPRINTS_PATH.name}")
     return 1 if (args.check and bad) else 0
+
+
+def _family_names(parser, family: str) -> list[str]:
+    try:
+        return datasets_for_family(family)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def _print_collapse(names: list[str]) -> int:
+    p = COLLAPSE_PROTOCOL
+    print(
+        f"collapse rate: share of {len(p.seeds)} fit seeds with a clamp event or a non-finite NLL (resets off, "
+        f"clamp {p.clamp:g}, component_lr {p.component_lr:g}, mixture_lr {p.mixture_lr:g}, {p.iterations} steps)"
+    )
+    for name in names:
+        m = measure_collapse(name)
+        steps = [c for c in m.first_clamp if c is not None]
+        first = f"first clamp at step {min(steps)}-{max(steps)}" if steps else "no clamp"
+        finite = [v for v in m.val_nll if math.isfinite(v)]
+        val = f"median val NLL {sorted(finite)[len(finite) // 2]:.3f}" if finite else ""
+        print(f"{name:30s} {DATASETS[name].cause:13s} {100 * m.rate:5.0f}%  {first:28s} {val}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

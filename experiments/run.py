@@ -8,8 +8,8 @@ What one run holds (read back with `MlflowClient`, or `load_model(run_id)` for t
 - params: each setting once, with the value in effect (`ExperimentConfig.flat`); the exact config is the
   artifact `config.json`;
 - metric curves with steps (the prefix groups them in the UI): `nll/train` every `log_every` steps (and at
-  the last), `nll/val`, `events/clamps`, `events/resets` (cumulative), `lr/mixture`, `lr/component` every
-  `eval_every` steps, `nll/em` (EM's iterations);
+  the last), `nll/val`, `events/clamps`, `events/resets` (cumulative), `variance/min` (smallest variance of
+  any component), `lr/mixture`, `lr/component` every `eval_every` steps, `nll/em` (EM's iterations);
 - single values (`metric_key`): `summary/true_nll_train`, `summary/true_nll_val` (the generating
   parameters; not for a data file), `summary/em_nll_train`, `summary/em_nll_val`, `summary/gd_em_gap`,
   `summary/em_converged` (with `em`), `summary/recovery_error` (mean distance of Hungarian-matched means),
@@ -18,7 +18,8 @@ What one run holds (read back with `MlflowClient`, or `load_model(run_id)` for t
   `time/tracking_time` (every MLflow call but figures), `time/tracking_overhead` (its fraction of the fit's
   wall time) and `time/figure_time`;
 - artifacts: `events.csv` (every clamp and reset), `config.json`, `figures/fit.png`, `figures/nll_curve.png`
-  (train NLL of GD and EM, validation NLL over them);
+  (train NLL of GD and EM, validation NLL over them), `figures/smallest_variance.png` (each component's
+  smallest variance at every evaluation, log scale, the clamp as a line, clamp events and resets marked);
 - the fitted model as an MLflow model (pytorch flavor, signature, input example): `runs:/<run_id>/model`,
   the run's "Logged models", with the final metrics linked to it;
 - the data as the run's dataset input; tags: `dataset.fingerprint` (sha256 of the data), `dataset.name`,
@@ -230,6 +231,8 @@ class _Evaluator:
         self.last_step = -1
         self.val_steps: list[int] = []  # the validation curve, for the NLL figure
         self.val_values: list[float] = []
+        self.steps: list[int] = []  # eval steps, and each covariance's smallest variance there (the figure)
+        self.smallest: list[torch.Tensor] = []
 
     def __call__(self, step: int, nll: float, new_events: list) -> None:
         self.clamps += sum(e.kind == "clamp" for e in new_events)
@@ -245,6 +248,10 @@ class _Evaluator:
             self.logger.add({"train_nll": nll}, step - 1)
         factor = lr_factor(cfg.lr_schedule, max(step - 1, 0), cfg.iterations)
         val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
+        with torch.no_grad():
+            smallest = self.model.family.variances_of(self.model.raw_cov.detach()).amin(-1).double().cpu()  # (K',)
+        self.steps.append(step)
+        self.smallest.append(smallest)
         if self.val.shape[0] and not math.isfinite(val_nll):
             raise FloatingPointError(
                 f"the validation NLL became non-finite ({val_nll}) at step {step}; lower the learning rates or raise clamp"
@@ -257,6 +264,7 @@ class _Evaluator:
                 VAL_CURVE: val_nll,
                 CLAMP_CURVE: self.clamps,
                 RESET_CURVE: self.resets,
+                "variance/min": float(smallest.min()),
                 "lr/mixture": cfg.mixture_lr * factor,
                 "lr/component": cfg.component_lr * factor,
             },
@@ -434,6 +442,12 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
         t0 = time.perf_counter()
         validation = (evaluator.val_steps, evaluator.val_values)
         _log_figures(client, run_id, data, model, result, em_result, true_train, validation)
+        if evaluator.steps:
+            from gmm.plot import plot_smallest_variances
+
+            smallest = torch.stack(evaluator.smallest)
+            fig = plot_smallest_variances(evaluator.steps, smallest, config.clamp, result.events)
+            client.log_figure(run_id, fig, "figures/smallest_variance.png")
         figure_time = time.perf_counter() - t0
     logger.timed(client.log_dict, run_id, config.to_dict(), "config.json")
     if config.log_model:

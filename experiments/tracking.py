@@ -84,12 +84,13 @@ class StopRun(Exception):
     keep what was logged, and re-raise it.
     """
 
-    def __init__(self, reason: str, status: str = "KILLED"):
+    def __init__(self, reason: str, status: str = "KILLED", tags: Mapping[str, str] | None = None):
         if status not in STATUSES:
             raise ValueError(f"StopRun status must be one of {', '.join(STATUSES)}; got {status!r}")
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.tags = dict(tags or {})  # extra tags set on the run as it ends (e.g. "pruned": where)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -306,7 +307,8 @@ def tracked_run(
             yield client, run_id
             raised = False
         except StopRun as err:
-            status, end_tags = err.status, {"stop_reason": err.reason[:_MAX_TAG_CHARS]}
+            status = err.status
+            end_tags = {"stop_reason": err.reason[:_MAX_TAG_CHARS], **{k: v[:_MAX_TAG_CHARS] for k, v in err.tags.items()}}
             raise
         except KeyboardInterrupt as err:
             status, end_tags = "KILLED", {"stop_reason": f"interrupted ({err or 'KeyboardInterrupt'})"}
@@ -315,8 +317,8 @@ def tracked_run(
             status, end_tags = "KILLED", {"stop_reason": f"SystemExit({err.code})"}
             raise
         except BaseException as err:
-            if _is_pruned(err):
-                status, end_tags = "KILLED", {"stop_reason": f"pruned: {err}"[:_MAX_TAG_CHARS]}
+            if _is_pruned(err):  # a pruned trial ran correctly, only shorter: FINISHED, tagged where it stopped
+                status, end_tags = "FINISHED", {"pruned": str(err)[:_MAX_TAG_CHARS] or "pruned"}
             else:
                 status = "FAILED"
                 end_tags = {"error": redact(f"{type(err).__name__}: {err}")[:_MAX_TAG_CHARS]}

@@ -553,3 +553,62 @@ def _references(reference) -> dict[str, float]:
             out[str(name)] = float(value)
         return out
     raise TypeError(f"reference must be a number or a dict label -> NLL; got {type(reference).__name__}")
+
+
+def plot_smallest_variances(
+    steps: Sequence[int],
+    smallest,
+    clamp: float | None = None,
+    events=(),
+    ax: Axes | None = None,
+    *,
+    show: bool = False,
+) -> Figure:
+    """Each component's smallest variance over the steps (log scale): collapse made visible.
+
+    Args:
+        steps: (M,) the steps at which the variances were read.
+        smallest: (M, K') the smallest diagonal variance of each covariance at those steps (K' = 1 for a
+            shared covariance), e.g. `family.variances_of(raw).amin(-1)` read during the fit.
+        clamp: the variance floor, drawn as a horizontal line.
+        events: the fit's events (`FitResult.events`): clamps are marked by dots on the floor, resets by
+            dashed vertical lines, in the component's color.
+        ax: axes to draw on; default a new figure.
+        show: display the figure with pyplot (blocks); default False.
+
+    Returns:
+        The figure holding `ax`.
+
+    Raises:
+        ValueError: `smallest` is not (len(steps), K') or holds a non-positive variance.
+    """
+    values = np.asarray(torch.as_tensor(smallest, dtype=torch.float64).cpu())
+    steps = np.asarray(list(steps), dtype=np.int64)
+    if values.ndim != 2 or values.shape[0] != steps.shape[0] or values.shape[0] == 0:
+        raise ValueError(
+            f"smallest must be (len(steps), K') with len(steps) = {steps.shape[0]} > 0; got {values.shape}"
+        )
+    if not bool((values > 0).all()):
+        raise ValueError("smallest variances must be > 0; pass variances, not log variances")
+    fig, ax = _target(ax, show)
+    colors = component_colors(values.shape[1])
+    for k in range(values.shape[1]):
+        label = f"component {k}" if values.shape[1] > 1 else "shared"
+        ax.plot(steps, values[:, k], color=colors[k], linewidth=1.4, label=label)
+    for kind, marker in (("clamp", "clamp events"), ("reset", "resets")):
+        chosen = [(int(e.step), max(int(e.component), 0)) for e in events if e.kind == kind]
+        for j, (step, k) in enumerate(chosen):
+            color = colors[min(k, len(colors) - 1)]
+            label = marker if j == 0 else None
+            if kind == "clamp" and clamp is not None:
+                ax.plot([step], [clamp], marker="o", markersize=3, color=color, linestyle="none", label=label)
+            elif kind == "reset":
+                ax.axvline(step, color=color, linestyle="--", linewidth=0.8, alpha=0.7, label=label)
+    if clamp is not None:
+        ax.axhline(clamp, color="0.2", linestyle=":", linewidth=1.2, label=f"clamp {clamp:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step (updates)")
+    ax.set_ylabel("smallest variance of each component")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    return _finish(fig, show)

@@ -5,13 +5,14 @@ validation NLL punishes it, so the objective is the validation NLL averaged over
 
 Every fit goes through `experiments.run.run_experiment`, nested in MLflow as
     study invocation (parent run) > trial run (params, final metrics) > one run per dataset (curves, events).
-While a fit runs, its `on_eval` callback reports the running objective to Optuna every `eval_every` steps:
-at global step i * iterations + s (dataset i, fit step s) it reports
-    (sum of the final validation NLLs of datasets 0..i-1 + the current validation NLL of dataset i) / (i + 1),
-which is comparable between trials at equal steps (same datasets, same order) and ends at the trial's value.
-A pruned trial stops through `experiments.StopRun` (its MLflow runs end KILLED) and becomes
-optuna.TrialPruned; a fit whose NLL goes non-finite or whose linear algebra fails raises `TrialFailed`
-(runs end FAILED), which the study catches, recording the reason in the trial's user attribute "fail_reason".
+Pruning compares like with like: after the i-th dataset's fit the trial reports, at step i (1-based), the
+mean final validation NLL of its first i datasets. Every trial fits the same datasets in the same order, so
+at a given step all reported values average the same datasets; a value inside a fit (where the first
+steps of a fast and a slow learning rate differ by noise) is never reported. A pruned trial's runs end
+FINISHED with a tag "pruned" saying after which dataset (KILLED is kept for interrupts), and the trial
+becomes optuna.TrialPruned; a fit whose NLL goes non-finite or whose linear algebra fails raises
+`TrialFailed` (runs end FAILED), which the study catches, recording the reason in the trial's user
+attribute "fail_reason".
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class StudySettings:
         datasets: names in experiments.datasets.DATASETS, fitted in this order by every trial.
         space: the search space (studies/space.yaml, maybe overridden).
         iterations: Adam steps per fit.
-        eval_every: steps between validation NLLs (each one is an Optuna report: a chance to prune).
+        eval_every: steps between validation NLLs of a fit (logged as curves; a non-finite one fails the trial).
         seed: fit seed (initialization and resets), the same for every trial: trials differ only in params.
         log_every: step of the training-NLL curve each dataset run logs to MLflow.
         fingerprints: {dataset: sha256} of the data the study was started on.
@@ -191,6 +192,7 @@ class Objective:
                         except (FloatingPointError, torch.linalg.LinAlgError) as e:
                             raise StopRun(f"{name}: {e}", status="FAILED") from e
                         state.end(name, result)
+                        state.report(i + 1)
                 finally:
                     state.wall_time = time.perf_counter() - start
                     state.record(client, run_id)
@@ -231,17 +233,17 @@ class _TrialState:
     def on_eval(self, step: int, val_nll: float) -> None:
         if not math.isfinite(val_nll):
             raise StopRun(f"{self.name}: the validation NLL became {val_nll} at step {step}", status="FAILED")
-        value = (sum(self.final_val) + val_nll) / (self.index + 1)
-        global_step = self.index * self.iterations + step
-        self.trial.report(value, global_step)
-        self.steps.append(global_step)
+
+    def report(self, step: int) -> None:
+        """Report the mean validation NLL of the first `step` datasets; stop the trial if it is pruned."""
+        value = sum(self.final_val) / len(self.final_val)
+        self.trial.report(value, step)
+        self.steps.append(step)
         self.reports.append(value)
-        if self.trial.should_prune():
+        if step < self.num_datasets and self.trial.should_prune():
             self.pruned = True
-            raise StopRun(
-                f"pruned at step {global_step} ({self.name} step {step}): running objective {value:.4f}",
-                status="KILLED",
-            )
+            where = f"after {step} of {self.num_datasets} datasets ({self.name}): mean validation NLL {value:.4f}"
+            raise StopRun(f"pruned {where}", status="FINISHED", tags={"pruned": where})
 
     def end(self, name: str, result) -> None:
         self.final_val.append(float(result.val_nll))

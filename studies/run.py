@@ -1,6 +1,6 @@
 """Run an Optuna study of clamp and learning rates for one covariance family (or all), tracked in MLflow.
 
-    python -m studies.run --family full                          # 40 trials; resumes the study "full-v1"
+    python -m studies.run --family full                          # 40 trials; resumes the study "full-v2"
     python -m studies.run --family full --trials 30 --jobs 2     # two worker processes share the study
     python -m studies.run --family all --timeout 300             # every family in turn, 5 minutes each
     python -m studies.run --family full --storage sqlite:///studies.db --space my_space.yaml
@@ -11,13 +11,14 @@ Many machines (README "Scaling out"): create the study once on a shared database
     python -m studies.run --worker --family full --trials 20 --retries 1 --storage postgresql+psycopg://...
     make study-worker FAMILY=full STORAGE=postgresql+psycopg://user@db-host/optuna [TRIALS=20] [RETRIES=1]
 
-Each invocation adds `--trials` trials to the study "<family>-v1" (created on first use, resumed after: the
+Each invocation adds `--trials` trials to the study "<family>-v2" (created on first use, resumed after: the
 storage keeps every trial) and stops early after `--timeout` seconds. Storage: the journal file
 studies.log in the project by default (see studies/storage.py). MLflow: one parent run per invocation
 (experiment "study-<study name>"), one nested run per trial, one per fit; the parent gets best_params.json,
-trials.csv and Optuna's plots. At the end a table shows each study's best value, best parameters, trial
-counts and collapse (reset) counts, and the best parameters go to studies/best/<study>.json, a config file
-for `python -m experiments.run --config FILE` (`make run CONFIG=FILE`).
+trials.csv (pruned trials' values apart, as partial_value), Optuna's plots and the validation NLL against
+clamp. At the end a table shows each study's best value, best parameters, trial counts, resets and clamp
+events, and how many trials had clamp events; the best parameters go to studies/best/<study>.json, a config
+file for `python -m experiments.run --config FILE` (`make run CONFIG=FILE`).
 
 `--worker` joins an existing study: it takes the study's recorded settings (datasets, search space,
 iterations, eval_every, seed; the datasets must regenerate to the recorded fingerprints on this machine), its
@@ -248,12 +249,38 @@ def make_sampler(seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
         )
 
 
+PRUNE_MARGIN = 0.05  # nats: a trial is pruned only this far above the median of the others at the same step
+
+
+class MarginPruner(optuna.pruners.BasePruner):
+    """Median rule with a margin: prune a trial whose intermediate value at a step exceeds the median of the
+    other trials' values at that step by more than `margin`, once `min_trials` finished trials reported
+    there, and never before step `warmup_steps` (studies.objective reports after each dataset)."""
+
+    def __init__(self, margin: float, min_trials: int = 5, warmup_steps: int = 1):
+        self.margin, self.min_trials, self.warmup_steps = margin, min_trials, warmup_steps
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.warmup_steps:
+            return False
+        others = [
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if step in t.intermediate_values and math.isfinite(t.intermediate_values[step])
+        ]
+        if len(others) < self.min_trials:
+            return False
+        return trial.intermediate_values[step] > float(np.median(others)) + self.margin
+
+
 def make_pruner(name: str, settings) -> optuna.pruners.BasePruner:
-    total = settings.iterations * len(settings.datasets)
-    if name == "median":  # no pruning in the first half of the first fit, nor before 5 trials have finished
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=settings.iterations // 2)
+    """Steps are datasets (see studies.objective): nothing is pruned before half of them are done."""
+    num = len(settings.datasets)
+    if name == "median":
+        return MarginPruner(PRUNE_MARGIN, min_trials=5, warmup_steps=max(1, num // 2))
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.iterations // 4), max_resource=total)
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, num // 2), max_resource=num)
     return optuna.pruners.NopPruner()
 
 
@@ -416,15 +443,20 @@ class StudySummary:
     best_config: dict | None  # ExperimentConfig overrides of the best trial
     resets_best: int | None  # collapse resets in the best trial's fits
     resets_all: int  # collapse resets over every finished trial
-    wall_time: float  # seconds this invocation spent on the study
-    best_file: str | None
+    clamps_best: int | None = None  # clamp events in the best trial's fits
+    clamps_all: int = 0  # clamp events over every finished trial
+    with_clamps: int = 0  # finished trials (complete or pruned) with at least one clamp event
+    finished: int = 0  # complete + pruned trials
+    wall_time: float = 0.0  # seconds this invocation spent on the study
+    best_file: str | None = None
 
 
 def summarize(study: optuna.Study, settings, added: int, wall_time: float, best_file: str | None) -> StudySummary:
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in TrialState}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = min(complete, key=lambda t: t.value) if complete else None
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    best = min(complete, key=lambda t: t.value) if complete else None  # pruned values are partial: never ranked
     return StudySummary(
         study_name=study.study_name,
         family=settings.family,
@@ -438,6 +470,10 @@ def summarize(study: optuna.Study, settings, added: int, wall_time: float, best_
         best_config=settings.space.to_config(best.params) if best else None,
         resets_best=int(best.user_attrs.get("reset_count", 0)) if best else None,
         resets_all=int(sum(t.user_attrs.get("reset_count", 0) for t in trials)),
+        clamps_best=int(best.user_attrs.get("clamp_count", 0)) if best else None,
+        clamps_all=int(sum(t.user_attrs.get("clamp_count", 0) for t in trials)),
+        with_clamps=sum(t.user_attrs.get("clamp_count", 0) > 0 for t in finished),
+        finished=len(finished),
         wall_time=wall_time,
         best_file=best_file,
     )
@@ -487,6 +523,8 @@ def format_table(summaries: list[StudySummary]) -> str:
         "pruned",
         "failed",
         "resets best/all",
+        "clamps best/all",
+        "trials with clamps",
         "time",
         "best params",
     )
@@ -501,6 +539,8 @@ def format_table(summaries: list[StudySummary]) -> str:
                 str(s.pruned),
                 str(s.failed) + (f" (+{s.running} running)" if s.running else ""),
                 f"{s.resets_best if s.resets_best is not None else '-'}/{s.resets_all}",
+                f"{s.clamps_best if s.clamps_best is not None else '-'}/{s.clamps_all}",
+                f"{s.with_clamps}/{s.finished}",
                 f"{s.wall_time:.0f} s",
                 _fmt_params(s.best_config),
             )
@@ -530,8 +570,7 @@ def log_study_artifacts(
             "user_attrs": trial.user_attrs,
         }
     client.log_dict(run_id, best or {"study": study.study_name, "value": None}, "best_params.json")
-    frame = study.trials_dataframe()
-    client.log_text(run_id, frame.to_csv(index=False), "trials.csv")
+    client.log_text(run_id, trials_csv(study), "trials.csv")
     now = int(time.time() * 1000)
     metrics = {
         "trials_complete": summary.complete,
@@ -539,6 +578,8 @@ def log_study_artifacts(
         "trials_failed": summary.failed,
         "trials_added": summary.added,
         "resets_all": summary.resets_all,
+        "clamps_all": summary.clamps_all,
+        "trials_with_clamps": summary.with_clamps,
         "study_time": summary.wall_time,
     }
     if summary.best_value is not None:
@@ -546,13 +587,62 @@ def log_study_artifacts(
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     if not plots:
         return
-    for name, fig in study_figures(study):
+    figures = list(study_figures(study))
+    nll_vs_clamp = plot_nll_vs_clamp(study)
+    if nll_vs_clamp is not None:
+        figures.append(("nll_vs_clamp", nll_vs_clamp))
+    for name, fig in figures:
         with warnings.catch_warnings():  # Optuna's slice plot of many parameters cannot fit tight_layout
             warnings.filterwarnings("ignore", message="Tight layout not applied")
             client.log_figure(run_id, fig, f"plots/{name}.png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def trials_csv(study: optuna.Study) -> str:
+    """Optuna's trials table as CSV, with a pruned trial's value moved from `value` (complete trials only,
+    the objective) to `partial_value` (the mean over the datasets it fitted before it was pruned), so the
+    two are never sorted or ranked together."""
+    frame = study.trials_dataframe()
+    if "value" in frame:
+        pruned = frame["state"] == TrialState.PRUNED.name
+        frame.insert(frame.columns.get_loc("value") + 1, "partial_value", frame["value"].where(pruned))
+        frame.loc[pruned, "value"] = float("nan")
+    return frame.to_csv(index=False)
+
+
+def plot_nll_vs_clamp(study: optuna.Study):
+    """Validation NLL (the objective) against clamp of the complete trials, colored by component_lr; None
+    when fewer than two complete trials searched clamp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "clamp" in t.params and t.value is not None and math.isfinite(t.value)
+    ]
+    if len(trials) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lrs = [t.params.get("component_lr", float("nan")) for t in trials]
+    points = ax.scatter(
+        [t.params["clamp"] for t in trials],
+        [t.value for t in trials],
+        c=lrs,
+        cmap="viridis",
+        norm=LogNorm() if all(v > 0 for v in lrs) else None,
+        edgecolors=["red" if t.user_attrs.get("clamp_count", 0) else "none" for t in trials],
+    )
+    fig.colorbar(points, ax=ax, label="component_lr")
+    ax.set(xscale="log", xlabel="clamp (variance floor)", ylabel="mean validation NLL")
+    ax.set_title(f"{study.study_name}: complete trials (red edge: clamp events)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def study_figures(study: optuna.Study):

@@ -16,11 +16,26 @@ def test_fingerprints_match_the_checked_in_file():
 
 
 @pytest.mark.parametrize("family", gmm.FAMILIES)
-def test_every_family_has_three_named_datasets(family):
+def test_every_family_has_controls_and_documented_collapse_datasets(family):
     names = datasets_for_family(family)
-    assert names == [f"{family}-separated", f"{family}-overlapping", f"{family}-collapse"]
-    assert DATASETS[f"{family}-collapse"].perturbation in datasets.PERTURBATIONS
+    assert names == datasets.collapse_datasets(family) + datasets.control_datasets(family)
+    assert datasets.control_datasets(family) == [f"{family}-separated", f"{family}-overlapping"]
+    for name in datasets.collapse_datasets(family):
+        spec = DATASETS[name]
+        assert spec.cause in datasets.CAUSES and spec.cause != "control"
+        assert name == f"{family}-{spec.cause.replace('_', '-')}"
+        assert datasets.CAUSES[spec.cause] in datasets.describe(name)
     assert DATASETS[f"{family}-separated"].radius > DATASETS[f"{family}-overlapping"].radius
+    if family != "constant":  # every trainable family has something to collapse
+        assert datasets.collapse_datasets(family)
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_validation_never_holds_a_training_point(name):
+    ds = load_dataset(name)
+    if ds.val.shape[0]:
+        same = (ds.val[:, None, :] == ds.train[None, :, :]).all(-1)  # (N_val, N_train)
+        assert not bool(same.any())
 
 
 def test_split_is_fixed_disjoint_and_complete():
@@ -33,40 +48,48 @@ def test_split_is_fixed_disjoint_and_complete():
     assert torch.equal(a.train, a.mock.data[a.train_index]) and torch.equal(
         a.labels_val, a.mock.labels[a.val_index]
     )
-    assert a.fingerprint == gmm.fingerprint(a.mock.data) and a.name == "full-separated"
+    assert a.fingerprint == gmm.fingerprint(torch.cat([a.train, a.val])) and a.name == "full-separated"
 
 
-def test_val_fraction_changes_the_split_not_the_data():
+def test_val_fraction_changes_the_split_not_the_drawn_points():
     spec = DATASETS["diagonal-overlapping"]
     a = load_dataset(spec)
     b = load_dataset(DataSpec(**{**spec.as_dict(), "val_fraction": 0.5}))
-    assert a.fingerprint == b.fingerprint and b.val.shape[0] == 300
+    assert torch.equal(a.mock.data, b.mock.data) and b.val.shape[0] == 300
+    assert a.fingerprint != b.fingerprint  # the fingerprint covers the split
     none = load_dataset(DataSpec(**{**spec.as_dict(), "val_fraction": 0.0}))
     assert none.val.shape == (0, 2) and none.train.shape == (600, 2)
 
 
-def test_duplicates_perturbation_copies_one_point_of_cluster_zero():
-    ds = load_dataset("full-collapse")
-    x, labels = ds.mock.data, ds.mock.labels
-    values, counts = torch.unique(x, dim=0, return_counts=True)
-    assert counts.max() == round(0.05 * 600) + 1  # the point itself and its copies
-    copied = (x == values[counts.argmax()]).all(1)
-    assert bool((labels[copied] == 0).all())
-    clean = gmm.generate_data(600, 4, 2, 8.0, "full", seed=0)
-    assert int((x != clean.data).any(1).sum()) == round(0.05 * 600)  # nothing else moved
+def test_point_mass_and_outliers_are_added_to_the_training_split_only():
+    clean = load_dataset("full-separated")
+    for name, added in (("full-point-mass", 30), ("full-outliers", 3)):
+        ds = load_dataset(name)
+        assert torch.equal(ds.val, clean.val) and torch.equal(ds.train[:-added], clean.train)
+        assert bool((ds.labels_train[-added:] == -1).all())
+        extra = ds.train[-added:]
+        # far from every drawn point: at least 2 radius beyond the box of the means
+        assert float(torch.cdist(extra, ds.mock.data).min()) > 2 * ds.spec.radius
+    copies = load_dataset("full-point-mass").train[-30:]
+    assert bool((copies == copies[0]).all())
 
 
-@pytest.mark.parametrize("family", ["tied", "full"])
-def test_tiny_cluster_adds_a_far_component_to_the_truth(family):
-    spec = DataSpec(600, 4, 2, 8.0, family, 3, perturbation="tiny_cluster")
-    ds = load_dataset(spec)
-    assert ds.mock.data.shape == (600, 2) and ds.mock.means.shape == (5, 2)
-    tiny = ds.mock.labels == 4
-    assert int(tiny.sum()) == 3
-    assert float(ds.mock.data[tiny].min()) > 8.0 + 2.0  # outside the box of the other means
-    assert torch.isclose(ds.mock.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
-    truth = ds.mock.true_model()
-    assert truth.num_components == 5 and torch.isfinite(truth.log_prob(ds.mock.data.double())).all()
+def test_quantized_training_points_lie_on_the_grid_and_validation_points_are_dequantized():
+    ds = load_dataset("diagonal-quantized")
+    assert torch.equal(ds.train, torch.round(ds.train))  # grid width 1
+    offsets = ds.val - torch.round(ds.mock.data[ds.val_index])
+    assert float(offsets.abs().max()) <= 0.5 and float(offsets.abs().min()) > 0
+    assert 0.2 < float(offsets.abs().mean()) < 0.3  # uniform on [-0.5, 0.5]: mean |u| = 0.25
+
+
+@pytest.mark.parametrize(("name", "clusters"), [("diagonal-subspace", [0]), ("tied-subspace", [0, 1, 2, 3])])
+def test_subspace_clusters_are_flat_along_one_axis_in_training_only(name, clusters):
+    ds = load_dataset(name)
+    for k in clusters:
+        axis = int(ds.mock.covariances[k].diagonal().argmin())
+        train = ds.train[ds.labels_train == k, axis]
+        assert bool((train == train[0]).all()) and float(train[0]) == pytest.approx(float(ds.mock.means[k, axis]))
+        assert float(ds.val[ds.labels_val == k, axis].std()) > 0.1
 
 
 def test_an_unknown_name_suggests_the_closest():
@@ -80,7 +103,7 @@ def test_an_unknown_name_suggests_the_closest():
     ("change", "error", "match"),
     [
         ({"val_fraction": 1.0}, ValueError, "val_fraction"),
-        ({"perturbation": "duplicate"}, ValueError, "duplicates"),
+        ({"perturbation": "point-mass"}, ValueError, "point_mass"),
         ({"family": "ful"}, ValueError, "full"),
         ({"num_samples": 2.5}, TypeError, "num_samples"),
         ({"radius": -1.0}, ValueError, "radius"),

@@ -104,7 +104,7 @@ def test_events_figures_and_model_artifacts(finished, tmp_path):
     assert tuple(csv.reader(io.StringIO(text)).__next__()) == EVENT_COLUMNS
     assert len(rows) == len(result.fit.events)
     figures = {Path(f.path).name: f.file_size for f in client.list_artifacts(result.run_id, "figures")}
-    assert set(figures) == {"fit.png", "nll_curve.png"} and min(figures.values()) > 10_000
+    assert set(figures) == {"fit.png", "nll_curve.png", "smallest_variance.png"} and min(figures.values()) > 10_000
     model = load_model(result.run_id, uri)
     x = torch.randn(50, 2, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(model.log_prob(x), result.model.log_prob(x), rtol=0, atol=0)

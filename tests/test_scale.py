@@ -287,7 +287,7 @@ def test_worker_needs_an_existing_study_and_takes_its_settings(tmp_path, capsys)
     storage = f"sqlite:///{tmp_path / 'o.db'}"
     base = ["--worker", "--family", "full", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     assert main([*base, "--trials", "1"]) == 2
-    assert "no study 'full-v1' in the storage; create it first" in capsys.readouterr().err
+    assert "no study 'full-v2' in the storage; create it first" in capsys.readouterr().err
     assert main([*base, "--iterations", "50", "--datasets", "full-separated"]) == 2
     assert "drop --iterations, --datasets" in capsys.readouterr().err
     assert main([*base, "--retries", "-1"]) == 2
@@ -299,7 +299,7 @@ def test_settings_round_trip_through_the_study_record():
     from studies.objective import StudySettings
     from studies.space import load_space
 
-    names = ("full-separated", "full-collapse")
+    names = ("full-separated", "full-point-mass")
     settings = StudySettings("full", names, load_space("full"), 300, 25, 7, fingerprints=dataset_fingerprints(names))
     assert StudySettings.from_dict(settings.as_dict()) == settings
     with pytest.raises(ValueError, match="recorded settings are incomplete"):
@@ -375,7 +375,8 @@ def test_three_workers_share_one_postgres_study(servers, tmp_path):
         assert run.data.tags["trial"] == str(t.number) and run.data.tags["study"] == study_name
         parent = parents[run.data.tags["mlflow.parentRunId"]]
         assert parent.data.tags[WORKER_TAG] == t.system_attrs[OWNER_KEY] == run.data.tags[WORKER_TAG]
-        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[t.state.name]
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}[t.state.name]
+        assert ("pruned" in run.data.tags) == (t.state.name == "PRUNED")
     for fit in runs["fit"]:  # fit runs sit under the trial run of the same trial
         trial_run = trial_runs[fit.data.tags["mlflow.parentRunId"]]
         assert fit.data.tags["trial"] == trial_run.data.tags["trial"]

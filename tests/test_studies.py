@@ -70,11 +70,11 @@ def test_space_override_file_replaces_entries_one_by_one(tmp_path):
         "full:\n  init: {choices: [kmeans++, random]}\n  mixture_lr: null\n  iterations: 300\n"
     )
     full = load_space("full", path)
-    assert [p.name for p in full.params] == ["clamp", "component_lr", "init"]
+    assert [p.name for p in full.params] == ["clamp", "component_lr", "reset", "init"]
     assert full.params[0] == FloatParam("clamp", 1e-6, 1e-2, log=True)
     assert full.fixed == {"iterations": 300}
     tied = load_space("tied", path)  # the default section reaches every family; the full section does not
-    assert [p.name for p in tied.params] == ["clamp", "component_lr", "mixture_lr"] and tied.fixed == {}
+    assert [p.name for p in tied.params] == ["clamp", "component_lr", "mixture_lr", "reset"] and tied.fixed == {}
     json_path = tmp_path / "space.json"
     json_path.write_text(json.dumps({"constant": {"component_lr": {"low": 0.01, "high": 0.1}}}))
     assert load_space("constant", json_path).params[0] == FloatParam("component_lr", 0.01, 0.1)
@@ -193,3 +193,47 @@ def test_cli_bad_family_subprocess_exit_2():
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "unknown family 'nope'" in proc.stderr
+
+
+# -- pruning and partial values ------------------------------------------------------------------------------
+def _finished(study: optuna.Study, values: dict[int, float], state=optuna.trial.TrialState.COMPLETE) -> None:
+    dist = optuna.distributions.FloatDistribution(1e-8, 1e-1, log=True)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"clamp": 1e-4},
+            distributions={"clamp": dist},
+            intermediate_values=values,
+            value=values[max(values)],
+            state=state,
+        )
+    )
+
+
+def test_margin_pruner_compares_trials_at_the_same_step_and_ignores_small_differences():
+    from studies.run import MarginPruner
+
+    study = optuna.create_study(pruner=MarginPruner(margin=0.05, min_trials=3, warmup_steps=2))
+    for offset in (0.0, 0.01, 0.02):
+        _finished(study, {1: 9.0 + offset, 2: 5.0 + offset, 3: 4.0 + offset})
+    trial = study.ask()
+    trial.report(100.0, 1)  # far worse, but before the warm-up: kept
+    assert not trial.should_prune()
+    trial.report(5.04, 2)  # above the median (5.01) by less than the margin: kept
+    assert not trial.should_prune()
+    trial.report(4.1, 3)  # above the median of step 3 (4.01) by more than the margin: pruned
+    assert trial.should_prune()
+
+
+def test_trials_csv_keeps_pruned_values_apart_as_partial():
+    from studies.run import trials_csv
+
+    study = optuna.create_study()
+    _finished(study, {1: 3.0, 2: 2.5})
+    _finished(study, {1: 1.0}, state=optuna.trial.TrialState.PRUNED)  # better, but only one dataset
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(trials_csv(study))))
+    assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED"]
+    assert float(rows[0]["value"]) == 2.5 and rows[0]["partial_value"] == ""
+    assert rows[1]["value"] == "" and float(rows[1]["partial_value"]) == 1.0

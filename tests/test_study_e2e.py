@@ -22,11 +22,12 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from experiments import ExperimentConfig
+from experiments.datasets import datasets_for_family
 from studies.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY = "isotropic"
-STUDY = f"{FAMILY}-v1"
+STUDY = f"{FAMILY}-v2"
 TINY = ["--iterations", "40", "--eval-every", "20", "--no-progress"]
 
 
@@ -66,7 +67,7 @@ def test_trials_are_recorded_in_the_storage(tiny_study):
     assert done, "no trial completed"
     for t in done:
         assert {"clamp", "component_lr"} <= set(t.params)
-        assert all(f"val_nll/{FAMILY}-{kind}" in t.user_attrs for kind in ("separated", "overlapping", "collapse"))
+        assert all(f"val_nll/{name}" in t.user_attrs for name in datasets_for_family(FAMILY))
         assert t.intermediate_values  # reported for pruning
 
 
@@ -156,3 +157,50 @@ def test_a_killed_worker_leaves_no_running_trial(tmp_path):
     assert not any(t.state == TrialState.RUNNING for t in trials)
     assert trials[0].state == TrialState.FAIL
     assert all(r.info.status != "RUNNING" for r in _runs(uri, "trial") + _runs(uri, "fit"))
+
+
+@pytest.mark.slow
+def test_the_best_trial_of_an_unpruned_study_survives_the_pruner(tmp_path):
+    # 40 unpruned trials find a best; enqueued into a pruned study of the same family after 15 other trials,
+    # those parameters complete with the same value (the pruner compares means over the same datasets)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [*_args(tmp_path, uri, 40), "--datasets", f"{FAMILY}-quantized,{FAMILY}-separated", "--no-plots"]
+    common[common.index("40", common.index("--iterations"))] = "30"
+    assert main([*common, "--pruner", "none"]) == 0
+    best = _study(tmp_path).best_trial
+    pruned_args = [*common, "--study", "pruned-{family}", "--pruner", "median"]
+    pruned_args[pruned_args.index("40")] = "15"
+    assert main(pruned_args) == 0
+    from studies.storage import open_storage
+
+    pruned = optuna.load_study(study_name=f"pruned-{FAMILY}", storage=open_storage(str(tmp_path / "journal.log")))
+    pruned.enqueue_trial(best.params)
+    pruned_args[pruned_args.index("15")] = "1"
+    assert main(pruned_args) == 0
+    trials = pruned.get_trials(deepcopy=False)
+    assert len(trials) == 16 and trials[15].params == best.params
+    assert trials[15].state == TrialState.COMPLETE and trials[15].value == pytest.approx(best.value, rel=1e-6)
+
+
+class _AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_a_pruned_trial_ends_finished_in_mlflow_with_a_pruned_tag(tmp_path):
+    from studies.objective import Objective, StudySettings
+    from studies.space import load_space
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    names = (f"{FAMILY}-separated", f"{FAMILY}-overlapping")
+    settings = StudySettings(FAMILY, names, load_space(FAMILY), iterations=20, eval_every=10)
+    study = optuna.create_study(pruner=_AlwaysPrune())
+    study.optimize(Objective(settings, uri, "pruned"), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED and trial.intermediate_values.keys() == {1}
+    client = MlflowClient(uri)
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED"  # KILLED is kept for interrupts
+    assert run.data.tags["pruned"].startswith(f"after 1 of 2 datasets ({FAMILY}-separated)")
+    (fit,) = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert fit.info.status == "FINISHED" and fit.data.tags["dataset"] == f"{FAMILY}-separated"
