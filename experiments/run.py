@@ -245,7 +245,7 @@ class _Evaluator:
             # a call from inside the fit loop reports history[step - 1] (the NLL before update `step`); the
             # fit's closing call (another step, or a convergence with tol) is left to the final curve
             self.logger.train_steps.add(step - 1)
-            self.logger.add({"train_nll": nll}, step - 1)
+            self.logger.add({TRAIN_CURVE: nll}, step - 1)
         factor = lr_factor(cfg.lr_schedule, max(step - 1, 0), cfg.iterations)
         val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
         with torch.no_grad():

@@ -93,7 +93,7 @@ def test_final_metrics(finished):
     assert metrics["summary/num_iterations"] == config.iterations
     assert 0.0 <= metrics["summary/ari"] <= 1.0 and metrics["summary/recovery_error"] >= 0
     # each name once: curves under nll/, events/, lr/; single values under summary/ and time/
-    assert {k.split("/")[0] for k in metrics} == {"nll", "events", "lr", "summary", "time"}
+    assert {k.split("/")[0] for k in metrics} == {"nll", "events", "variance", "lr", "summary", "time"}
 
 
 def test_events_figures_and_model_artifacts(finished, tmp_path):
