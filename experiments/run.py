@@ -460,6 +460,9 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     return dataclasses.replace(partial, tracking_time=tracking_time, figure_time=figure_time)
 
 
+_DATASET_INPUT_TRIES = 5
+
+
 def _log_dataset_input(client, run_id: str, data: Dataset, config: ExperimentConfig) -> None:
     """The data as the run's MLflow dataset input (the runs table's Dataset column): name, fingerprint, source."""
     from mlflow.entities import Dataset as DatasetEntity
@@ -476,7 +479,19 @@ def _log_dataset_input(client, run_id: str, data: Dataset, config: ExperimentCon
         source=json.dumps(source),
         profile=json.dumps({"num_train": len(data.train), "num_val": len(data.val), "num_dims": data.num_dims}),
     )
-    client.log_inputs(run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
+    for attempt in range(_DATASET_INPUT_TRIES):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as error:
+            # Workers that start together race to insert the same dataset row; the store's get-or-create is not
+            # atomic, so the loser sees a unique-constraint error. The row exists now: the next try links it.
+            if "UNIQUE constraint" not in str(error) and "duplicate key" not in str(error):
+                raise
+            if attempt == _DATASET_INPUT_TRIES - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def curve_steps(num_points: int, every: int) -> list[int]:

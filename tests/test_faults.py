@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import stores
 from experiments.redact import redact
+from experiments.run import TRAIN_CURVE
 from experiments.stores import StoreError, check_sqlite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +234,7 @@ def _running_with_curve(uri: str) -> str | None:
         client = MlflowClient(uri)
         ids = [e.experiment_id for e in client.search_experiments()]
         for run in client.search_runs(ids, "attributes.status = 'RUNNING'"):
-            if "train_nll" in run.data.metrics:
+            if TRAIN_CURVE in run.data.metrics:
                 return run.info.run_id
     except Exception:  # the store is being created by the child
         return None
@@ -269,7 +270,7 @@ def test_a_sigkilled_run_is_ended_killed_by_the_next_command_and_keeps_its_curve
     assert dead and all(r.info.status == "KILLED" for r in dead), [(r.info.run_name, r.info.status) for r in dead]
     assert all(f"process {proc.pid}" in r.data.tags["stop_reason"] for r in dead)
     assert len(dead) == (2 if command == "report" else 1)  # a report: its parent run and the seed's run
-    history = client.get_metric_history(run_id, "train_nll")
+    history = client.get_metric_history(run_id, TRAIN_CURVE)
     assert history and all(h.step >= 0 for h in history)  # the curve written during the fit survived
     assert not (tmp_path / "report").exists()
 
