@@ -112,19 +112,25 @@ class _SquaredNorm(torch.autograd.Function):
 
 
 def _cholesky_z(x: Tensor, tril: Tensor, means: Tensor, augmented: bool) -> tuple[Tensor, Tensor]:
-    """(z (N, K, D), W = L^{-1} (K', D, D)): z_nk = W_k (x_n - mu_k) through one (N, D) x (D, K D) product."""
+    """(z (N, K, D), W = L^{-1} (K', D, D)): z_nk = W_k (x_n - mu_k), the difference taken first.
+
+    The difference comes before the product so that z is exactly 0 where x_n == mu_k, as it is on the diagonal
+    families' path. The product form W_k x_n - W_k mu_k (one (N, D) x (D, K D) product, scikit-learn's way)
+    is faster but leaves a rounding residue of eps |W_k x_n| there, which gives a component sitting on a
+    point mass a mean gradient of that size; Adam normalizes it to a full learning-rate step, so the mean
+    jitters around the point and the covariance cannot shrink onto it. That made the Cholesky families
+    immune to point-mass collapse while the diagonal ones collapsed: an artefact of the arithmetic that
+    this harness, whose subject is collapse, must not have.
+    """
     num_components, num_dims = means.shape
     eye = _eye(num_dims, tril).expand_as(tril)
     inv = torch.linalg.solve_triangular(tril, eye, upper=False)  # (K', D, D)
     inv_k = inv.expand(num_components, -1, -1)
-    # proj[j, k D + i] = W_k[i, j]: x_n @ proj = (W_k x_n)_k
-    proj = inv_k.permute(2, 0, 1).reshape(num_dims, num_components * num_dims)
-    shift = (inv_k @ means.unsqueeze(-1)).reshape(1, num_components * num_dims)  # W_k mu_k
     if augmented:
-        z = x @ torch.cat([proj, shift.neg()])
-    else:
-        z = torch.addmm(shift, x, proj, beta=-1)
-    return z.view(x.shape[0], num_components, num_dims), inv
+        x = x[:, :num_dims]
+    diff = (x.unsqueeze(0) - means.unsqueeze(1))  # (K, N, D)
+    z = torch.bmm(diff, inv_k.transpose(-1, -2))  # (K, N, D): z_kn = W_k (x_n - mu_k)
+    return z.transpose(0, 1).contiguous(), inv
 
 
 def _cholesky_q_backward(weight: Tensor, x: Tensor, inv: Tensor, means: Tensor, z: Tensor, augmented: bool, needs):
@@ -142,12 +148,11 @@ def _cholesky_q_backward(weight: Tensor, x: Tensor, inv: Tensor, means: Tensor, 
     xg = x.T @ g_z if needs[1] or augmented else None
     s = (xg[num_dims] if augmented else _ones(num_samples, g_z) @ g_z).view(num_components, num_dims)  # (K, D)
     g_x = m = g_means = None
-    if needs[0]:  # rarely wanted: rebuild the forward's matrix
+    if needs[0]:  # rarely wanted: dz_nk/dx_n = W_k (the ones column of augmented data does not enter z)
         proj = inv_k.permute(2, 0, 1).reshape(num_dims, num_components * num_dims)
-        if augmented:
-            shift = (inv_k @ means.unsqueeze(-1)).reshape(1, num_components * num_dims)
-            proj = torch.cat([proj, shift.neg()])
         g_x = g_z @ proj.T
+        if augmented:
+            g_x = torch.cat([g_x, torch.zeros_like(g_x[:, :1])], dim=1)
     if needs[1]:
         # dW_k = sum_n G_nk x_n^T - s_k mu_k^T
         xg_k = xg[:num_dims].view(num_dims, num_components, num_dims).permute(1, 2, 0)  # (K, D, D)
@@ -164,9 +169,9 @@ def _cholesky_q_backward(weight: Tensor, x: Tensor, inv: Tensor, means: Tensor, 
 class _CholeskyMahalanobis(torch.autograd.Function):
     """q_nk = |z_nk|^2 with z_nk = W_k (x_n - mu_k), W_k = L_k^{-1}, as one autograd node.
 
-    Forward: W by a triangular solve, then all z at once through one (N, D) x (D, K D) matrix product with
-    the stacked W_k (scikit-learn's way); with `augmented` (x = `augment(data)`) the shift W_k mu_k rides
-    in the same product. Backward, with G_nk = dq/dz_nk = 2 g_nk z_nk and s_k = sum_n G_nk:
+    Forward: W by a triangular solve, then z from the differences x_n - mu_k (exactly 0 at x_n == mu_k, see
+    `_cholesky_z`) by one batched product; `augmented` data (x = `augment(data)`) drops its ones column.
+    Backward, with G_nk = dq/dz_nk = 2 g_nk z_nk and s_k = sum_n G_nk:
 
         dW_k = sum_n G_nk (x_n - mu_k)^T = G_k^T X - s_k mu_k^T,   dmu_k = -W_k^T s_k,
         dL_k = -tril(W_k^T dW_k W_k^T)                             (d(L^{-1}) = -L^{-1} dL L^{-1}),

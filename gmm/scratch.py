@@ -127,10 +127,9 @@ def _chunk_stats(x: Tensor, locs: Tensor, bias: Tensor, scale: Tensor, spec: _Sp
         return _chunk_stats_fused(x, locs, bias, scale, spec)
     num_samples, num_dims = x.shape
     if spec.kind == "cholesky":
-        k_cov = scale.shape[0]
-        # x_n @ W_k^T for all k at once: one (N, D) x (D, K' D) product
-        xz = (x @ scale.permute(2, 0, 1).reshape(num_dims, k_cov * num_dims)).view(num_samples, k_cov, num_dims)
-        z = xz - (scale @ locs.unsqueeze(-1)).squeeze(-1)  # (N, K, D) L_k^{-1} (x_n - mu_k)
+        # L_k^{-1} (x_n - mu_k), the difference first: exactly 0 at x_n == mu_k (see likelihood._cholesky_z)
+        diff = x.unsqueeze(0) - locs.unsqueeze(1)  # (K, N, D)
+        z = torch.bmm(diff, scale.expand(locs.shape[0], -1, -1).transpose(-1, -2)).transpose(0, 1)  # (N, K, D)
     else:
         z = (x.unsqueeze(1) - locs) * scale  # (N, K, D)
     zsq = z.square()

@@ -231,3 +231,43 @@ def test_em_reports_the_floor_where_a_component_has_no_scatter(family):
         assert [e.component for e in events] == [0, 2]  # P alone and Q's duplicates: zero scatter
         assert bool((model.covariances[0].diagonal() >= CLAMP).all())
         assert math.isclose(float(model.covariances[0].diagonal().amin()), CLAMP, rel_tol=1e-6)
+
+
+# -- the arithmetic must not hide collapse ------------------------------------------------------------------
+# Adam normalizes every gradient entry: a mean gradient of rounding size (1e-8) becomes a step of the full
+# learning rate. A component sitting on a point mass gets an exactly zero mean gradient only if the
+# Mahalanobis distance is exactly 0 at x == mu; the product form W x - W mu of the Cholesky families left a
+# residue of eps |W x| there, so their means jittered off the point and they never collapsed while the
+# diagonal families did. These tests pin the exact zero for every family and every likelihood path.
+@pytest.mark.parametrize("augmented", [False, True])
+@pytest.mark.parametrize("family", gmm.FAMILIES)
+def test_the_distance_is_exactly_zero_where_a_point_sits_on_a_mean(family, augmented):
+    """20 float32 components, each mean on a data point far from the origin (where a residue would show)."""
+    g = torch.Generator().manual_seed(3)
+    means = 30.0 * torch.randn(20, 3, generator=g)
+    a = torch.randn(20, 3, 3, generator=g)
+    covs = a @ a.transpose(-1, -2) + 0.5 * torch.eye(3)
+    model = gmm.make_model(family, 20, 3)
+    model.set_parameters(means=means, covariances=covs)
+    data = likelihood.augment(means) if augmented else means
+    q = likelihood._mahalanobis(data, model.locs.detach(), model.covariance(), augmented)
+    assert torch.count_nonzero(q.diagonal()) == 0, q.diagonal()
+
+
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+@pytest.mark.parametrize("family", NOT_SHARED)
+def test_a_mean_on_a_float32_point_mass_gets_an_exactly_zero_gradient_and_collapses(family, gradients):
+    """float32, the fit's own dtype: component 0 on 30 copies of a point far from the origin, nothing else near.
+    Its mean must not move at all (an exactly zero gradient), and its variance, falling by e^-0.1 (log
+    variance) or e^-0.2 (log L_kk) a step at lr 0.1, must reach a floor 1e-4 below its start within 120 steps
+    (92 and 46 needed): a clamp event."""
+    x, _ = _data()
+    point = torch.tensor([[24.0, -24.0]], dtype=torch.float64).repeat(30, 1)
+    x = torch.cat([x[:79], point]).float()
+    model = gmm.make_model(family, 2, 2)
+    covariances = torch.stack([0.01 * torch.eye(2), torch.cov(x[:79].T)])
+    model.set_parameters(means=torch.stack([x[79], x[:79].mean(0)]), covariances=covariances)
+    start = model.means[0].clone()
+    result = _fit(model, x, steps=120, clamp=1e-6, reset=False, gradients=gradients, standardize=False)
+    assert torch.equal(model.means[0], start)
+    assert (1, 0, "clamp") not in _kinds(result) and any(e.component == 0 and e.kind == "clamp" for e in result.events)
