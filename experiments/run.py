@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -66,6 +67,7 @@ from .datasets import Dataset, load_dataset
 from .metrics import adjusted_rand_index, recovery_error
 from .redact import install_log_redaction, redact
 from .tracking import (
+    MAX_METRICS_PER_BATCH,
     StopRun,
     add_tracking_arguments,
     deferred_signals,
@@ -83,6 +85,7 @@ __all__ = ["ExperimentResult", "StopRun", "load_model", "run_experiment", "main"
 log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 5.0  # buffered metrics are written at most this often while a fit runs
+_OUTAGE_RETRY_SECONDS = 10.0  # while the store does not answer, the next write is tried this much later
 MODEL_NAME = "model"  # the logged MLflow model: runs:/<run_id>/model
 LEGACY_MODEL_ARTIFACT = "model/model.pt"  # what runs logged before the model became an MLflow model
 EVENT_COLUMNS = ("step", "component", "kind", "detail")
@@ -196,6 +199,8 @@ class _Logger:
         self.closing = False  # True while a failed run's record is written: signals are then dropped
         self.last_flush = -math.inf  # the first evaluation is written at once: a killed run keeps a curve
         self.train_steps: set[int] = set()  # train_nll steps already logged during the fit
+        self.in_fit = False  # while the fit runs, a store that does not answer only delays the metrics
+        self.outage_since: float | None = None  # monotonic time of the first failed write of an outage
 
     def timed(self, fn: Callable, *args, **kwargs):
         """Call fn, timed; Ctrl-C / SIGTERM arriving meanwhile waits until the store write is complete."""
@@ -209,17 +214,41 @@ class _Logger:
     def add(self, metrics: Mapping[str, float | None], step: int) -> None:
         now = int(time.time() * 1000)
         self.pending.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items() if finite_or_none(v) is not None)
-        if time.perf_counter() - self.last_flush >= _FLUSH_SECONDS:
+        every = _FLUSH_SECONDS if self.outage_since is None else _OUTAGE_RETRY_SECONDS
+        if time.perf_counter() - self.last_flush >= every:
             self.flush()
 
     def add_curve(self, key: str, values, steps) -> None:
         self.pending.extend(history_metrics(key, values, steps))
 
     def flush(self) -> None:
-        if self.pending:
-            batch, self.pending = self.pending, []
-            self.timed(log_metrics_batched, self.client, self.run_id, batch)
-        self.last_flush = time.perf_counter()
+        """Write the buffered metrics. While the fit runs, a store that fails (a server that dropped out,
+        after MLflow's bounded retries) does not stop it: the unsent metrics stay buffered, in order, and the
+        next flush tries again. Outside the fit the error propagates (the run then keeps its record locally)."""
+        sent = 0
+        try:
+            while sent < len(self.pending):
+                chunk = self.pending[sent : sent + MAX_METRICS_PER_BATCH]
+                self.timed(log_metrics_batched, self.client, self.run_id, chunk)
+                sent += len(chunk)
+        except MlflowException as err:
+            if not self.in_fit or self.closing:
+                raise
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                log.warning(
+                    "the tracking store does not answer (%s); the fit goes on and its metrics wait to be written",
+                    redact(" ".join(str(err).split()))[:200],
+                )
+        finally:
+            del self.pending[:sent]
+            self.last_flush = time.perf_counter()
+        if sent and self.outage_since is not None:
+            log.warning(
+                "the tracking store answers again after %.0f s; the buffered metrics are written",
+                time.monotonic() - self.outage_since,
+            )
+            self.outage_since = None
 
 
 class _Evaluator:
@@ -353,9 +382,11 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     train, val = data.train.to(device, dtype), data.val.to(device, dtype)
     model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)
     evaluator = _Evaluator(model, val, config, logger, on_eval)
+    logger.in_fit = True
     try:
         result = gmm.fit(model, train, **config.fit_options(), log_freq=config.resolved_eval_every, callback=evaluator)
     except BaseException:
+        logger.in_fit = False
         logger.closing = True
         with deferred_signals(reraise=False):  # a second Ctrl-C must not lose what the first one left
             try:
@@ -363,7 +394,19 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
             except Exception:
                 log.exception("could not log the partial record of run %s", run_id)
         raise
+    logger.in_fit = False
+    try:
+        return _finish(config, data, logger, model, result, evaluator, train, val)
+    except MlflowException as err:
+        # the store is gone for longer than the retries: the fit's result must not go with it
+        err.kept_at = keep_locally(logger.run_id, config, model, result, logger.pending, err)
+        raise
 
+
+def _finish(config, data, logger, model, result, evaluator, train, val) -> ExperimentResult:
+    """After the fit: the measures, EM, and everything the run logs at its end (curves, figures, model)."""
+    client, run_id = logger.client, logger.run_id
+    device, dtype = train.device, train.dtype
     train_nll = result.final_nll
     val_nll = model.nll(val) if val.shape[0] else float("nan")
     nan = float("nan")
@@ -458,6 +501,43 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     logger.add({metric_key(k): v for k, v in timings.items()}, result.num_iterations)
     logger.flush()
     return dataclasses.replace(partial, tracking_time=tracking_time, figure_time=figure_time)
+
+
+UNSENT_DIR = "unsent"  # <project>/unsent/<run_id>/ ($GMM_UNSENT_DIR): runs whose store went away before the end
+
+
+def keep_locally(run_id: str, config: ExperimentConfig, model, result: gmm.FitResult, pending, err) -> Path:
+    """Write a finished fit whose tracking store stopped answering to <project>/unsent/<run_id>/ (or
+    $GMM_UNSENT_DIR/<run_id>/; built in a
+    temporary folder and renamed into place, so it is whole or absent): record.json (config, final NLL,
+    counts, the error), nll_history.csv, events.csv, metrics.csv (the metrics the store never received) and
+    model.pt (`torch.load` it and `MixtureModel.load_state_dict`). Returns the folder."""
+    from .tracking import PROJECT_ROOT
+
+    root = Path(os.environ.get("GMM_UNSENT_DIR") or PROJECT_ROOT / UNSENT_DIR)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / run_id
+    building = Path(tempfile.mkdtemp(prefix=f".{run_id}.building-", dir=root))
+    record = {
+        "run_id": run_id,
+        "why": redact(" ".join(str(err).split()))[:2000],
+        "config": config.to_dict(),
+        "final_nll": result.final_nll,
+        "num_iterations": result.num_iterations,
+        "clamp_count": result.clamp_count,
+        "reset_count": result.reset_count,
+        "wall_time": result.wall_time,
+        "model": {"family": config.family, "num_components": config.model_components, "num_dims": config.model_dims},
+    }
+    (building / "record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    history = result.nll_history.double().cpu().tolist()
+    (building / "nll_history.csv").write_text("step,nll\n" + "".join(f"{i},{v!r}\n" for i, v in enumerate(history)))
+    (building / "events.csv").write_text(events_csv(result.events))
+    rows = "".join(f"{m.key},{m.step},{m.value!r},{m.timestamp}\n" for m in pending)
+    (building / "metrics.csv").write_text("key,step,value,timestamp\n" + rows)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, building / "model.pt")
+    building.rename(final)
+    return final
 
 
 _DATASET_INPUT_TRIES = 5
@@ -694,9 +774,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: interrupted" + (f" (run {run} marked KILLED)" if run else ""), file=sys.stderr)
         return 130
     except MlflowException as err:  # the store failed mid-run (a server gone for longer than the retries)
+        kept = getattr(err, "kept_at", None)
         print(
             f"{parser.prog}: lost the tracking store {redact(uri)}: {redact(' '.join(str(err).split()))[:300]}; "
-            "check it and rerun (the next command ends the open run KILLED)",
+            + (f"the fit finished and its record is kept in {kept}; " if kept else "")
+            + "check the store and rerun (the next command ends the open run KILLED)",
             file=sys.stderr,
         )
         return 1

@@ -94,6 +94,8 @@ def check_data(
         TypeError: not a tensor/array of numbers.
         ValueError: not 2-D, empty, non-finite, too few samples, or the wrong number of dimensions.
     """
+    if isinstance(data, Tensor) and data.is_meta:
+        check_dtype_device(None, data.device, name)
     x = as_tensor(data, name, dtype=dtype, device=device)
     if x.ndim != 2:
         fix = " Use x[:, None] for 1-D data." if x.ndim == 1 else ""
@@ -118,6 +120,23 @@ def check_data(
             "remove or impute them before fitting"
         )
     return x
+
+
+FIT_DTYPES = (torch.float32, torch.float64)
+
+
+def check_dtype_device(dtype: torch.dtype | None, device=None, what: str = "model") -> None:
+    """A dtype and device the mixtures can work in: float32 or float64 (torch has no half-precision Cholesky
+    on CPU, and half precision cannot hold a collapsing variance), on a device that holds data (not "meta")."""
+    if dtype is not None and dtype not in FIT_DTYPES:
+        raise ValueError(
+            f"{what} dtype {dtype} is not supported; use torch.float32 (the default) or torch.float64 "
+            "(convert half-precision data with .float(); it is converted to the model's dtype anyway)"
+        )
+    if device is not None and torch.device(device).type == "meta":
+        raise ValueError(
+            f"{what} device 'meta' holds no data to fit or evaluate; use 'cpu' or 'cuda' (model.to('cpu'))"
+        )
 
 
 def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:

@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from ._validation import check_choice, check_data, check_float, check_int, make_generator
+from ._validation import check_choice, check_data, check_dtype_device, check_float, check_int, make_generator
 from .init import INITS, base_covariance, initialize
 from .model import MixtureModel, chunk_rows
 from .optim import FusedAdam
@@ -223,8 +223,14 @@ def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
         hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
         hint = "".join(f" (did you mean {h[0]!r}?)" for h in hints if h)
         raise TypeError(f"unknown fit option(s) {', '.join(unknown)}{hint}; see gmm.FitOptions")
+    if overrides.get("generator") is not None and overrides.get("seed") is not None:
+        raise ValueError(
+            "pass seed or generator, not both: the generator's state would decide and the seed be ignored; "
+            "drop seed=, or pass generator=torch.Generator().manual_seed(seed)"
+        )
     opts = dataclasses.replace(base, **overrides)
     check_int(opts.num_iterations, "num_iterations", minimum=1)
+    check_dtype_device(opts.dtype, opts.device, "fit")
     check_float(opts.mixture_lr, "mixture_lr", nonnegative=True)
     check_float(opts.component_lr, "component_lr", nonnegative=True)
     check_float(opts.clamp, "clamp", positive=True)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
 from . import likelihood
-from ._validation import check_data, check_float, check_int, make_generator
+from ._validation import check_data, check_dtype_device, check_float, check_int, make_generator
 from .families import FAMILIES, Covariance, Family, get_family
 
 # Rows per chunk when evaluating large data: bounds the (chunk, K, D) intermediates to ~2^24 elements.
@@ -62,6 +62,7 @@ class MixtureModel(nn.Module):
             raise ValueError(f"{type(self).__name__} is the {self.family_name!r} family; got family={family!r}")
         if family is None:
             raise ValueError(f"family is required; choose one of {', '.join(FAMILIES)}")
+        check_dtype_device(dtype, device)
         self.num_components = check_int(num_components, "num_components", minimum=1)
         self.num_dims = check_int(num_dims, "num_dims", minimum=1)
         self.variance = check_float(variance, "variance", positive=True)

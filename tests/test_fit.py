@@ -230,3 +230,30 @@ def test_small_fits_run_in_one_thread_and_restore_the_setting():
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads"):
         gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=5, num_threads=0)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda x: gmm.make_model("full", 2, 2, dtype=torch.float16), "float16 is not supported; use torch.float32"),
+        (lambda x: gmm.fit(gmm.GmmFull(2, 2), x, dtype=torch.bfloat16), "bfloat16 is not supported"),
+        (lambda x: gmm.make_model("diagonal", 2, 2, device="meta"), "device 'meta' holds no data"),
+        (lambda x: gmm.fit(gmm.GmmFull(2, 2), x, device="meta"), "device 'meta' holds no data"),
+        (lambda x: gmm.fit(gmm.GmmFull(2, 2), x.to("meta")), "data device 'meta'"),
+        (
+            lambda x: gmm.fit(gmm.GmmFull(2, 2), x, seed=1, generator=torch.Generator().manual_seed(0)),
+            "pass seed or generator, not both",
+        ),
+    ],
+)
+def test_unsupported_precision_device_and_seed_with_generator_are_one_clear_error(call, match):
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=match):
+        call(x)
+
+
+def test_half_precision_data_is_converted_to_the_models_dtype():
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    model = gmm.GmmDiagonal(2, 2)
+    result = gmm.fit(model, x.half(), num_iterations=3)
+    assert model.dtype == torch.float32 and math.isfinite(result.final_nll)
