@@ -21,8 +21,12 @@ shrinking onto a point or a line while the likelihood goes to infinity (Bishop, 
   points are dequantized (uniform noise of the grid's width, as density models of discrete data do),
   so collapse onto grid values is not rewarded on validation.
 - "subspace": the training points of one cluster (every cluster for `tied`, whose covariance is shared)
-  lie on a line through its mean: the sample covariance is singular along the normal of that line, so the
-  variance there can only shrink. Validation points keep their full-rank spread.
+  lie on a line through its mean, parallel to an axis: the sample covariance is singular along that axis,
+  so the variance there can only shrink. Validation points keep their full-rank spread. The clusters are
+  well separated (radius 24), so nothing else pulls the flat cluster's mean off its exact coordinate: a
+  diagonal covariance then collapses onto the line structurally. A full covariance does not, under Adam:
+  its off-diagonal Cholesky entry must reach exactly 0 for the mean's gradient on the flat axis to vanish,
+  and Adam's steps of about the learning rate keep it jittering around 0.
 - "outliers": 3 isolated points far from every cluster and from each other, in the training split only;
   the model has 3 spare components, which k-means++ starts on them (each covers a single point).
 
@@ -64,6 +68,7 @@ FINGERPRINTS_PATH = Path(__file__).with_name("fingerprints.json")
 
 _POINT_MASS_COPIES = 30
 _POINT_MASS_OFFSET = 3.0  # the copies sit at (3 radius, -3 radius, 0, ...): far outside the box of the means
+_SUBSPACE_RADIUS = 24.0  # "subspace": well-separated clusters (radius 8 elsewhere)
 _GRID_WIDTH = 1.0  # "quantized": coordinates rounded to multiples of this (data units)
 _NUM_OUTLIERS = 3
 _OUTLIER_OFFSET = 5.0  # outliers at 5 radius from the origin, in directions 120 degrees apart
@@ -177,7 +182,9 @@ def _named() -> dict[str, DataSpec]:
         if trainable:
             collapse["quantized"] = DataSpec(600, 4, 2, 8.0, family, 0, "quantized", model_components=8)
         if family in ("full", "diagonal", "tied"):  # a line is degenerate for these covariances only
-            collapse["subspace"] = DataSpec(600, 4, 2, 8.0, family, 0, "subspace")
+            # clusters 3x farther apart than elsewhere: nothing else pulls on the flat cluster's mean, which then
+            # keeps its exact coordinate on the flat axis (see CAUSES["subspace"])
+            collapse["subspace"] = DataSpec(600, 4, 2, _SUBSPACE_RADIUS, family, 0, "subspace")
         for cause, spec in collapse.items():
             specs[f"{family}-{cause}"] = spec
         specs[f"{family}-separated"] = DataSpec(600, 4, 2, 8.0, family, 0)

@@ -19,7 +19,9 @@ from experiments import datasets
 from experiments.datasets import COLLAPSE_PROTOCOL, load_dataset, measure_collapse
 from gmm.fit import lr_factor
 
-STRUCTURAL = [f"{f}-{cause}" for f in ("full", "diagonal", "isotropic") for cause in ("point-mass", "outliers")]
+STRUCTURAL = [f"{f}-{cause}" for f in ("full", "diagonal", "isotropic") for cause in ("point-mass", "outliers")] + [
+    "diagonal-subspace"
+]
 
 
 def _first_clamp_bound(protocol, variance: float) -> int:
