@@ -1,6 +1,6 @@
 """Run an Optuna study of clamp and learning rates for one covariance family (or all), tracked in MLflow.
 
-    python -m studies.run --family full                          # 40 trials; resumes the study "full-v2"
+    python -m studies.run --family full                          # 40 trials; resumes the study "full-v3"
     python -m studies.run --family full --trials 30 --jobs 2     # two worker processes share the study
     python -m studies.run --family all --timeout 300             # every family in turn, 5 minutes each
     python -m studies.run --family full --storage sqlite:///studies.db --space my_space.yaml
@@ -11,7 +11,7 @@ Many machines (README "Scaling out"): create the study once on a shared database
     python -m studies.run --worker --family full --trials 20 --retries 1 --storage postgresql+psycopg://...
     make study-worker FAMILY=full STORAGE=postgresql+psycopg://user@db-host/optuna [TRIALS=20] [RETRIES=1]
 
-Each invocation adds `--trials` trials to the study "<family>-v2" (created on first use, resumed after: the
+Each invocation adds `--trials` trials to the study "<family>-v3" (created on first use, resumed after: the
 storage keeps every trial) and stops early after `--timeout` seconds. Storage: the journal file
 studies.log in the project by default (see studies/storage.py). MLflow: one parent run per invocation
 (experiment "study-<study name>"), one nested run per trial, one per fit; the parent gets best_params.json,
@@ -447,6 +447,7 @@ class StudySummary:
     clamps_all: int = 0  # clamp events over every finished trial
     with_clamps: int = 0  # finished trials (complete or pruned) with at least one clamp event
     finished: int = 0  # complete + pruned trials
+    clamp_importance: float | None = None  # Optuna's (fANOVA) importance of clamp over the complete trials
     wall_time: float = 0.0  # seconds this invocation spent on the study
     best_file: str | None = None
 
@@ -474,9 +475,24 @@ def summarize(study: optuna.Study, settings, added: int, wall_time: float, best_
         clamps_all=int(sum(t.user_attrs.get("clamp_count", 0) for t in trials)),
         with_clamps=sum(t.user_attrs.get("clamp_count", 0) > 0 for t in finished),
         finished=len(finished),
+        clamp_importance=clamp_importance(study),
         wall_time=wall_time,
         best_file=best_file,
     )
+
+
+def clamp_importance(study: optuna.Study) -> float | None:
+    """Optuna's importance of `clamp` (fANOVA, seeded) over the complete trials and the parameters every one
+    of them has; None when clamp is not searched or fewer than 5 trials are complete."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    common = set.intersection(*(set(t.params) for t in complete)) if complete else set()
+    if len(complete) < 5 or "clamp" not in common:
+        return None
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return float(optuna.importance.get_param_importances(study, evaluator=evaluator, params=sorted(common))["clamp"])
+    except (ValueError, RuntimeError):  # e.g. every trial with the same value: nothing to attribute
+        return None
 
 
 def best_config_dict(settings, overrides: dict) -> dict:
@@ -525,6 +541,7 @@ def format_table(summaries: list[StudySummary]) -> str:
         "resets best/all",
         "clamps best/all",
         "trials with clamps",
+        "clamp importance",
         "time",
         "best params",
     )
@@ -541,6 +558,7 @@ def format_table(summaries: list[StudySummary]) -> str:
                 f"{s.resets_best if s.resets_best is not None else '-'}/{s.resets_all}",
                 f"{s.clamps_best if s.clamps_best is not None else '-'}/{s.clamps_all}",
                 f"{s.with_clamps}/{s.finished}",
+                f"{s.clamp_importance:.2f}" if s.clamp_importance is not None else "-",
                 f"{s.wall_time:.0f} s",
                 _fmt_params(s.best_config),
             )
