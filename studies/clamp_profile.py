@@ -2,6 +2,7 @@
 
     python -m studies.clamp_profile --family full      # reads studies/best/full-<version>.json
     python -m studies.clamp_profile --best FILE --clamps 1e-8,1e-4,1e-1
+    python -m studies.clamp_profile --family full --set component_lr=0.1   # where collapse happens
 
 A study's trials vary the clamp and the learning rates together, so its trials alone do not say what the
 clamp does at fixed learning rates. This command takes the best trial's parameters (the study's best file),
@@ -76,6 +77,8 @@ def format_profile(points: list[ClampPoint]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import yaml
+
     from experiments.datasets import DATASETS
 
     from .datasets import study_datasets
@@ -86,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     default_best = f"{BEST_DIR}/<family>-{STUDY_VERSION}.json"
     parser.add_argument("--best", default=None, help=f"best-parameter file [default: {default_best}]")
     parser.add_argument("--clamps", default=",".join(f"{c:g}" for c in DEFAULT_CLAMPS), help="comma-separated clamps")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter of the best file, e.g. --set component_lr=0.1 --set reset=false (repeatable)",
+    )
     args = parser.parse_args(argv)
     path = Path(args.best) if args.best else BEST_DIR / f"{args.family}-{STUDY_VERSION}.json"
     try:
@@ -102,12 +112,22 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--clamps must be positive numbers separated by commas, e.g. 1e-8,1e-4,1e-1; got {args.clamps!r}")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set takes KEY=VALUE, e.g. --set component_lr=0.1; got {item!r}")
+        best[key.strip()] = yaml.safe_load(value)  # numbers, true/false as in the config files
     family = best.get("family", args.family)
     if "dataset" in best and best["dataset"] not in DATASETS or "data_file" in best:
         parser.error(f"{path} is a study of your own data; this command profiles the named datasets' studies")
     datasets = study_datasets(family)
-    print(f"{family}: the best parameters of {path.name}, clamp replaced, over {len(datasets)} datasets", flush=True)
-    print(format_profile(profile(best, datasets, clamps)))
+    changed = f" with {', '.join(args.set)}" if args.set else ""
+    print(f"{family}: the best parameters of {path.name}{changed}, clamp replaced, over {len(datasets)} datasets")
+    try:
+        points = profile(best, datasets, clamps)
+    except (ValueError, TypeError) as err:  # a bad --set value: ExperimentConfig names it
+        parser.error(str(err))
+    print(format_profile(points))
     return 0
 
 

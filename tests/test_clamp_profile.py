@@ -68,3 +68,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     argv = args if "--best" in args else ["--best", str(best), *args]
     proc = subprocess.run([sys.executable, "-m", "studies.clamp_profile", *argv], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_bad_set_value_is_one_line_naming_it(tmp_path):
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"family": "diagonal", "iterations": 10}))
+    argv = ["--best", str(best), "--clamps", "1e-4", "--set", "component_lr=-1"]
+    proc = subprocess.run([sys.executable, "-m", "studies.clamp_profile", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "component_lr" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
