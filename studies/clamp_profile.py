@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets = study_datasets(family)
     changed = f" with {', '.join(args.set)}" if args.set else ""
     print(f"{family}: the best parameters of {path.name}{changed}, clamp replaced, over {len(datasets)} datasets")
+    sys.stdout.flush()  # the fits take a while: say what is coming first
     try:
         points = profile(best, datasets, clamps)
     except (ValueError, TypeError) as err:  # a bad --set value: ExperimentConfig names it
