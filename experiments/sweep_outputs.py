@@ -137,15 +137,15 @@ def family_figures(family: str, summary: pd.DataFrame) -> dict[str, bytes]:
             for i, dataset in enumerate(datasets):
                 ax = axes[j * len(datasets) + i]
                 mine = rows[rows["dataset"] == dataset]
-                for batch, reset in SETTINGS:
+                for k, (batch, reset) in enumerate(SETTINGS):  # one color per setting in every panel
                     line = _setting(mine, batch, reset).sort_values("clamp")
                     if line[column].isna().all():  # e.g. recovery steps where no fit recovered
                         continue
                     x = _x(line["clamp"].tolist(), grid)
                     label = f"{batch} batch, reset {'on' if reset else 'off'}"
-                    (handle,) = ax.plot(x, line[column], "o-", markersize=3, label=label)
+                    ax.plot(x, line[column], "o-", markersize=3, label=label, color=f"C{k}")
                     if band is not None:
-                        ax.fill_between(x, line[band[0]], line[band[1]], alpha=0.15, color=handle.get_color())
+                        ax.fill_between(x, line[band[0]], line[band[1]], alpha=0.15, color=f"C{k}")
                 _axes_setup(ax, grid, f"{family}: {dataset}", ylabel)
                 if column.endswith("rate"):
                     ax.set_ylim(-0.05, 1.05)
