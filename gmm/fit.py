@@ -13,6 +13,13 @@ Each iteration t = 1..T:
      drawn with the fit's generator from the 10% of points the model explains worst, its covariance to
      cov(X) / K^(2/D) (not for shared covariances), its weight logit to the mean logit, and its Adam
      moments to zero so momentum does not push it straight back (a "reset" event).
+  4. recovery: a component clamped (for the first time, or again after it recovered) is watched until it has
+     *recovered*: at an iterate whose NLL is exact (every step; with mini-batches the start, the log points
+     and the end) its floored entries all exceed RECOVERY_FLOOR_FACTOR x the floor (it left the floor, by
+     itself or through a reset) and that NLL is at most its pre-collapse level (the newest exact NLL before
+     the clamp's step) + RECOVERY_MARGIN nats per sample. Then a "recovered" event at that iterate's step,
+     whose detail gives the steps since the clamp (0: the reset of the clamp's own step did it). Nothing is
+     watched, and nothing costs, until a clamp acts.
 history[T] is the exact NLL after the last update.
 
 Coordinates: the fit runs on z = (x - mean) / std (gmm.standardize: per axis, or one RMS std for the isotropic
@@ -70,6 +77,8 @@ GRADIENTS = ("autograd", "analytic")
 _WORST_FRACTION = 0.1  # resets draw from this fraction of worst-explained points
 _ONE_THREAD_MAX_ELEMENTS = 1 << 19  # auto num_threads: below this N * K * D one thread beats two (bench)
 _QUADRATIC_MIN_ELEMENTS = 1 << 20  # auto: quadratic path once N * K * D reaches this (float32 caveat: likelihood.py)
+RECOVERY_FLOOR_FACTOR = 2.0  # a clamped component has left the floor once every floored entry exceeds this x floor
+RECOVERY_MARGIN = 0.05  # nats per sample: recovered once the NLL is back within this of its pre-collapse level
 
 
 @dataclass(frozen=True)
@@ -107,11 +116,11 @@ class FitOptions:
 
 @dataclass(frozen=True)
 class FitEvent:
-    """A clamp, reset or spike. `component` is -1 for a shared covariance and for spikes."""
+    """A clamp, reset, spike or recovery. `component` is -1 for a shared covariance and for spikes."""
 
     step: int
     component: int
-    kind: str  # "clamp", "reset" or "spike"
+    kind: str  # "clamp", "reset", "spike" or "recovered"
     detail: str
 
     def as_dict(self) -> dict:
@@ -128,7 +137,7 @@ class FitResult:
         nll_history: (T + 1,) float64; entry t is the mean NLL after t updates (entry 0: the start). With
             `batch_size`, entries are the mini-batch's NLL except at multiples of `log_freq` and at T, which
             are exact full-data NLLs (`exact_steps`).
-        events: every clamp, reset and spike, in order.
+        events: every clamp, reset, spike and recovery, in order.
         num_iterations: updates run (fewer than asked when `tol` stopped the fit).
         wall_time: seconds in the loop (init and compilation excluded).
         init_time, compile_time: seconds spent initializing and compiling.
@@ -191,6 +200,10 @@ class FitResult:
     @property
     def spike_count(self) -> int:
         return sum(e.kind == "spike" for e in self.events)
+
+    @property
+    def recovered_count(self) -> int:
+        return sum(e.kind == "recovered" for e in self.events)
 
     @property
     def iterations_per_second(self) -> float:
@@ -580,6 +593,50 @@ class _Iterates:
         return True
 
 
+class _Recovery:
+    """Watches clamped components until they recover (module docstring, item 4) and records "recovered" events.
+
+    `clamped(step, new_events)` starts a watch for the components of this step's clamp events (one already
+    watched keeps its first clamp). For every exact NLL, `look()` reads which watched components are off the
+    floor in the parameters of that iterate, then `measured(index, nll, events)` is given the iterate's
+    index in the history and its NLL (in z: the data units' differ by a constant) and checks the watches.
+    Both cost nothing while no component is watched.
+
+    Args:
+        family, raw_cov: the model's family and raw covariance tensor (updated in place: a view stays current).
+        floor: the variance floor of the fit (a float, or (D,) per-axis floors in z).
+        shift: added to the NLLs shown in event details (the data units' NLL).
+    """
+
+    def __init__(self, family, raw_cov: Tensor, floor: float | Tensor, shift: float = 0.0):
+        self.family, self.raw_cov, self.floor, self.shift = family, raw_cov, floor, shift
+        self.view: Tensor | None = None  # the floored raw entries (K', m), made at the first clamp
+        self.watched: dict[int, tuple[int, float]] = {}  # component (-1: shared) -> (clamp step, NLL before it)
+        self.newest = math.nan  # the newest exact NLL: a clamp's pre-collapse level
+        self.off: list[bool] = []  # per component (K'), from look(): every floored entry off the floor
+
+    def clamped(self, step: int, new_events: list[FitEvent]) -> None:
+        for e in new_events:
+            if e.kind == "clamp" and e.component not in self.watched:
+                self.watched[e.component] = (step, self.newest)
+        if self.watched and self.view is None:
+            self.view = self.family.floor_view(self.raw_cov.detach())
+            self.above = self.family.raw_floor(RECOVERY_FLOOR_FACTOR * self.floor)
+
+    def look(self) -> None:
+        if self.watched:
+            self.off = (self.view > self.above).all(-1).tolist()
+
+    def measured(self, index: int, nll: float, events: list[FitEvent]) -> None:
+        for c, (first, before) in list(self.watched.items()):
+            if self.off[max(c, 0)] and nll <= before + RECOVERY_MARGIN:
+                del self.watched[c]
+                detail = f"off the floor, NLL {nll + self.shift:.6g} <= {before + self.shift:.6g} + "
+                detail += f"{RECOVERY_MARGIN:g}; {index - first} steps after its clamp at step {first}"
+                events.append(FitEvent(index, c, "recovered", detail))
+        self.newest = nll
+
+
 def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
     n, k, d = x.shape[0], model.num_components, model.num_dims
     g = make_generator(None if opts.generator is not None else opts.seed, opts.generator)
@@ -691,13 +748,17 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
     last_exact: float | None = None  # mini-batches: the previous log point's, for `tol` and spikes
     start_nll: float | None = None  # mini-batches: the start's exact NLL (history[0] is a batch's)
     spikes = opts.spike_threshold if opts.spike_threshold is not None else math.inf
+    recovery = _Recovery(model.family, model.raw_cov, clamp, shift)
     start = time.perf_counter()
     try:
         if batched:  # the start is a candidate for the best iterate too
             best_nll = start_nll = exact_nll()
             iterates.save_best()
+            recovery.measured(0, start_nll, events)
         for step in range(1, total + 1):
             iterates.save()
+            if not batched:  # this step's NLL is exact: of the parameters as they are now
+                recovery.look()
             factor = lr_factor(opts.lr_schedule, step - 1, total) * lr_scale
             value = float(stepper.step(opts.mixture_lr * factor, opts.component_lr * factor))
             if exact is not None:  # the exact value replaces the batch estimate
@@ -707,14 +768,18 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
                 raise NonFiniteNLLError(step - 1, value)
             history.append(value)
             if not batched:
+                recovery.measured(step - 1, value, events)
                 if value < best_nll:
                     iterates.best, best_nll, best_step = iterates.current, value, step - 1
                 elif step >= 2 and value - history[-2] > spikes and last_reset != step - 1:
                     on_spike(step - 1, history[-2], value)
+            seen = len(events)
             hit = stepper.clamp(clamp)
             if hit is not None and _on_clamp(model, z, stepper, step, *hit, opts, min_mass, g, reset_raw, events):
                 # the low NLLs before a reset came from the collapsing component: the best is sought afresh
                 last_reset, best_nll, iterates.best = step, math.inf, -1
+            if len(events) > seen:
+                recovery.clamped(step, events[seen:])
             if not batched and opts.tol is not None and step >= 2 and abs(history[-1] - history[-2]) < opts.tol:
                 converged = True
                 break
@@ -730,6 +795,8 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
                     elif last_exact is not None and nll - last_exact > spikes and last_reset <= step - log_freq:
                         if on_spike(step, last_exact, nll):
                             nll = exact = best_nll  # the parameters are the best iterate's now
+                    recovery.look()
+                    recovery.measured(step, nll, events)
                     if opts.tol is not None and last_exact is not None and abs(nll - last_exact) < opts.tol:
                         converged = True
                         break  # the closing callback reports this step
@@ -748,6 +815,8 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
             iterates.restore(iterates.current)
             raise NonFiniteNLLError(len(history), last)
         history.append(last)
+        recovery.look()
+        recovery.measured(len(history) - 1, last, events)
         if opts.callback is not None and (total % log_freq != 0 or converged or events[reported:]):
             show(step, last, events[reported:])
         wall = time.perf_counter() - start
