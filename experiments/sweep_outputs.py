@@ -191,7 +191,9 @@ def family_paragraph(summary: pd.DataFrame, family: str, roles: dict[str, str]) 
             setting = f"`{dataset}` with resets {'on' if reset else 'off'}"
             if clamp is None:
                 target = f"{RECOVERY_TARGET:.0%}"
-                parts.append(f"{setting}: mini-batch fits recover in >= {target} of clamped seeds at no clamp swept.")
+                parts.append(
+                    f"{setting}: at none of the swept clamps do mini-batch fits recover in >= {target} of clamped seeds."
+                )
                 continue
             if math.isnan(full_rate):
                 verdict = "never reach the floor at that clamp, so none recovers"

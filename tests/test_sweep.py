@@ -211,7 +211,8 @@ def test_figures_and_paragraph_cope_with_cells_where_nothing_clamped():
     assert len(summary) == 12 and (summary["val_nll_median"] == 3.0).all() and summary["recovery_rate"].isna().all()
     figures = sweep_outputs.family_figures("full", summary)
     assert sorted(figures) == ["collapse_full.png", "recovery_full.png", "val_nll_full.png"]
-    assert "at no clamp swept" in sweep_outputs.family_paragraph(summary, "full", {"d": "collapse"})
+    paragraph = sweep_outputs.family_paragraph(summary, "full", {"d": "collapse"})
+    assert "at none of the swept clamps do mini-batch fits recover" in paragraph
 
 
 # -- the sweep, end to end ---------------------------------------------------------------------------------
