@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -229,7 +230,11 @@ class _Logger:
         try:
             while sent < len(self.pending):
                 chunk = self.pending[sent : sent + MAX_METRICS_PER_BATCH]
-                self.timed(log_metrics_batched, self.client, self.run_id, chunk)
+                try:
+                    self.timed(log_metrics_batched, self.client, self.run_id, chunk)
+                except KeyboardInterrupt:  # deferred until the write was complete: the chunk is in the store
+                    sent += len(chunk)
+                    raise
                 sent += len(chunk)
         except MlflowException as err:
             if not self.in_fit or self.closing:
@@ -399,7 +404,10 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
         return _finish(config, data, logger, model, result, evaluator, train, val)
     except MlflowException as err:
         # the store is gone for longer than the retries: the fit's result must not go with it
-        err.kept_at = keep_locally(logger.run_id, config, model, result, logger.pending, err)
+        try:
+            err.kept_at = keep_locally(logger.run_id, config, model, result, logger.pending, err)
+        except Exception as keep_err:  # the store's error stays the one reported
+            log.error("could not keep run %s's fit locally either: %s", logger.run_id, keep_err)
         raise
 
 
@@ -518,6 +526,16 @@ def keep_locally(run_id: str, config: ExperimentConfig, model, result: gmm.FitRe
     root.mkdir(parents=True, exist_ok=True)
     final = root / run_id
     building = Path(tempfile.mkdtemp(prefix=f".{run_id}.building-", dir=root))
+    try:
+        _write_unsent(building, run_id, config, model, result, pending, err)
+        building.rename(final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)  # whole or absent
+        raise
+    return final
+
+
+def _write_unsent(building: Path, run_id: str, config: ExperimentConfig, model, result, pending, err) -> None:
     record = {
         "run_id": run_id,
         "why": redact(" ".join(str(err).split()))[:2000],
@@ -536,8 +554,6 @@ def keep_locally(run_id: str, config: ExperimentConfig, model, result: gmm.FitRe
     rows = "".join(f"{m.key},{m.step},{m.value!r},{m.timestamp}\n" for m in pending)
     (building / "metrics.csv").write_text("key,step,value,timestamp\n" + rows)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, building / "model.pt")
-    building.rename(final)
-    return final
 
 
 _DATASET_INPUT_TRIES = 5

@@ -236,12 +236,13 @@ def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
         hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
         hint = "".join(f" (did you mean {h[0]!r}?)" for h in hints if h)
         raise TypeError(f"unknown fit option(s) {', '.join(unknown)}{hint}; see gmm.FitOptions")
-    if overrides.get("generator") is not None and overrides.get("seed") is not None:
+    opts = dataclasses.replace(base, **overrides)
+    both_given = overrides.get("generator") is not None and overrides.get("seed") is not None
+    if opts.generator is not None and (both_given or opts.seed not in (None, FitOptions.seed)):
         raise ValueError(
             "pass seed or generator, not both: the generator's state would decide and the seed be ignored; "
             "drop seed=, or pass generator=torch.Generator().manual_seed(seed)"
         )
-    opts = dataclasses.replace(base, **overrides)
     check_int(opts.num_iterations, "num_iterations", minimum=1)
     check_dtype_device(opts.dtype, opts.device, "fit")
     check_float(opts.mixture_lr, "mixture_lr", nonnegative=True)
@@ -498,6 +499,7 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
     opts = make_options(options, **overrides)
     if opts.device is not None or opts.dtype is not None:
         model.to(device=opts.device, dtype=opts.dtype)
+    check_dtype_device(model.dtype, model.device, "model")  # a model converted by hand with .to() too
     x = check_data(data, num_dims=model.num_dims, min_samples=model.num_components, dtype=model.dtype, device=model.device)
     n, k, d = x.shape[0], model.num_components, model.num_dims
     with _intra_op_threads(opts, n * k * d, x.device):

@@ -39,6 +39,8 @@ class ClampPoint:
 
 def profile(best: dict, datasets: tuple[str, ...], clamps=DEFAULT_CLAMPS) -> list[ClampPoint]:
     """Fit every dataset at `best` (an ExperimentConfig dict: the study's best file) with each clamp."""
+    import torch
+
     import gmm
     from experiments.config import ExperimentConfig
     from experiments.datasets import load_dataset
@@ -54,8 +56,8 @@ def profile(best: dict, datasets: tuple[str, ...], clamps=DEFAULT_CLAMPS) -> lis
                 warnings.simplefilter("ignore", gmm.ConvergenceWarning)
                 try:
                     result = gmm.fit(model, data.train, **config.fit_options())
-                except gmm.NonFiniteNLLError:
-                    values.append(math.inf)
+                except (gmm.NonFiniteNLLError, FloatingPointError, torch.linalg.LinAlgError):
+                    values.append(math.inf)  # a failed fit scores as the trial would: not finite
                     continue
             values.append(model.nll(data.val))
             events += result.clamp_count
@@ -106,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no best-parameter file {path}; run `make study FAMILY={args.family}` first, or pass --best FILE")
     except ValueError as err:
         parser.error(f"{path} is not JSON ({err}); pass the file `make study` wrote")
+    if not isinstance(best, dict):
+        parser.error(f"{path} holds {type(best).__name__}, not the parameter object `make study` writes")
     try:
         clamps = tuple(float(c) for c in args.clamps.split(","))
         if not all(math.isfinite(c) and c > 0 for c in clamps):
@@ -116,11 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         key, sep, value = item.partition("=")
         if not sep or not key:
             parser.error(f"--set takes KEY=VALUE, e.g. --set component_lr=0.1; got {item!r}")
-        best[key.strip()] = yaml.safe_load(value)  # numbers, true/false as in the config files
+        try:
+            best[key.strip()] = yaml.safe_load(value)  # numbers, true/false as in the config files
+        except yaml.YAMLError:
+            parser.error(f"--set {item}: the value is not a number, true/false or a word; e.g. --set component_lr=0.1")
     family = best.get("family", args.family)
-    if "dataset" in best and best["dataset"] not in DATASETS or "data_file" in best:
+    if best.get("data_file") is not None:
         parser.error(f"{path} is a study of your own data; this command profiles the named datasets' studies")
-    datasets = study_datasets(family)
+    if "dataset" in best and best["dataset"] not in DATASETS:
+        parser.error(f"dataset {best['dataset']!r} is not a named dataset; drop it (the study's datasets are used)")
+    try:
+        datasets = study_datasets(family)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
     changed = f" with {', '.join(args.set)}" if args.set else ""
     print(f"{family}: the best parameters of {path.name}{changed}, clamp replaced, over {len(datasets)} datasets")
     sys.stdout.flush()  # the fits take a while: say what is coming first

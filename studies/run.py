@@ -491,7 +491,8 @@ def clamp_importance(study: optuna.Study) -> float | None:
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         return float(optuna.importance.get_param_importances(study, evaluator=evaluator, params=sorted(common))["clamp"])
-    except (ValueError, RuntimeError):  # e.g. every trial with the same value: nothing to attribute
+    except Exception as err:  # every trial with the same value, scikit-learn (fANOVA's) missing, ...: no figure
+        log.debug("no clamp importance: %s", err)
         return None
 
 

@@ -60,6 +60,9 @@ def test_clamp_importance_follows_the_parameter_that_moves_the_value():
     [
         (["--best", "/nonexistent/best.json"], "no best-parameter file /nonexistent/best.json"),
         (["--clamps", "1e-4,zero"], "--clamps must be positive numbers"),
+        (["--set", "component_lr=["], "the value is not a number"),
+        (["--set", "family=nonsense"], "nonsense"),
+        (["--set", "dataset=5"], "is not a named dataset"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
@@ -76,3 +79,12 @@ def test_a_bad_set_value_is_one_line_naming_it(tmp_path):
     argv = ["--best", str(best), "--clamps", "1e-4", "--set", "component_lr=-1"]
     proc = subprocess.run([sys.executable, "-m", "studies.clamp_profile", *argv], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "component_lr" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_best_file_that_is_not_an_object_is_one_line(tmp_path):
+    best = tmp_path / "best.json"
+    best.write_text("[1, 2]")
+    proc = subprocess.run(
+        [sys.executable, "-m", "studies.clamp_profile", "--best", str(best)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "not the parameter object" in proc.stderr and "Traceback" not in proc.stderr

@@ -600,3 +600,26 @@ def _running_with_curve_at(client: MlflowClient, other_than: str | None = None) 
     except Exception:  # the server is starting
         return None
     return None
+
+
+def test_keeping_a_fit_locally_is_whole_or_absent(tmp_path, monkeypatch):
+    """keep_locally builds the folder under a temporary name: a failure (here the target already exists)
+    leaves neither a half-written folder nor the temporary one."""
+    import torch
+
+    import gmm
+    from experiments.config import ExperimentConfig
+    from experiments.run import keep_locally
+
+    monkeypatch.setenv("GMM_UNSENT_DIR", str(tmp_path))
+    model = gmm.make_model("diagonal", 2, 2)
+    result = gmm.fit(model, torch.randn(40, 2, generator=torch.Generator().manual_seed(0)), num_iterations=3)
+    config = ExperimentConfig(family="diagonal", components=2, iterations=3)
+    kept = keep_locally("r1", config, model, result, [], RuntimeError("gone"))
+    assert sorted(p.name for p in kept.iterdir()) == sorted(
+        ["record.json", "nll_history.csv", "events.csv", "metrics.csv", "model.pt"]
+    )
+    with pytest.raises(OSError):
+        keep_locally("r1", config, model, result, [], RuntimeError("gone again"))  # r1 holds files already
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r1"]  # no .r1.building-* left behind
+    assert json.loads((kept / "record.json").read_text())["why"] == "gone"  # the first record is untouched

@@ -9,6 +9,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 import gmm
+from gmm.em import fit_em
 from gmm.fit import FitOptions, lr_factor, make_options, make_step
 
 SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
@@ -244,6 +245,16 @@ def test_small_fits_run_in_one_thread_and_restore_the_setting():
             lambda x: gmm.fit(gmm.GmmFull(2, 2), x, seed=1, generator=torch.Generator().manual_seed(0)),
             "pass seed or generator, not both",
         ),
+        (
+            lambda x: gmm.fit(gmm.GmmFull(2, 2), x, gmm.FitOptions(seed=5, generator=torch.Generator())),
+            "pass seed or generator, not both",
+        ),
+        (
+            lambda x: gmm.fit(gmm.GmmFull(2, 2), x, gmm.FitOptions(generator=torch.Generator()), seed=5),
+            "pass seed or generator, not both",
+        ),
+        (lambda x: fit_em(gmm.GmmDiagonal(2, 2), x, seed=3, generator=torch.Generator()), "not both"),
+        (lambda x: gmm.fit(gmm.GmmFull(2, 2).to(torch.float16), x), "float16 is not supported"),
     ],
 )
 def test_unsupported_precision_device_and_seed_with_generator_are_one_clear_error(call, match):
@@ -257,3 +268,14 @@ def test_half_precision_data_is_converted_to_the_models_dtype():
     model = gmm.GmmDiagonal(2, 2)
     result = gmm.fit(model, x.half(), num_iterations=3)
     assert model.dtype == torch.float32 and math.isfinite(result.final_nll)
+
+
+def test_a_generator_alone_drives_fit_and_em():
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for _ in range(2):
+        a, b = gmm.GmmDiagonal(2, 2), gmm.GmmDiagonal(2, 2)
+        gmm.fit(a, x, num_iterations=3, generator=torch.Generator().manual_seed(7))
+        fit_em(b, x, max_iter=3, generator=torch.Generator().manual_seed(7))
+        runs.append((a.means, b.means))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
