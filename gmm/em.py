@@ -91,17 +91,12 @@ def fit_em(
         tol = check_float(tol, "tol")
         if tol < 0:
             raise ValueError(f"tol must be >= 0 (0 or None runs all max_iter iterations); got {tol}")
-    if generator is not None and seed not in (None, 0):
-        raise ValueError(
-            "pass seed or generator, not both: the generator's state would decide and the seed be ignored; "
-            "drop seed=, or pass generator=torch.Generator().manual_seed(seed)"
-        )
     opts = make_options(
         num_iterations=max_iter,
         tol=tol or None,
         clamp=clamp,
         init=init,
-        seed=seed if generator is None else None,  # the default seed 0 gives way to a generator
+        seed=None if generator is not None and seed == 0 else seed,  # the default seed gives way to a generator
         generator=generator,
         radius=radius,
         device=device,

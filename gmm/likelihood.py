@@ -128,9 +128,14 @@ def _cholesky_z(x: Tensor, tril: Tensor, means: Tensor, augmented: bool) -> tupl
     inv_k = inv.expand(num_components, -1, -1)
     if augmented:
         x = x[:, :num_dims]
-    diff = (x.unsqueeze(0) - means.unsqueeze(1))  # (K, N, D)
-    z = torch.bmm(diff, inv_k.transpose(-1, -2))  # (K, N, D): z_kn = W_k (x_n - mu_k)
-    return z.transpose(0, 1).contiguous(), inv
+    return whiten(x, inv_k, means), inv
+
+
+def whiten(x: Tensor, inv: Tensor, means: Tensor) -> Tensor:
+    """(N, K, D) z_nk = W_k (x_n - mu_k) for x (N, D), W (K, D, D) and means (K, D): the difference first, so
+    z is exactly 0 where x_n == mu_k (see `_cholesky_z`). Shared by the autograd and the analytic paths."""
+    diff = x.unsqueeze(0) - means.unsqueeze(1)  # (K, N, D)
+    return torch.bmm(diff, inv.transpose(-1, -2)).transpose(0, 1).contiguous()
 
 
 def _cholesky_q_backward(weight: Tensor, x: Tensor, inv: Tensor, means: Tensor, z: Tensor, augmented: bool, needs):

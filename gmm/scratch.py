@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from .families import Family, get_family
-from .likelihood import LOG_2PI, exp_floor
+from .likelihood import LOG_2PI, exp_floor, whiten
 from .model import chunk_rows
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,7 @@ def _chunk_stats(x: Tensor, locs: Tensor, bias: Tensor, scale: Tensor, spec: _Sp
         return _chunk_stats_fused(x, locs, bias, scale, spec)
     num_samples, num_dims = x.shape
     if spec.kind == "cholesky":
-        # L_k^{-1} (x_n - mu_k), the difference first: exactly 0 at x_n == mu_k (see likelihood._cholesky_z)
-        diff = x.unsqueeze(0) - locs.unsqueeze(1)  # (K, N, D)
-        z = torch.bmm(diff, scale.expand(locs.shape[0], -1, -1).transpose(-1, -2)).transpose(0, 1)  # (N, K, D)
+        z = whiten(x, scale.expand(locs.shape[0], -1, -1), locs)  # (N, K, D) L_k^{-1} (x_n - mu_k), exact at x == mu
     else:
         z = (x.unsqueeze(1) - locs) * scale  # (N, K, D)
     zsq = z.square()

@@ -14,6 +14,7 @@ best and worst clamp of the grid. Takes about a second per fit (7 datasets x 5 c
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import warnings
@@ -101,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = Path(args.best) if args.best else BEST_DIR / f"{args.family}-{STUDY_VERSION}.json"
     try:
-        import json
-
         best = json.loads(path.read_text())
     except OSError:
         parser.error(f"no best-parameter file {path}; run `make study FAMILY={args.family}` first, or pass --best FILE")

@@ -230,15 +230,7 @@ def _running_with_curve(uri: str) -> str | None:
     """The id of a RUNNING run that has logged a training-curve point, or None yet."""
     if not Path(uri.removeprefix("sqlite:///")).exists():
         return None
-    try:
-        client = MlflowClient(uri)
-        ids = [e.experiment_id for e in client.search_experiments()]
-        for run in client.search_runs(ids, "attributes.status = 'RUNNING'"):
-            if TRAIN_CURVE in run.data.metrics:
-                return run.info.run_id
-    except Exception:  # the store is being created by the child
-        return None
-    return None
+    return _running_with_curve_at(MlflowClient(uri))  # None while the child is still creating the store
 
 
 @pytest.mark.slow
