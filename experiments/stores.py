@@ -229,11 +229,14 @@ def _build(db: Path, make_client):
         with contextlib.suppress(OSError):
             stale.unlink()
     tmp = db.parent / f".{db.name}{_BUILDING}{os.getpid()}-{uuid.uuid4().hex[:8]}"  # a new URI each time
-    try:
-        make_client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates every table
-        from .tracking import deferred_signals
+    from .tracking import deferred_signals
 
+    try:
+        # Ctrl-C / SIGTERM wait until the tables exist and the store is in place (about 2 s): a signal that
+        # arrived while SQLAlchemy ran could be swallowed in one of its garbage-collection callbacks ("Exception
+        # ignored") and leave its connection broken, so the creation failed with an unrelated error.
         with deferred_signals():
+            make_client(f"sqlite:///{tmp}").search_experiments(max_results=1)  # creates every table
             os.replace(tmp, db)
     finally:
         for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):

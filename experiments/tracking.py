@@ -260,7 +260,7 @@ def deferred_signals(reraise: bool = True) -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received and reraise:
-        raise KeyboardInterrupt(f"signal {signal.Signals(received[0]).name} (held while closing a run)")
+        raise KeyboardInterrupt(f"signal {signal.Signals(received[0]).name} (held until a store write was complete)")
 
 
 # -- the run ----------------------------------------------------------------------------------------------
