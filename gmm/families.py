@@ -13,6 +13,10 @@ maps back to raw values.
 | `shared_isotropic` | (1, 1)      | log variance                                 | s2 I, all k         |
 | `constant`         | (1, 1)      | log of the fixed variance (a buffer)         | v I, all k, fixed   |
 
+A batched model (`batch_shape=(B,)`, B independent mixtures) holds raw tensors with a leading B dimension;
+`covariance`, `floor_view`, `raw_floor`, `clamp_` and `covariances` work on those unchanged (they only use
+the trailing dimensions), while `from_covariances` and `rescale_` take one member's raw at a time.
+
 The clamp: after every optimizer step every diagonal element of every covariance is >= clamp (variance
 units). Cholesky families clamp L_kk >= sqrt(clamp) (so Sigma_kk = sum_j L_kj^2 >= clamp); the others
 clamp the log variance at log(clamp). One in-place op covers all components. The clamp may also be a (D,)
@@ -123,13 +127,13 @@ class Family:
         return cov.scale_tril.square().sum(-1)
 
     def covariances(self, raw: Tensor, num_components: int) -> Tensor:
-        """(K, D, D) full covariance matrices for every component."""
+        """(K, D, D) full covariance matrices for every component ((B, K, D, D) for a batched raw)."""
         cov = self.covariance(raw)
         if cov.scale_tril is not None:
             mat = cov.scale_tril @ cov.scale_tril.transpose(-1, -2)
         else:
             mat = torch.diag_embed(cov.variances)
-        return mat.expand(num_components, -1, -1)
+        return mat.expand(*mat.shape[:-3], num_components, -1, -1)
 
 
 def _pool(covariances: Tensor, weights: Tensor | None) -> Tensor:
@@ -277,7 +281,9 @@ class Isotropic(_Diagonal):
         return (num_components, 1)
 
     def covariance(self, raw):
-        return Covariance(None, raw.exp().expand(-1, self.num_dims), (0.5 * self.num_dims) * raw[:, 0])
+        # `...`: a batched model's raw has a leading batch dimension (B, K, 1)
+        variances = raw.exp().expand(*raw.shape[:-1], self.num_dims)
+        return Covariance(None, variances, (0.5 * self.num_dims) * raw[..., 0])
 
     def from_covariances(self, covariances, weights=None):
         mean_var = covariances.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)

@@ -37,8 +37,9 @@ reset's step; with mini-batches between consecutive log points), a "spike" event
 and both learning rates are halved for the rest of the fit (again at each further spike). A non-finite NLL
 raises NonFiniteNLLError after restoring the last parameters whose NLL was finite.
 
-Restarts (`n_init`): starts with seeds seed, seed + 1, ... run one after the other (a loop that a batched
-population of fits can replace); the model keeps the start with the lowest final NLL.
+Restarts (`n_init`): starts with seeds seed, seed + 1, ... run together as one population (gmm.population:
+one batched step for all starts; one after the other for mini-batches, analytic or compiled steps, the
+quadratic path and with a callback); the model keeps the start with the lowest final NLL.
 
 Mini-batches (`batch_size` < N): each step draws `batch_size` rows with replacement (the fit's generator) and
 steps on their mean NLL, so memory scales with the batch, not with N. history[t] is then that batch's
@@ -116,12 +117,14 @@ class FitOptions:
 
 @dataclass(frozen=True)
 class FitEvent:
-    """A clamp, reset, spike or recovery. `component` is -1 for a shared covariance and for spikes."""
+    """A clamp, reset, spike or recovery. `component` is -1 for a shared covariance and for spikes; `member` is
+    the member index in a population fit (gmm.population), None for one model."""
 
     step: int
     component: int
     kind: str  # "clamp", "reset", "spike" or "recovered"
     detail: str
+    member: int | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,6 +155,8 @@ class FitResult:
         scale: (D,) the data units per standardized unit the fit ran in (ones without `standardize`).
         seed: the seed of this start (None when a generator was passed).
         start, starts: with `n_init` > 1, the index of the start kept and every start's record, in order.
+        stop_reason: why a population member stopped before `num_iterations` (non-finite NLL, `tol`, or the
+            callback), "" otherwise.
     """
 
     nll_history: Tensor
@@ -172,6 +177,7 @@ class FitResult:
     seed: int | None = None
     start: int = 0
     starts: tuple[FitResult, ...] = field(default=(), repr=False)
+    stop_reason: str = ""
 
     @property
     def last_nll(self) -> float:
@@ -484,6 +490,9 @@ def _intra_op_threads(opts: FitOptions, num_elements: int, device: torch.device)
 def fit(model: MixtureModel, data, options: FitOptions | None = None, **overrides) -> FitResult:
     """Fit `model` to `data` (N, D) by Adam on the mean NLL. See `FitOptions` and the module docstring.
 
+    A batched model (`batch_shape=(B,)`) is fit as a population by `gmm.population.fit_population`, which
+    returns a `PopulationResult` (one FitResult per member).
+
     Returns:
         The FitResult, also stored as `model.fit_result_` (a partial one, `completed=False`, when the
         fit raises, e.g. on KeyboardInterrupt, a non-finite NLL or an exception from the callback).
@@ -496,14 +505,23 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
         ConvergenceWarning: the last iterate ended above the start, spikes were rolled back, or `tol` was
             given and not reached (the messages are also in `FitResult.warnings`).
     """
+    if model.batch_shape:  # B mixtures: one batched loop (gmm.population), options may be per member
+        from .population import fit_population  # noqa: PLC0415  (population imports this module)
+
+        return fit_population(model, data, options, **overrides)
     opts = make_options(options, **overrides)
     if opts.device is not None or opts.dtype is not None:
         model.to(device=opts.device, dtype=opts.dtype)
     check_dtype_device(model.dtype, model.device, "model")  # a model converted by hand with .to() too
     x = check_data(data, num_dims=model.num_dims, min_samples=model.num_components, dtype=model.dtype, device=model.device)
     n, k, d = x.shape[0], model.num_components, model.num_dims
-    with _intra_op_threads(opts, n * k * d, x.device):
-        result = _fit(model, x, opts) if opts.n_init == 1 else _fit_starts(model, x, opts)
+    with _intra_op_threads(opts, n * k * d * opts.n_init, x.device):
+        if opts.n_init == 1:
+            result = _fit(model, x, opts)
+        elif _batchable(opts):
+            result = _fit_starts_population(model, x, opts)
+        else:
+            result = _fit_starts(model, x, opts)
     for message in result.warnings:
         warnings.warn(message, ConvergenceWarning, stacklevel=2)
     return result
@@ -521,8 +539,51 @@ def start_seeds(opts: FitOptions) -> list[int | None]:
     return torch.randint(0, 2**62, (opts.n_init,), generator=g).tolist()
 
 
+def _batchable(opts: FitOptions) -> bool:
+    """Whether restarts run as a population (gmm.population): full-batch autograd steps, and no callback (it
+    would see B members at once instead of one start at a time)."""
+    simple = opts.batch_size is None and opts.gradients == "autograd" and not opts.compile and not opts.quadratic
+    return simple and opts.callback is None
+
+
+def _fit_starts_population(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
+    """`n_init` starts (the seeds of `start_seeds`) fit together as one population (gmm.population): the same
+    records as `_fit_starts` up to rounding, in about the time of one start at small sizes. The model keeps the
+    parameters of the start with the lowest final NLL; a start whose NLL became non-finite is recorded and
+    skipped (all of them failing raises the first error). Interrupted, the model keeps its parameters."""
+    from .population import fit_members, start_population  # noqa: PLC0415  (population imports this module)
+
+    seeds = start_seeds(opts)
+    population = start_population(model, len(seeds))
+    shared = dataclasses.replace(opts, generator=None, n_init=1, seed=seeds[0])
+    try:
+        result = fit_members(population, x[None], [dataclasses.replace(shared, seed=s) for s in seeds])
+    except BaseException:
+        partial = population.fit_result_.members
+        starts = tuple(dataclasses.replace(r, start=i) for i, r in enumerate(partial))
+        model.fit_result_ = dataclasses.replace(starts[0], starts=starts)
+        raise
+    records = tuple(dataclasses.replace(r, start=i) for i, r in enumerate(result.members))
+    finished = [r for r in records if r.completed]
+    if not finished:
+        model.fit_result_ = dataclasses.replace(records[-1], starts=records)
+        raise next(e for e in result.errors if e is not None)
+    kept = min(finished, key=lambda r: r.final_nll)
+    with torch.no_grad():
+        one = population.member(kept.start)
+        torch._foreach_copy_(_parameters(model), _parameters(one))
+    notes = kept.warnings
+    failed = [r.start for r in records if not r.completed]
+    if failed:
+        notes += (f"start(s) {failed} of {opts.n_init} stopped on a non-finite NLL and were skipped",)
+    kept = dataclasses.replace(kept, warnings=notes, starts=records)
+    model.fit_result_ = kept
+    return kept
+
+
 def _fit_starts(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
-    """`n_init` fits from the starts of `start_seeds`, one after the other; the model keeps the parameters of
+    """`n_init` fits from the starts of `start_seeds`, one after the other (for the options the population loop
+    does not run: mini-batches, analytic or compiled steps, the quadratic path); the model keeps the parameters of
     the start with the lowest final NLL, and its record lists every start's record (`starts`). A start whose
     NLL becomes non-finite is recorded and skipped (all of them failing raises the last error)."""
     records: list[FitResult] = []
@@ -847,12 +908,12 @@ def _warnings(start, last, final, best_step, rollbacks, lr_scale, opts: FitOptio
     """The ConvergenceWarning messages of a finished fit (see ConvergenceWarning)."""
     notes = []
     if last - start > 1e-6 * max(1.0, abs(start)):  # above rounding (float32 parameters)
-        kept = f"the model holds the best iterate (step {best_step}, NLL {final:.6g})" if opts.keep_best else (
-            "the model holds it (keep_best=False)"
+        kept = (
+            f"the model holds the best iterate (step {best_step}, NLL {final:.6g})"
+            if opts.keep_best
+            else ("the model holds it (keep_best=False)")
         )
-        notes.append(
-            f"the fit's last NLL {last:.6g} is above its start's {start:.6g}; {kept}; lower the learning rates"
-        )
+        notes.append(f"the fit's last NLL {last:.6g} is above its start's {start:.6g}; {kept}; lower the learning rates")
     if rollbacks:
         notes.append(
             f"{rollbacks} NLL spike(s) above {opts.spike_threshold:g} nats were rolled back to the best iterate "

@@ -354,3 +354,98 @@ def quadratic_weights(logits: Tensor, means: Tensor, cov: Covariance, center: Te
         pm = precision * mc
     bias = torch.log_softmax(logits, -1) - _log_norm(cov, num_dims) - 0.5 * (pm * mc).sum(-1)
     return torch.cat([w_quad, pm, bias.unsqueeze(-1)], dim=1).T
+
+
+# -- populations: B independent mixtures at once -----------------------------------------------------------
+def batched_joint_log_prob(x: Tensor, logits: Tensor, means: Tensor, cov: Covariance) -> Tensor:
+    """(B, N, K) log pi_bk + log N(x_bn | mu_bk, Sigma_bk) for B mixtures of one family, K and D.
+
+    Args:
+        x: (B, N, D) one data set per mixture, or (1, N, D) shared by all.
+        logits: (B, K) weight logits; means: (B, K, D).
+        cov: the family's covariance of a batched raw tensor: scale_tril (B, K', D, D) or variances (B, K', D),
+            half_log_det (B, K'), with K' = K or 1.
+
+    The difference x_n - mu_k comes first, as in `whiten`, so z is exactly 0 at x_n == mu_k (a component on a
+    point mass gets an exactly zero mean gradient). Every op is batched over B: a step over B small mixtures
+    costs about the per-op overhead of one (the small-problem regime of PERFORMANCE.md).
+    """
+    num_dims = means.shape[-1]
+    diff = x.unsqueeze(1) - means.unsqueeze(2)  # (B, K, N, D)
+    if cov.scale_tril is not None:
+        inv = tril_inverse(cov.scale_tril)  # (B, K', D, D)
+        z = torch.matmul(diff, inv.transpose(-1, -2))  # (B, K, N, D); K' = 1 broadcasts
+    else:
+        z = diff * cov.variances.rsqrt().unsqueeze(2)  # (B, K', 1, D) broadcast over N
+    q = _SquaredNorm.apply(z)  # (B, K, N)
+    bias = torch.log_softmax(logits, -1) - cov.half_log_det - 0.5 * num_dims * LOG_2PI  # (B, K)
+    return torch.add(bias.unsqueeze(-1), q, alpha=-0.5).transpose(1, 2)  # (B, N, K)
+
+
+def batched_log_prob(x: Tensor, logits: Tensor, means: Tensor, cov: Covariance) -> Tensor:
+    """(B, N) mixture log density of each sample under each of B mixtures (see `batched_joint_log_prob`)."""
+    return logsumexp(batched_joint_log_prob(x, logits, means, cov))
+
+
+class _BatchedMixtureNLL(torch.autograd.Function):
+    """(B,) scale * sum_n logsumexp_k(joint_bkn) for B mixtures, as one autograd node (the per-op overhead of
+    about twenty separate nodes, and autograd's generic broadcasting backward, cost most of a batched step).
+
+    Inputs: xt (B or 1, D, N), the data transposed so that N is the innermost, contiguous axis of every large
+    intermediate (with D innermost, each broadcast op over (B, K, N, D) ran 3-5x slower at D = 2); means
+    (B, K, D); logits (B, K); `whitener` W = L^{-1} (B, K', D, D) for the Cholesky families, or 1/std
+    (B, K', D) for the diagonal ones; half_log_det (B, K'). With d_kn = x_n - mu_k (the difference first: z is
+    exactly 0 at x_n == mu_k), z_kn = W_k d_kn (or d_kn / std_k), joint_kn = log_softmax(l)_k - h_k
+    - D/2 log 2 pi - |z_kn|^2 / 2 and r the responsibilities, the backward with a_kn = g scale r_kn is
+
+        dl = sum_n a - pi sum_k sum_n a,   dh = -sum_n a,   dz_kn = -a_kn z_kn,
+        dW_k = sum_n dz_kn d_kn^T  (or d(1/std)_k = sum_n dz_kn * d_kn),   dmu_k = -W_k^T sum_n dz_kn,
+
+    each summed over k for a shared covariance (K' = 1).
+    """
+
+    @staticmethod
+    def forward(ctx, xt, means, logits, whitener, half_log_det, scale: float):
+        num_dims = means.shape[-1]
+        diff = xt.unsqueeze(1) - means.unsqueeze(-1)  # (B, K, D, N)
+        cholesky = whitener.ndim == 4
+        z = torch.matmul(whitener, diff) if cholesky else diff * whitener.unsqueeze(-1)  # K' = 1 broadcasts
+        q = (z * z).sum(2)  # (B, K, N): a sum of D long rows
+        log_w = torch.log_softmax(logits, -1)
+        bias = log_w - half_log_det - 0.5 * num_dims * LOG_2PI  # (B, K)
+        joint = torch.add(bias.unsqueeze(-1), q, alpha=-0.5)
+        peak = joint.amax(1, keepdim=True)  # (B, 1, N)
+        e = joint.sub_(peak).clamp_(min=exp_floor(joint.dtype)).exp_()
+        total = e.sum(1, keepdim=True)  # (B, 1, N)
+        lse = total.log().add_(peak).squeeze(1)  # (B, N)
+        if any(ctx.needs_input_grad[1:5]):
+            ctx.save_for_backward(diff, z, e.div_(total), log_w, whitener)
+            ctx.scale, ctx.cholesky = scale, cholesky
+        return (lse @ _ones(lse.shape[-1], lse)) * scale  # (B,)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        diff, z, resp, log_w, whitener = ctx.saved_tensors
+        a = resp * (grad * ctx.scale)[:, None, None]  # (B, K, N)
+        g_bias = a @ _ones(a.shape[-1], a)  # (B, K)
+        g_logits = g_bias - log_w.exp() * g_bias.sum(-1, keepdim=True)
+        shared = whitener.shape[1] != z.shape[1]
+        g_h = -(g_bias.sum(-1, keepdim=True) if shared else g_bias)
+        dz = z * a.neg_().unsqueeze(2)  # (B, K, D, N)
+        s = dz @ _ones(dz.shape[-1], dz)  # (B, K, D) sum over n
+        if ctx.cholesky:
+            g_w = torch.matmul(dz, diff.transpose(-1, -2))  # (B, K, D, D)
+            g_means = -(s.unsqueeze(-2) @ whitener).squeeze(-2)  # -W^T s
+        else:
+            g_w = (dz * diff) @ _ones(diff.shape[-1], diff)  # (B, K, D)
+            g_means = -s * whitener
+        if shared:
+            g_w = g_w.sum(1, keepdim=True)
+        return None, g_means, g_logits, g_w, g_h, None
+
+
+def batched_mixture_nll(xt: Tensor, logits: Tensor, means: Tensor, cov: Covariance, scale: float) -> Tensor:
+    """(B,) scale * sum_n log p_b(x_bn) for B mixtures (`_BatchedMixtureNLL`; xt is the data transposed,
+    (B or 1, D, N)): the population fit's loss with scale = -1/N is the sum of its entries, each member's mean NLL."""
+    whitener = tril_inverse(cov.scale_tril) if cov.scale_tril is not None else cov.variances.rsqrt()
+    return _BatchedMixtureNLL.apply(xt, means, logits, whitener, cov.half_log_det, scale)

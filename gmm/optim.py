@@ -68,3 +68,56 @@ class FusedAdam:
         for p in params:
             self.exp_avg[p][rows] = 0
             self.exp_avg_sq[p][rows] = 0
+
+
+class PopulationAdam:
+    """Adam for B independent models whose parameters share a leading member dimension (gmm.population).
+
+    Per member: its own learning rate (a (B,) tensor per group at each step), step count, restart and row
+    resets, so a member can be frozen (learning rate 0), rolled back or reset without touching the others.
+    The arithmetic is torch's Adam (bias-corrected moments, eps outside the square root); the update of
+    member b depends only on member b's gradient.
+    """
+
+    def __init__(self, groups: list[list[Tensor]], num_members: int, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.groups = [list(g) for g in groups]
+        self.params = [p for g in self.groups for p in g]
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.exp_avg = {p: torch.zeros_like(p) for p in self.params}
+        self.exp_avg_sq = {p: torch.zeros_like(p) for p in self.params}
+        device = self.params[0].device
+        self.steps = torch.zeros(num_members, dtype=torch.float64, device=device)
+        self._shapes = {p: (num_members,) + (1,) * (p.ndim - 1) for p in self.params}
+
+    @torch.no_grad()
+    def step(self, lrs: list[Tensor]) -> None:
+        """One update; `lrs[g]` is the (B,) learning rate of each member for group g (0 freezes it)."""
+        self.steps.add_(1.0)
+        bias1 = 1.0 - self.beta1**self.steps  # (B,) float64
+        bias2_sqrt = (1.0 - self.beta2**self.steps).sqrt_()
+        for group, lr in zip(self.groups, lrs, strict=True):
+            step_size = lr.to(torch.float64) / bias1
+            for p in group:
+                if p.grad is None:
+                    continue
+                m, v, shape = self.exp_avg[p], self.exp_avg_sq[p], self._shapes[p]
+                m.lerp_(p.grad, 1.0 - self.beta1)
+                v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1.0 - self.beta2)
+                denom = (v.sqrt() / bias2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
+                p.addcdiv_(m * step_size.to(p.dtype).view(shape), denom, value=-1.0)
+
+    @torch.no_grad()
+    def restart(self, member: int) -> None:
+        """Zero member's moments and step count: its next step is Adam's first from its current parameters."""
+        for p in self.params:
+            self.exp_avg[p][member] = 0
+            self.exp_avg_sq[p][member] = 0
+        self.steps[member] = 0
+
+    @torch.no_grad()
+    def reset_rows(self, params: list[Tensor], member: int, rows: Tensor) -> None:
+        """Zero the moments of `rows` (the component dimension) of `member` in each of `params`."""
+        for p in params:
+            self.exp_avg[p][member, rows] = 0
+            self.exp_avg_sq[p][member, rows] = 0

@@ -172,7 +172,9 @@ def test_n_init_keeps_the_best_start_and_every_record():
     model = gmm.GmmFull(3, 2, dtype=torch.float64)
     result = gmm.fit(model, x, num_iterations=30, init="random", seed=7, n_init=4)
     assert [r.seed for r in result.starts] == [7, 8, 9, 10] and [r.start for r in result.starts] == [0, 1, 2, 3]
-    torch.testing.assert_close(result.starts[0].nll_history, single.nll_history, rtol=0, atol=0)  # start 0 = n_init 1
+    # start 0 is the n_init=1 fit; the starts run as one population (gmm.population), whose batched sums round
+    # in another order: equal to float64 rounding over these 30 steps, not bit for bit
+    torch.testing.assert_close(result.starts[0].nll_history, single.nll_history, rtol=0, atol=1e-12)
     finals = [r.final_nll for r in result.starts]
     assert result.final_nll == min(finals) and result.start == finals.index(min(finals))
     assert model.nll(x) == pytest.approx(result.final_nll, abs=1e-9)

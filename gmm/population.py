@@ -1,0 +1,591 @@
+"""Population fits: B independent mixtures of one family, K and D, fit by one batched Adam loop.
+
+    model = gmm.make_model("full", 5, 2, batch_shape=(32,))
+    nlls = model.fit(x, component_lr=[0.01] * 16 + [0.05] * 16, seed=list(range(32)))   # (32,) final NLLs
+    model.fit_result_.members[3]        # member 3's FitResult: history, events, best iterate, warnings
+    model.member(3)                     # member 3 as an ordinary model
+
+At small sizes a step is bound by per-op overhead, not arithmetic (PERFORMANCE.md): one step over B
+same-shaped mixtures costs about what one costs, so studies, restarts, seed reports and sweeps that fit many
+same-shaped models gain nearly a factor B.
+
+Each member follows the rules of `gmm.fit` (its module docstring) exactly, on its own: its own start from its
+own seed, standardized coordinates of its own data, Adam moments and step count, clamp floor, clamp events,
+collapse resets drawn with its own generator, recovery watch, best iterate, spike rollback with its own
+learning-rate halving, and `tol`. Member i's record equals the record of `gmm.fit` on `model.member(i)` with
+member i's options, up to rounding (tests/test_population.py compares float64 histories to 1e-10).
+
+What differs from one fit:
+- options in `PER_MEMBER` take a scalar (all members) or a sequence of B values; the others are shared;
+- data is (N, D), shared by every member, or (B, N, D), one data set per member;
+- a member whose NLL becomes non-finite stops alone (its record says why, in `stop_reason`; the model keeps its
+  last finite parameters), and a member that reaches `tol` stops alone; a stopped member no longer changes;
+- the callback is `callback(step, nlls, new_events)` with `nlls` the B members' NLLs (data units; NaN once a
+  member has stopped) and events carrying their `member`; it may return member indices to stop (pruning);
+- not supported yet, each with a clear error: mini-batches (`batch_size`), `gradients="analytic"`, `compile`,
+  the quadratic path, `n_init`, a `generator` (pass per-member seeds).
+The fit chunks over N so that B x N x K x D never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import likelihood
+from ._validation import make_generator
+from .fit import (
+    _WORST_FRACTION,
+    ConvergenceWarning,
+    FitEvent,
+    FitOptions,
+    FitResult,
+    NonFiniteNLLError,
+    _intra_op_threads,
+    _progress_bar,
+    _Recovery,
+    _warnings,
+    lr_factor,
+    make_options,
+)
+from .init import base_covariance, initialize
+from .model import MixtureModel, check_batch_data, chunk_rows
+from .optim import PopulationAdam
+from .standardize import Standardizer
+
+# options that may differ between members (a scalar for all, or a sequence of B values)
+PER_MEMBER = (
+    "mixture_lr",
+    "component_lr",
+    "clamp",
+    "seed",
+    "init",
+    "radius",
+    "reset",
+    "reset_min_mass",
+    "lr_schedule",
+    "tol",
+    "standardize",
+    "keep_best",
+    "spike_threshold",
+    "spike_rollback",
+)
+_UNSUPPORTED = {  # option: (value that is fine, what to do instead)
+    "batch_size": (None, "mini-batches are not batched yet: fit the members one by one (model.member(i).fit)"),
+    "gradients": ("autograd", "analytic gradients are not batched yet: use gradients='autograd'"),
+    "compile": (False, "compiled steps are not batched yet: drop compile=True"),
+    "quadratic": (None, "the quadratic path is not batched: drop quadratic="),
+    "n_init": (1, "a population already holds the starts: use one member per start (seed=[s, s + 1, ...])"),
+    "generator": (None, "pass per-member seeds (seed=[...]) instead of a generator"),
+}
+
+
+@dataclass(frozen=True)
+class PopulationResult:
+    """The record of a population fit: one FitResult per member, in member order.
+
+    Attributes:
+        members: (B,) FitResults; member i's `events` carry `member == i`.
+        wall_time: seconds in the batched loop (init excluded); init_time: seconds initializing all members.
+    """
+
+    members: tuple[FitResult, ...]
+    wall_time: float
+    init_time: float = 0.0
+    errors: tuple[NonFiniteNLLError | None, ...] = field(default=(), repr=False)  # per member, None if none
+
+    @property
+    def final_nll(self) -> Tensor:
+        """(B,) float64: each member's final NLL (NaN where a member stopped on a non-finite NLL)."""
+        return torch.tensor([r.final_nll for r in self.members], dtype=torch.float64)
+
+    @property
+    def completed(self) -> bool:
+        return all(r.completed for r in self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, index: int) -> FitResult:
+        return self.members[index]
+
+    def __iter__(self):
+        return iter(self.members)
+
+
+def member_options(num_members: int, options: FitOptions | None, overrides: dict) -> list[FitOptions]:
+    """One validated FitOptions per member: `PER_MEMBER` overrides may be sequences of `num_members` values."""
+    per: dict[str, list] = {}
+    for name, value in overrides.items():
+        if isinstance(value, Tensor) and value.ndim == 1 or isinstance(value, (list, tuple)):
+            if name not in PER_MEMBER:
+                raise ValueError(
+                    f"{name} is shared by every member of a population; pass one value (options that may differ "
+                    f"per member: {', '.join(PER_MEMBER)})"
+                )
+            values = value.tolist() if isinstance(value, Tensor) else list(value)
+            if len(values) != num_members:
+                raise ValueError(
+                    f"{name} has {len(values)} values but the model has {num_members} members; pass one or {num_members}"
+                )
+            per[name] = values
+    out = []
+    for i in range(num_members):
+        opts = make_options(options, **{**overrides, **{k: v[i] for k, v in per.items()}})
+        out.append(opts)
+    for name, (fine, fix) in _UNSUPPORTED.items():
+        if getattr(out[0], name) != fine:
+            raise ValueError(f"{name}={getattr(out[0], name)!r} is not supported for a batched model; {fix}")
+    return out
+
+
+def fit_population(model: MixtureModel, data, options: FitOptions | None = None, **overrides) -> PopulationResult:
+    """Fit every member of a batched `model` (batch_shape (B,)) by one batched Adam loop; see the module docstring.
+
+    Returns:
+        The PopulationResult, also stored as `model.fit_result_` (partial, members with `completed=False`,
+        when the fit raises, e.g. on KeyboardInterrupt or an exception from the callback).
+
+    Raises:
+        ValueError / TypeError: bad data or options (a sequence of the wrong length, an option that is shared).
+
+    Warns:
+        ConvergenceWarning: per member, as `gmm.fit` does (the message names the member).
+    """
+    if not model.batch_shape:
+        raise ValueError("fit_population needs a batched model (batch_shape=(B,)); use gmm.fit for one mixture")
+    num_members = model.num_members
+    opts = member_options(num_members, options, overrides)
+    if opts[0].device is not None or opts[0].dtype is not None:
+        model.to(device=opts[0].device, dtype=opts[0].dtype)
+    x = check_batch_data(data, num_members, model.num_dims, model.dtype, model.device, min_samples=model.num_components)
+    n, k, d = x.shape[1], model.num_components, model.num_dims
+    with _intra_op_threads(opts[0], num_members * n * k * d, x.device):
+        result = fit_members(model, x, opts)
+    for i, member in enumerate(result.members):
+        for message in member.warnings:
+            warnings.warn(f"member {i}: {message}", ConvergenceWarning, stacklevel=2)
+    return result
+
+
+def fit_members(model: MixtureModel, x: Tensor, opts: list[FitOptions]) -> PopulationResult:
+    """The population loop on checked data x (1 or B, N, D) with one FitOptions per member; no warnings issued
+    (gmm.fit's restarts keep only the kept start's)."""
+    return _Population(model, x, opts).run()
+
+
+# -- the batched step ---------------------------------------------------------------------------------------
+class PopulationStep:
+    """NLL + autograd + PopulationAdam for B members at once, chunked over N.
+
+    The loss is sum_b NLL_b: member b's gradient is the gradient of its own mean NLL, so Adam's update of each
+    member is the one it would get alone.
+    """
+
+    def __init__(self, model: MixtureModel, z: Tensor):
+        self.model = model
+        self.num_samples = z.shape[1]
+        trainable = [model.raw_cov] if model.family.trainable else []
+        self.optimizer = PopulationAdam([[model.logits], [model.locs, *trainable]], model.num_members)
+        self.params = self.optimizer.params
+        self.chunks = z.split(chunk_rows(model.num_components * model.num_members, model.num_dims), dim=1)
+        self.chunks_t = [c.transpose(1, 2).contiguous() for c in self.chunks]  # (B or 1, D, n): N innermost
+        self.scale = -1.0 / self.num_samples
+        self.logits_before = model.logits.detach().clone()
+        self._floor_view = model.family.floor_view(model.raw_cov.detach())
+
+    def nll(self) -> Tensor:
+        """(B,) float64 mean NLL of every member's current parameters, without gradients."""
+        m = self.model
+        with torch.no_grad():
+            cov = m.covariance()
+            total = sum(likelihood.batched_log_prob(c, m.logits, m.locs, cov).double().sum(-1) for c in self.chunks)
+        return total * self.scale
+
+    def step(self, lr_mixture: Tensor, lr_component: Tensor) -> Tensor:
+        """(B,) NLLs of the parameters before the update; updates them with per-member learning rates."""
+        m = self.model
+        for p in self.params:
+            p.grad = None
+        values = None
+        for chunk in self.chunks_t:
+            per = likelihood.batched_mixture_nll(chunk, m.logits, m.locs, m.covariance(), self.scale)  # (B,)
+            per.sum().backward()
+            values = per.detach() if values is None else values.double() + per.detach()
+        self.logits_before.copy_(m.logits.detach())
+        self.optimizer.step([lr_mixture, lr_component])
+        return values
+
+    def clamp(self, floor: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The variance floor after the update: None when no member was below it, else (clamped (B, K') bool,
+        smallest variance / floor (B, K')). `floor` is the raw floor (Family.raw_floor of `clamp`)."""
+        if not bool((self._floor_view < floor).any()):
+            return None
+        return self.model.family.clamp_(self.model.raw_cov, clamp)
+
+    def mass(self, member: int) -> Tensor:
+        """(K,) sum_n p(k | x_n) of `member` at the parameters of the last step, from the logit gradient."""
+        grad = self.model.logits.grad.detach()[member]
+        return (torch.softmax(self.logits_before[member], -1) - grad) * self.num_samples
+
+    def restart(self, member: int) -> None:
+        self.optimizer.restart(member)
+
+    def reset_moments(self, member: int, components: Tensor) -> None:
+        m = self.model
+        per_component = [m.logits, m.locs] + ([m.raw_cov] if m.family.trainable and not m.family.shared else [])
+        self.optimizer.reset_rows(per_component, member, components)
+
+
+# -- one member's bookkeeping -------------------------------------------------------------------------------
+@dataclass
+class _Member:
+    """The state `gmm.fit` keeps for one fit, for member `index` of a population."""
+
+    index: int
+    opts: FitOptions
+    x: Tensor  # (N, D) data units
+    z: Tensor  # (N, D) its standardized coordinates
+    coords: Standardizer
+    g: torch.Generator
+    clamp: float | Tensor  # the floor in z
+    reset_raw: Tensor
+    min_mass: float
+    recovery: _Recovery
+    history: list[float] = field(default_factory=list)
+    events: list[FitEvent] = field(default_factory=list)
+    best_nll: float = math.inf
+    best_step: int = 0
+    has_best: bool = False
+    lr_scale: float = 1.0
+    rollbacks: int = 0
+    last_reset: int = -1
+    converged: bool = False
+    stop_reason: str = ""
+    failed: bool = False  # stopped on a non-finite NLL
+    error: NonFiniteNLLError | None = None
+    reported: int = 0
+
+    @property
+    def running(self) -> bool:
+        return not self.stop_reason
+
+    @property
+    def shift(self) -> float:
+        return self.coords.log_det
+
+
+class _Population:
+    """One population fit: setup per member, the batched loop, the records. See the module docstring."""
+
+    def __init__(self, model: MixtureModel, x: Tensor, opts: list[FitOptions]):
+        self.model, self.x, self.opts = model, x, opts
+        self.total = opts[0].num_iterations
+        self.log_freq = opts[0].log_freq or max(1, self.total // 100)
+        self.callback: Callable | None = opts[0].callback
+        self.params = [model.logits.detach(), model.locs.detach(), model.raw_cov.detach()]
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def _setup_member(self, i: int) -> tuple[_Member, MixtureModel]:
+        """Member i's start, coordinates and floors, exactly as gmm.fit makes them for one model."""
+        opts, model = self.opts[i], self.model
+        x = self.x[i if self.x.shape[0] > 1 else 0]
+        k, d = model.num_components, model.num_dims
+        one = model.member(i)
+        g = make_generator(opts.seed)
+        initialize(one, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
+        one.family.clamp_(one.raw_cov, opts.clamp)
+        coords = Standardizer.of(x, one, opts.standardize)
+        z = coords.data(x)
+        clamp = coords.clamp(opts.clamp)
+        reset_raw = one.family.from_covariances(base_covariance(x, k, opts.clamp).to(one.device, one.dtype).expand(k, d, d))
+        if not coords.identity and one.family.trainable:
+            one.family.rescale_(reset_raw, coords.scale)
+        coords.to_standard_(one)
+        one.family.clamp_(one.raw_cov, clamp)
+        model.set_member(i, one)
+        min_mass = float(d + 1) if opts.reset_min_mass is None else opts.reset_min_mass
+        recovery = _Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det)
+        return _Member(i, opts, x, z, coords, g, clamp, reset_raw, min_mass, recovery), one
+
+    def _floors(self, members: list[_Member]) -> tuple[Tensor, Tensor]:
+        """(B, 1, D) variance floors in z and their raw floors, broadcasting against the floored entries."""
+        d = self.model.num_dims
+        clamp = torch.stack(
+            [torch.as_tensor(m.clamp, dtype=self.model.dtype, device=self.model.device).expand(d) for m in members]
+        ).unsqueeze(1)
+        return clamp, self.model.family.raw_floor(clamp)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> PopulationResult:
+        model, num = self.model, self.model.num_members
+        t0 = time.perf_counter()
+        self.members, self.ones = zip(*(self._setup_member(i) for i in range(num)), strict=True)
+        same = all(m.z is self.members[0].z or torch.equal(m.z, self.members[0].z) for m in self.members)
+        z = self.members[0].z[None] if same else torch.stack([m.z for m in self.members])
+        self.clamp, self.raw_floor = self._floors(self.members)
+        self.init_time = time.perf_counter() - t0
+        self.stepper = PopulationStep(model, z)
+        self.z = z
+        dev = model.device
+        self.base_mixture = torch.tensor([m.opts.mixture_lr for m in self.members], dtype=torch.float64, device=dev)
+        self.base_component = torch.tensor([m.opts.component_lr for m in self.members], dtype=torch.float64, device=dev)
+        self.buffers = [[torch.empty_like(p) for p in self.params] for _ in range(2)]  # theta_(t-1), theta_(t-2)
+        self.best = [p.clone() for p in self.params]
+        self.cur, self.prev = 0, 1
+        self.frozen: dict[int, list[Tensor]] = {}  # failed members' parameters
+        bar = _progress_bar(self.opts[0], self.total)
+        start = time.perf_counter()
+        step = 0
+        try:
+            for step in range(1, self.total + 1):
+                if not self._step(step, bar):
+                    break
+            self._finish(step)
+        except BaseException:
+            self.wall = time.perf_counter() - start
+            self._records(completed=False)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self.wall = time.perf_counter() - start
+        return self._records(completed=True)
+
+    def _lrs(self) -> tuple[Tensor, Tensor]:
+        factors = torch.tensor(
+            [
+                lr_factor(m.opts.lr_schedule, self._step_index, self.total) * m.lr_scale if m.running else 0.0
+                for m in self.members
+            ],
+            dtype=torch.float64,
+            device=self.model.device,
+        )
+        return self.base_mixture * factors, self.base_component * factors
+
+    def _step(self, step: int, bar) -> bool:
+        """Step `step` for every running member; False once none runs."""
+        members = self.members
+        self.cur, self.prev = self.prev, self.cur
+        torch._foreach_copy_(self.buffers[self.cur], self.params)  # theta_(step-1): the parameters this step scores
+        for m in members:
+            if m.running:
+                m.recovery.look()
+        self._step_index = step - 1
+        values = self.stepper.step(*self._lrs()).tolist()
+        for i, frozen in self.frozen.items():  # a failed member's gradient may be NaN: its parameters stay put
+            self._restore(i, frozen)
+        improved = []
+        for m in members:
+            if not m.running:
+                continue
+            value = values[m.index]
+            if not math.isfinite(value):
+                self._restore(m.index, self.buffers[self.prev])  # theta_(step-2): the last finite one
+                m.failed = True
+                self.frozen[m.index] = [p.clone() for p in self.params]
+                m.error = NonFiniteNLLError(step - 1, value)
+                self._stop(m, str(m.error))
+                continue
+            m.history.append(value)
+            m.recovery.measured(step - 1, value, m.events)
+            if value < m.best_nll:
+                improved.append(m.index)
+                m.best_nll, m.best_step, m.has_best = value, step - 1, True
+            elif step >= 2 and value - m.history[-2] > _spikes(m.opts) and m.last_reset != step - 1:
+                self._on_spike(m, step - 1, m.history[-2], value)
+        if improved:
+            rows = torch.tensor(improved, device=self.model.device)
+            for best, current in zip(self.best, self.buffers[self.cur], strict=True):
+                best[rows] = current[rows]
+        seen = [len(m.events) for m in members]
+        hit = self.stepper.clamp(self.raw_floor, self.clamp)
+        if hit is not None:
+            clamped, smallest = hit
+            for i in clamped.any(-1).nonzero()[:, 0].tolist():
+                m = members[i]
+                if m.running and self._on_clamp(m, step, clamped[i], smallest[i]):
+                    m.last_reset, m.best_nll, m.has_best = step, math.inf, False
+        for m in members:
+            if len(m.events) > seen[m.index]:
+                m.recovery.clamped(step, m.events[seen[m.index] :])
+            tol = m.opts.tol
+            if m.running and tol is not None and step >= 2 and abs(m.history[-1] - m.history[-2]) < tol:
+                m.converged = True
+                self._stop(m, f"converged: |NLL change| < tol={tol:g} at step {step}")
+        if step % self.log_freq == 0:
+            if bar is not None:
+                bar.update(step - bar.n)
+                bar.set_postfix(running=sum(m.running for m in members), refresh=False)
+            if self.callback is not None:
+                self._show(step, [m.history[-1] if m.running else math.nan for m in members])
+        return any(m.running for m in members)
+
+    def _finish(self, step: int) -> None:
+        """The exact NLL after the last update for every member that did not fail; keep_best; the last callback."""
+        lasts = self.stepper.nll().tolist()
+        for m in self.members:
+            if m.failed:
+                continue
+            last = lasts[m.index]
+            if not math.isfinite(last):
+                self._restore(m.index, self.buffers[self.cur])
+                m.failed = True
+                m.error = NonFiniteNLLError(len(m.history), last)
+                m.stop_reason = str(m.error)
+                continue
+            m.history.append(last)
+            m.recovery.look()
+            m.recovery.measured(len(m.history) - 1, last, m.events)
+        pending = any(len(m.events) > m.reported or m.converged for m in self.members)
+        if self.callback is not None and (self.total % self.log_freq != 0 or pending):
+            self._show(step, [lasts[m.index] if not m.failed else math.nan for m in self.members])
+        for m in self.members:
+            if m.failed:
+                continue
+            m.kept_step = len(m.history) - 1
+            last = m.history[-1]
+            if last <= m.best_nll:
+                m.best_nll, m.best_step = last, m.kept_step
+            elif m.opts.keep_best and m.has_best:
+                self._restore(m.index, self.best)
+                m.kept_step = m.best_step
+
+    # -- per-member actions -----------------------------------------------------------------------------
+    def _restore(self, i: int, source: list[Tensor]) -> None:
+        for p, s in zip(self.params, source, strict=True):
+            p[i] = s[i]
+
+    def _stop(self, m: _Member, reason: str) -> None:
+        """Member m no longer changes: learning rate 0 (see _lrs) and zeroed moments (a NaN gradient of a failed
+        member must not reach its parameters through them)."""
+        m.stop_reason = reason
+        self.stepper.restart(m.index)
+
+    def _on_spike(self, m: _Member, step: int, before: float, after: float) -> None:
+        shift, opts = m.shift, m.opts
+        jump = f"NLL {before + shift:.6g} -> {after + shift:.6g} (+{after - before:.3g} > {opts.spike_threshold:g})"
+        if opts.spike_rollback and m.has_best:
+            self._restore(m.index, self.best)
+            self.stepper.restart(m.index)
+            m.lr_scale *= 0.5
+            m.rollbacks += 1
+            jump += f"; rolled back to step {m.best_step} (NLL {m.best_nll + shift:.6g}), learning rates x{m.lr_scale:g}"
+        m.events.append(FitEvent(step, -1, "spike", jump, member=m.index))
+
+    def _on_clamp(self, m: _Member, step: int, clamped: Tensor, smallest: Tensor) -> bool:
+        """Clamp events of member m's touched components and resets of its collapsed ones (gmm.fit._on_clamp)."""
+        model, opts = self.model, m.opts
+        shared = model.family.shared
+        for c in clamped.nonzero()[:, 0].tolist():
+            variance = float(smallest[c]) * opts.clamp
+            detail = f"variance {variance:.3g} raised to {opts.clamp:.3g}"
+            m.events.append(FitEvent(step, -1 if shared else c, "clamp", detail, member=m.index))
+        if not opts.reset:
+            return False
+        mass = self.stepper.mass(m.index)
+        touched = clamped.expand(model.num_components) if shared else clamped
+        collapsed = (touched & (mass < m.min_mass)).nonzero()[:, 0].tolist()
+        if not collapsed:
+            return False
+        rows = self._reset(m, collapsed)
+        self.stepper.reset_moments(m.index, torch.tensor(collapsed, device=model.device))
+        for c, row in zip(collapsed, rows, strict=True):
+            detail = f"mass {float(mass[c]):.3g} < {m.min_mass:.3g} on the floor; mean -> sample {row}"
+            m.events.append(FitEvent(step, c, "reset", detail, member=m.index))
+        return True
+
+    @torch.no_grad()
+    def _reset(self, m: _Member, components: list[int]) -> list[int]:
+        """gmm.fit._reset for member m: means to points drawn from its worst-explained 10%."""
+        model, i, z = self.model, m.index, m.z
+        cov = model.family.covariance(model.raw_cov[i : i + 1])
+        lp = likelihood.batched_log_prob(z[None], model.logits[i : i + 1], model.locs[i : i + 1], cov)[0]
+        worst = lp.topk(max(len(components), math.ceil(_WORST_FRACTION * z.shape[0])), largest=False).indices
+        rows = worst[torch.randperm(worst.shape[0], generator=m.g)[: len(components)].to(worst.device)]
+        idx = torch.tensor(components, device=z.device)
+        model.locs[i, idx] = z[rows]
+        model.logits[i, idx] = model.logits[i].mean()
+        if model.family.trainable and not model.family.shared:
+            model.raw_cov[i, idx] = m.reset_raw[idx]
+        return rows.tolist()
+
+    # -- data units -------------------------------------------------------------------------------------
+    def _to_data(self, i: int) -> MixtureModel:
+        """Member i's current parameters mapped to data units, in its unbatched model (the batch is unchanged)."""
+        one, m = self.ones[i], self.members[i]
+        with torch.no_grad():
+            theirs = [one.logits.detach(), one.locs.detach(), one.raw_cov.detach()]
+            for mine, their in zip(self.params, theirs, strict=True):
+                their.copy_(mine[i])
+        m.coords.to_data_(one, m.opts.clamp)
+        return one
+
+    def _show(self, step: int, nlls: list[float]) -> None:
+        """The callback, with the batched model in data units meanwhile; members it returns are stopped."""
+        saved = [p.clone() for p in self.params]
+        for i in range(len(self.members)):
+            self.model.set_member(i, self._to_data(i))
+        new = [e for m in self.members for e in m.events[m.reported :]]
+        for m in self.members:
+            m.reported = len(m.events)
+        try:
+            shown = [v + m.shift for v, m in zip(nlls, self.members, strict=True)]
+            stop = self.callback(step, shown, new)
+        finally:
+            torch._foreach_copy_(self.params, saved)
+        for i in stop or ():
+            m = self.members[int(i)]
+            if m.running:
+                self._stop(m, f"stopped by the callback at step {step}")
+
+    def _records(self, completed: bool) -> PopulationResult:
+        """Every member's FitResult; the batched model left in data units."""
+        results = []
+        for m in self.members:
+            one = self._to_data(m.index)
+            kept = torch.tensor(m.history, dtype=torch.float64) + m.shift
+            finished = completed and not m.failed
+            final = float("nan")
+            notes: tuple[str, ...] = ()
+            if finished:
+                last = float(kept[-1])
+                final = last if m.coords.identity and m.kept_step == len(m.history) - 1 else one.nll(m.x)
+                kept[m.kept_step] = final  # computed on the data itself, after the map back
+                first = m.history[0] + m.shift
+                notes = _warnings(first, last, final, m.kept_step, m.rollbacks, m.lr_scale, m.opts, m.converged)
+            elif len(kept):
+                final = float(kept[-1])
+            result = FitResult(
+                kept, tuple(m.events), max(0, len(m.history) - 1), self.wall, self.init_time, 0.0, m.converged, final,
+                m.opts, finished, None, best_step=m.best_step,
+                best_nll=float(kept[m.best_step]) if len(kept) > m.best_step else float("nan"),
+                warnings=notes, scale=m.coords.scale.detach().cpu(), seed=m.opts.seed, stop_reason=m.stop_reason,
+            )  # fmt: skip
+            one.fit_result_ = result
+            self.model.set_member(m.index, one)
+            results.append(result)
+        out = PopulationResult(tuple(results), self.wall, self.init_time, tuple(m.error for m in self.members))
+        self.model.fit_result_ = out
+        return out
+
+
+def _spikes(opts: FitOptions) -> float:
+    return opts.spike_threshold if opts.spike_threshold is not None else math.inf
+
+
+def start_population(model: MixtureModel, num_members: int) -> MixtureModel:
+    """A batched model of `num_members` copies of an unbatched `model` (for restarts)."""
+    out = type(model)(
+        model.num_components, model.num_dims, model.family.name, variance=model.variance, dtype=model.dtype,
+        device=model.device, batch_shape=(num_members,),
+    )  # fmt: skip
+    for i in range(num_members):
+        out.set_member(i, model)
+    return out
