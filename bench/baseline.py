@@ -33,10 +33,40 @@ class OriginalFull(nn.Module):
             tril.diagonal().clamp_min_(epsilon)
 
 
-def make_fit(model: OriginalFull, x: torch.Tensor, num_iterations: int, mixture_lr=3e-5, component_lr=1e-2):
+class OriginalDiagonal(nn.Module):
+    """The original's diagonal model: `Independent(Normal(mu, std), 1)` components rebuilt every step, std
+    parameters clamped by a Python loop over components."""
+
+    def __init__(self, num_components: int, num_dims: int, data: torch.Tensor, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(data.shape[0], generator=g)[:num_components]
+        self.logits = nn.Parameter(torch.zeros(num_components))
+        self.mus = nn.Parameter(data[idx].clone())
+        self.stds = nn.Parameter(torch.ones(num_components, num_dims))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mix = torch.distributions.Categorical(logits=self.logits)
+        comp = torch.distributions.Independent(torch.distributions.Normal(self.mus, self.stds), 1)
+        return -torch.distributions.MixtureSameFamily(mix, comp).log_prob(x).mean()
+
+    @torch.no_grad()
+    def constrain_parameters(self, epsilon: float = 1e-6) -> None:
+        for std in self.stds:  # the original's Python loop over components
+            std.abs_()
+            std.clamp_min_(epsilon)
+
+
+ORIGINAL = {"full": OriginalFull, "diagonal": OriginalDiagonal}
+
+
+def make_fit(model: nn.Module, x: torch.Tensor, num_iterations: int, mixture_lr=3e-5, component_lr=1e-2):
     """A closure running one original-style step per call."""
     optimizer = torch.optim.Adam(
-        [{"params": [model.logits], "lr": mixture_lr}, {"params": [model.mus, model.scale_tril], "lr": component_lr}]
+        [
+            {"params": [model.logits], "lr": mixture_lr},
+            {"params": [p for name, p in model.named_parameters() if name != "logits"], "lr": component_lr},
+        ]
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_iterations)
 

@@ -1,8 +1,8 @@
 """`make bench`: every benchmark of the project, each printing ratios against a baseline timed in the same run.
 
-    python -m bench.run            # small (N=1000, K=5, D=2) and large (N up to 1e6, K=16, D=16) problems
-    python -m bench.run --quick    # smaller sizes, a smoke run of a minute or two
-    python -m bench.run --only minibatch   # peak memory of a mini-batch fit at N = 2,000,000, D = 16
+python -m bench.run            # small (N=1000, K=5, D=2) and large (N up to 1e6, K=16, D=16) problems
+python -m bench.run --quick    # smaller sizes, a smoke run of a minute or two
+python -m bench.run --only minibatch   # peak memory of a mini-batch fit at N = 2,000,000, D = 16
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("small", "large", "minibatch")  # bench.<name>.main(argv) -> exit status
+BENCHMARKS = ("small", "population", "large", "minibatch")  # bench.<name>.main(argv) -> exit status
 
 
 def main(argv: list[str] | None = None) -> int:

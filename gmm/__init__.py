@@ -1,10 +1,10 @@
 """Gaussian mixture models fit by gradient descent (Adam on the mean NLL), six covariance families.
 
-    import gmm
-    mock = gmm.generate_data(1000, 5, 2, radius=8.0, family="full", seed=0)
-    model = gmm.make_model("full", num_components=5, num_dims=2)
-    loss = model.fit(mock.data, num_iterations=2000)     # final mean NLL, a float
-    model.fit_result_                                     # the whole record: history, events, timings
+import gmm
+mock = gmm.generate_data(1000, 5, 2, radius=8.0, family="full", seed=0)
+model = gmm.make_model("full", num_components=5, num_dims=2)
+loss = model.fit(mock.data, num_iterations=2000)     # final mean NLL, a float
+model.fit_result_                                     # the whole record: history, events, timings
 """
 
 from .data import MockData, fingerprint, generate_data

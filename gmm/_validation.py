@@ -134,9 +134,7 @@ def check_dtype_device(dtype: torch.dtype | None, device=None, what: str = "mode
             "(convert half-precision data with .float(); it is converted to the model's dtype anyway)"
         )
     if device is not None and torch.device(device).type == "meta":
-        raise ValueError(
-            f"{what} device 'meta' holds no data to fit or evaluate; use 'cpu' or 'cuda' (model.to('cpu'))"
-        )
+        raise ValueError(f"{what} device 'meta' holds no data to fit or evaluate; use 'cpu' or 'cuda' (model.to('cpu'))")
 
 
 def make_generator(seed: int | None = None, generator: torch.Generator | None = None) -> torch.Generator:

@@ -129,9 +129,7 @@ def generate_data(
     noise = torch.randn(num_samples, num_dims, generator=g, dtype=torch.float64)
     # component by component (labels are grouped here): a per-sample gather of (D, D) factors would
     # take N D^2 memory, 2 GB at N = 10^6, D = 16
-    samples = torch.cat(
-        [means[k] + block @ chol[k].T for k, block in enumerate(noise.split(counts.tolist()))]
-    )
+    samples = torch.cat([means[k] + block @ chol[k].T for k, block in enumerate(noise.split(counts.tolist()))])
     order = torch.randperm(num_samples, generator=g)
     return MockData(
         data=samples[order].to(torch.float32),

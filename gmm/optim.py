@@ -96,16 +96,19 @@ class PopulationAdam:
         self.steps.add_(1.0)
         bias1 = 1.0 - self.beta1**self.steps  # (B,) float64
         bias2_sqrt = (1.0 - self.beta2**self.steps).sqrt_()
+        dtype = self.params[0].dtype
+        eps = (self.eps * bias2_sqrt).to(dtype)  # sqrt(v)/c2 + eps = (sqrt(v) + eps c2) / c2
         for group, lr in zip(self.groups, lrs, strict=True):
-            step_size = lr.to(torch.float64) / bias1
+            # p -= lr/c1 m / (sqrt(v)/c2 + eps) = m / ((sqrt(v) + eps c2) / (lr c2 / c1)): one per-member divisor
+            per_member = (lr.to(torch.float64) * bias2_sqrt / bias1).to(dtype)
             for p in group:
                 if p.grad is None:
                     continue
                 m, v, shape = self.exp_avg[p], self.exp_avg_sq[p], self._shapes[p]
                 m.lerp_(p.grad, 1.0 - self.beta1)
                 v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1.0 - self.beta2)
-                denom = (v.sqrt() / bias2_sqrt.to(p.dtype).view(shape)).add_(self.eps)
-                p.addcdiv_(m * step_size.to(p.dtype).view(shape), denom, value=-1.0)
+                denom = v.sqrt().add_(eps.view(shape)).div_(per_member.view(shape))
+                p.addcdiv_(m, denom, value=-1.0)
 
     @torch.no_grad()
     def restart(self, member: int) -> None:

@@ -272,8 +272,7 @@ def _check_labels(labels, num_samples: int) -> np.ndarray:
     arr = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if arr.shape != (num_samples,) or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(
-            f"labels must be ({num_samples},) integers, one per sample; "
-            f"got shape {arr.shape}, dtype {arr.dtype}"
+            f"labels must be ({num_samples},) integers, one per sample; got shape {arr.shape}, dtype {arr.dtype}"
         )
     if num_samples and arr.min() < 0:
         raise ValueError(f"labels must be non-negative component indices; got {int(arr.min())}")
@@ -471,9 +470,7 @@ def _history_array(values, name: str) -> np.ndarray:
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a sequence of numbers; could not convert it") from None
     else:
-        raise TypeError(
-            f"{name} must be a tensor, array, list of NLLs or a gmm.FitResult; got {type(values).__name__}"
-        )
+        raise TypeError(f"{name} must be a tensor, array, list of NLLs or a gmm.FitResult; got {type(values).__name__}")
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of NLLs (T + 1,); got shape {arr.shape}")
     return arr
@@ -492,9 +489,7 @@ def _event_pairs(events, name: str) -> list[tuple[int, str]]:
         elif hasattr(e, "step") and hasattr(e, "kind"):
             pairs.append((int(e.step), str(e.kind)))
         else:
-            raise TypeError(
-                f"events for {name} must be FitEvent objects (step, kind); got {type(e).__name__}"
-            )
+            raise TypeError(f"events for {name} must be FitEvent objects (step, kind); got {type(e).__name__}")
     return pairs
 
 
@@ -504,9 +499,7 @@ def _is_single(history) -> bool:
     if isinstance(history, Tensor | np.ndarray):
         return history.ndim <= 1
     if isinstance(history, list | tuple):
-        return all(
-            isinstance(v, Real) or (isinstance(v, Tensor | np.ndarray) and v.ndim == 0) for v in history
-        )
+        return all(isinstance(v, Real) or (isinstance(v, Tensor | np.ndarray) and v.ndim == 0) for v in history)
     return False
 
 
@@ -523,15 +516,12 @@ def _curves(history, events) -> list[tuple[str | None, np.ndarray, list[tuple[in
         named = [(f"run {i}", v) for i, v in enumerate(history)]
     else:
         raise TypeError(
-            "history must be an NLL sequence, a FitResult, or a dict/list of them; "
-            f"got {type(history).__name__}"
+            f"history must be an NLL sequence, a FitResult, or a dict/list of them; got {type(history).__name__}"
         )
     if not named:
         raise ValueError("history is empty; pass at least one NLL curve")
     if events is not None and not isinstance(events, Mapping):
-        raise ValueError(
-            "with several curves, pass events as a dict name -> events (FitResults carry their own)"
-        )
+        raise ValueError("with several curves, pass events as a dict name -> events (FitResults carry their own)")
     events = events or {}
     curves = []
     for name, values in named:
@@ -585,9 +575,7 @@ def plot_smallest_variances(
     values = np.asarray(torch.as_tensor(smallest, dtype=torch.float64).cpu())
     steps = np.asarray(list(steps), dtype=np.int64)
     if values.ndim != 2 or values.shape[0] != steps.shape[0] or values.shape[0] == 0:
-        raise ValueError(
-            f"smallest must be (len(steps), K') with len(steps) = {steps.shape[0]} > 0; got {values.shape}"
-        )
+        raise ValueError(f"smallest must be (len(steps), K') with len(steps) = {steps.shape[0]} > 0; got {values.shape}")
     if not bool((values > 0).all()):
         raise ValueError("smallest variances must be > 0; pass variances, not log variances")
     fig, ax = _target(ax, show)
