@@ -75,8 +75,9 @@ from .sweep_plan import (
     Cell,
     SweepData,
     SweepSettings,
+    group_cells,
     plan_cells,
-    run_cell,
+    run_group,
 )
 
 log = logging.getLogger(__name__)
@@ -135,18 +136,24 @@ def run_cells(cells: Sequence[Cell], jobs: int = 1, desc: str = "clamp sweep") -
             left = elapsed / count * (len(cells) - count)
             print(f"{desc}: {count}/{len(cells)} cells, {elapsed:.0f} s, ~{left:.0f} s left", file=sys.stderr, flush=True)
 
+    groups = group_cells(cells)  # full-batch cells of one dataset and reset setting: one population
+
+    def done_group(g: list[int], rows: list[list[dict]]) -> None:
+        for i, cell_rows in zip(g, rows, strict=True):
+            done(i, cell_rows)
+
     try:
-        if jobs <= 1 or len(cells) <= 1:
+        if jobs <= 1 or len(groups) <= 1:
             with _one_thread():
-                for i, cell in enumerate(cells):
-                    done(i, run_cell(cell))
+                for g in groups:
+                    done_group(g, run_group([cells[i] for i in g]))
         else:
             ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch state
-            pool = ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=ctx, initializer=_init_worker)
+            pool = ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=ctx, initializer=_init_worker)
             try:
-                futures = {pool.submit(run_cell, cell): i for i, cell in enumerate(cells)}
+                futures = {pool.submit(run_group, [cells[i] for i in g]): n for n, g in enumerate(groups)}
                 for future in as_completed(futures):
-                    done(futures[future], future.result())
+                    done_group(groups[futures[future]], future.result())
             finally:  # on Ctrl-C: pending cells cancelled, running ones finish (they ignore SIGINT)
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:

@@ -10,6 +10,8 @@ A sweep fits, per family, every cell of
 
 and, inside a cell, every fit seed. `run_cell` fits one cell's seeds and returns one row per fit
 (`ROW_COLUMNS`); it draws nothing without an explicit seed, so a cell gives the same rows in any process.
+`run_group` fits the full-batch cells of one family, dataset and reset setting (every clamp x seed) as one
+population (gmm.population: one batched Adam step for all of them; the same fits up to rounding).
 
 Definitions (per fit; see gmm.fit's module docstring for the clamp, reset and "recovered" events):
 - clamps, resets: the numbers of clamp and reset events.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,36 +220,24 @@ def _load(name: str) -> Dataset:
     return load_dataset(name)
 
 
-def run_cell(cell: Cell) -> list[dict]:
-    """Fit the cell's seeds (one torch thread is the caller's business); one ROW_COLUMNS dict per seed."""
-    train, val = cell.data.load()
+def _options(cell: Cell) -> dict:
     s = cell.settings
-    batch_size = s.mini_batch(train.shape[0]) if cell.batch == "mini" else None
-    data_floor = float(train.double().var(0).amin()) * DEGENERATE_RATIO
+    return {
+        "num_iterations": s.iterations,
+        "component_lr": s.component_lr,
+        "mixture_lr": s.mixture_lr,
+        "reset": cell.reset,
+        "log_freq": s.log_freq,
+        "lr_schedule": s.lr_schedule,
+        "progress": False,
+        "num_threads": 1,
+    }
+
+
+def _rows(cell: Cell, fits, val, data_floor: float, batch_size: int | None) -> list[dict]:
+    """One ROW_COLUMNS dict per seed from its (model, record, ran away)."""
     rows = []
-    for seed in cell.seeds:
-        model = gmm.make_model(cell.family, cell.data.components, train.shape[1])
-        runaway = False
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", gmm.ConvergenceWarning)  # hundreds of fits: the numbers say it
-                model.fit(
-                    train,
-                    num_iterations=s.iterations,
-                    component_lr=s.component_lr,
-                    mixture_lr=s.mixture_lr,
-                    clamp=cell.clamp,
-                    reset=cell.reset,
-                    batch_size=batch_size,
-                    log_freq=s.log_freq,
-                    seed=seed,
-                    lr_schedule=s.lr_schedule,
-                    progress=False,
-                    num_threads=1,
-                )
-        except gmm.NonFiniteNLLError:
-            runaway = True
-        result = model.fit_result_
+    for seed, (model, result, runaway) in zip(cell.seeds, fits, strict=True):
         rows.append(
             {
                 "family": cell.family,
@@ -259,6 +250,67 @@ def run_cell(cell: Cell) -> list[dict]:
             }
         )
     return rows
+
+
+def group_cells(cells: Sequence[Cell]) -> list[list[int]]:
+    """Indices of the cells fit together, in first-cell order: the full-batch cells of one family, dataset and
+    reset setting (every clamp and seed of them as one population, gmm.population); each mini-batch cell alone
+    (mini-batches are fit one seed after the other)."""
+    groups: dict[tuple, list[int]] = {}
+    out: list[list[int]] = []
+    for i, cell in enumerate(cells):
+        if cell.batch != "full":
+            out.append([i])
+            continue
+        key = (cell.family, cell.data.name, cell.reset)
+        if key not in groups:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(i)
+    return out
+
+
+def run_group(cells: Sequence[Cell]) -> list[list[dict]]:
+    """The rows of each cell of a `group_cells` group (one torch thread is the caller's business)."""
+    if len(cells) == 1 and cells[0].batch != "full":
+        return [run_cell(cells[0])]
+    first = cells[0]
+    train, val = first.data.load()
+    data_floor = float(train.double().var(0).amin()) * DEGENERATE_RATIO
+    members = [(cell, seed) for cell in cells for seed in cell.seeds]
+    population = gmm.make_model(first.family, first.data.components, train.shape[1], batch_shape=(len(members),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gmm.ConvergenceWarning)  # hundreds of fits: the numbers say it
+        records = gmm.fit(
+            population, train, **_options(first), clamp=[c.clamp for c, _ in members], seed=[s for _, s in members]
+        )
+    fits = [(population.member(i), r, records.errors[i] is not None) for i, r in enumerate(records)]
+    out, at = [], 0
+    for cell in cells:
+        out.append(_rows(cell, fits[at : at + len(cell.seeds)], val, data_floor, None))
+        at += len(cell.seeds)
+    return out
+
+
+def run_cell(cell: Cell) -> list[dict]:
+    """Fit the cell's seeds (one torch thread is the caller's business); one ROW_COLUMNS dict per seed."""
+    if cell.batch == "full":
+        return run_group([cell])[0]
+    train, val = cell.data.load()
+    batch_size = cell.settings.mini_batch(train.shape[0])
+    data_floor = float(train.double().var(0).amin()) * DEGENERATE_RATIO
+    fits = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gmm.ConvergenceWarning)
+        for seed in cell.seeds:
+            model = gmm.make_model(cell.family, cell.data.components, train.shape[1])
+            runaway = False
+            try:
+                model.fit(train, **_options(cell), clamp=cell.clamp, batch_size=batch_size, seed=seed)
+            except gmm.NonFiniteNLLError:
+                runaway = True
+            fits.append((model, model.fit_result_, runaway))
+    return _rows(cell, fits, val, data_floor, batch_size)
 
 
 def fit_measures(model, result, clamp: float, val, data_floor: float, runaway: bool = False) -> dict:
