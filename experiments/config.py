@@ -59,9 +59,7 @@ class ExperimentConfig:
     """
 
     # -- data ---------------------------------------------------------------------------------------
-    dataset: str | None = (
-        None  # a name in experiments.datasets.DATASETS; None: generate from the fields below
-    )
+    dataset: str | None = None  # a name in experiments.datasets.DATASETS; None: generate from the fields below
     data_file: str | None = None  # your own .csv/.npy/.parquet file (experiments.userdata); split by data_seed
     columns: str | None = None  # columns of data_file, by name or 0-based index ("x,y"); None: every column
     standardize: bool = False  # z-score data_file's columns by the training split's mean and std
@@ -124,9 +122,7 @@ class ExperimentConfig:
         try:
             torch.device(self.device)
         except RuntimeError as err:
-            raise ValueError(
-                f"device {self.device!r} is not a torch device name ({err}); use e.g. 'cpu'"
-            ) from None
+            raise ValueError(f"device {self.device!r} is not a torch device name ({err}); use e.g. 'cpu'") from None
         _check_device_available(torch.device(self.device))
         check_choice(self.dtype, DTYPES, "dtype")
         check_int(self.iterations, "iterations", minimum=1)
@@ -179,9 +175,7 @@ class ExperimentConfig:
 
             load_file(spec, k)  # a bad file, NaN rows or too few rows fail here, with the row or column
         elif k > spec.num_samples:
-            raise ValueError(
-                f"num_components={k} exceeds the {spec.num_samples} samples; use fewer components"
-            )
+            raise ValueError(f"num_components={k} exceeds the {spec.num_samples} samples; use fewer components")
 
     # -- derived values ---------------------------------------------------------------------------------
     def data_spec(self) -> DataSpec | FileSpec:
@@ -226,11 +220,7 @@ class ExperimentConfig:
 
     @property
     def resolved_log_every(self) -> int:
-        return (
-            self.log_every
-            if self.log_every is not None
-            else max(1, math.ceil(self.iterations / _CURVE_POINTS))
-        )
+        return self.log_every if self.log_every is not None else max(1, math.ceil(self.iterations / _CURVE_POINTS))
 
     def fit_options(self) -> dict[str, Any]:
         """Keyword options of `model.fit` / `gmm.fit` (callback and log_freq are the runner's to add)."""
@@ -458,9 +448,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Flags default to "not given" (argparse.SUPPRESS), so `from_args` applies only what was typed, on top
     of the --config file, on top of the field defaults. Booleans are --em / --no-em style switches.
     """
-    parser.add_argument(
-        "--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML or JSON config file"
-    )
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML or JSON config file")
     defaults = ExperimentConfig()
     for f in fields(ExperimentConfig):
         help_text, demo = _FLAGS[f.name]
@@ -478,9 +466,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         kind = int if "int" in str(f.type) else float if f.name in _FLOATS else str
         if f.name in _NULLABLE:
             kind = _none_or(kind)
-        parser.add_argument(
-            *flags, type=kind, metavar=f.name.upper(), help=f"{help_text} [default: {default}]", **common
-        )
+        parser.add_argument(*flags, type=kind, metavar=f.name.upper(), help=f"{help_text} [default: {default}]", **common)
     return parser
 
 

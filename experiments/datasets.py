@@ -112,9 +112,7 @@ class DataSpec:
             check_choice(self.perturbation, PERTURBATIONS, "perturbation")
         vf = check_float(self.val_fraction, "val_fraction", nonnegative=True)
         if vf >= 1.0:
-            raise ValueError(
-                f"val_fraction must be in [0, 1); got {vf}. Use e.g. 0.2 to hold out 20% of the data"
-            )
+            raise ValueError(f"val_fraction must be in [0, 1); got {vf}. Use e.g. 0.2 to hold out 20% of the data")
         if self.model_components is not None:
             check_int(self.model_components, "model_components", minimum=1)
 
@@ -299,9 +297,7 @@ def load_dataset(spec_or_name: DataSpec | str) -> Dataset:
         raise ValueError(
             f"num_samples={spec.num_samples} is too small for {spec.num_components} components; use more samples"
         )
-    mock = gmm.generate_data(
-        spec.num_samples, spec.num_components, spec.num_dims, spec.radius, spec.family, seed=spec.seed
-    )
+    mock = gmm.generate_data(spec.num_samples, spec.num_components, spec.num_dims, spec.radius, spec.family, seed=spec.seed)
     n = mock.data.shape[0]
     num_val = round(spec.val_fraction * n)
     if n - num_val < spec.fit_components:
@@ -424,9 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--check", action="store_true", help="regenerate and compare with fingerprints.json")
-    group.add_argument(
-        "--write", action="store_true", help="rewrite fingerprints.json (deliberate data changes only)"
-    )
+    group.add_argument("--write", action="store_true", help="rewrite fingerprints.json (deliberate data changes only)")
     group.add_argument(
         "--collapse",
         action="store_true",

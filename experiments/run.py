@@ -269,11 +269,23 @@ class _Evaluator:
         self.smallest: list[torch.Tensor] = []
 
     def __call__(self, step: int, nll: float, new_events: list) -> None:
+        if self.counts(step, new_events):
+            with torch.no_grad():
+                val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
+                smallest = self.model.family.variances_of(self.model.raw_cov.detach()).amin(-1).double().cpu()  # (K',)
+            self.record(step, nll, val_nll, smallest)
+
+    def counts(self, step: int, new_events: list) -> bool:
+        """Count the new events; False when this call repeats the last step (nothing more to record)."""
         self.clamps += sum(e.kind == "clamp" for e in new_events)
         self.resets += sum(e.kind == "reset" for e in new_events)
         if step == self.last_step:  # the fit's closing call repeats the last step when events arrived
-            return
+            return False
         self.last_step = step
+        return True
+
+    def record(self, step: int, nll: float, val_nll: float, smallest: torch.Tensor) -> None:
+        """Log the evaluation at `step`: the NLL the fit reports, the validation NLL, (K',) smallest variances."""
         cfg = self.config
         if math.isfinite(nll) and step % cfg.resolved_eval_every == 0 and cfg.tol is None:
             # a call from inside the fit loop reports history[step - 1] (the NLL before update `step`); the
@@ -281,9 +293,6 @@ class _Evaluator:
             self.logger.train_steps.add(step - 1)
             self.logger.add({TRAIN_CURVE: nll}, step - 1)
         factor = lr_factor(cfg.lr_schedule, max(step - 1, 0), cfg.iterations)
-        val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
-        with torch.no_grad():
-            smallest = self.model.family.variances_of(self.model.raw_cov.detach()).amin(-1).double().cpu()  # (K',)
         self.steps.append(step)
         self.smallest.append(smallest)
         if self.val.shape[0] and not math.isfinite(val_nll):
@@ -350,20 +359,8 @@ def run_experiment(
         raise TypeError(f"config must be an ExperimentConfig; got {type(config).__name__}")
     uri = resolve_tracking_uri(tracking_uri)
     data = load_dataset(config.data_spec())  # bad data fails here, before a run exists
-    run_tags = {
-        "dataset.fingerprint": data.fingerprint,
-        "dataset.name": data.name or config.dataset or "generated",
-        "dataset.shape": f"{len(data.train) + len(data.val)} x {data.num_dims}",
-        "dataset.split": f"{len(data.train)} train / {len(data.val)} validation, seed {data.spec.seed + 1}",
-        "family": config.family,
-        **(tags or {}),
-    }
-    if config.data_file is not None:
-        from .userdata import file_sha256
-
-        run_tags["dataset.file"] = str(Path(config.data_file).resolve())
-        run_tags["dataset.file_sha256"] = file_sha256(config.data_file)
-    name = run_name or f"{config.family}{f' {data.name}' if config.data_file else ''} seed {config.seed}"
+    run_tags = run_tags_of(config, data, tags)
+    name = run_name or default_run_name(config, data)
     with tracked_run(uri, experiment_name, run_name=name, parent_run_id=parent_run_id, tags=run_tags) as (
         client,
         run_id,
@@ -378,11 +375,39 @@ def run_experiment(
             raise
 
 
-def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) -> ExperimentResult:
+def run_tags_of(config: ExperimentConfig, data: Dataset, tags: Mapping[str, str] | None) -> dict[str, str]:
+    """The tags of a run: what the data is (fingerprint, name, shape, split, file), the family, then `tags`."""
+    run_tags = {
+        "dataset.fingerprint": data.fingerprint,
+        "dataset.name": data.name or config.dataset or "generated",
+        "dataset.shape": f"{len(data.train) + len(data.val)} x {data.num_dims}",
+        "dataset.split": f"{len(data.train)} train / {len(data.val)} validation, seed {data.spec.seed + 1}",
+        "family": config.family,
+        **(tags or {}),
+    }
+    if config.data_file is not None:
+        from .userdata import file_sha256
+
+        run_tags["dataset.file"] = str(Path(config.data_file).resolve())
+        run_tags["dataset.file_sha256"] = file_sha256(config.data_file)
+    return run_tags
+
+
+def default_run_name(config: ExperimentConfig, data: Dataset) -> str:
+    return f"{config.family}{f' {data.name}' if config.data_file else ''} seed {config.seed}"
+
+
+def start_logging(config: ExperimentConfig, data: Dataset, client, run_id: str) -> _Logger:
+    """A run's logger, after its params and dataset input are logged."""
     logger = _Logger(client, run_id)
     logger.timed(log_params, client, run_id, {**config.flat(), **UNIT_PARAMS})
     logger.timed(_log_dataset_input, client, run_id, data, config)
     logger.last_flush = time.perf_counter()  # the first flush comes _FLUSH_SECONDS into the fit, not into the setup
+    return logger
+
+
+def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) -> ExperimentResult:
+    logger = start_logging(config, data, client, run_id)
     device, dtype = torch.device(config.device), config.torch_dtype
     train, val = data.train.to(device, dtype), data.val.to(device, dtype)
     model = gmm.make_model(config.family, config.model_components, config.model_dims, dtype=dtype, device=device)
@@ -391,19 +416,28 @@ def _run(config: ExperimentConfig, data: Dataset, client, run_id: str, on_eval) 
     try:
         result = gmm.fit(model, train, **config.fit_options(), log_freq=config.resolved_eval_every, callback=evaluator)
     except BaseException:
-        logger.in_fit = False
-        logger.closing = True
-        with deferred_signals(reraise=False):  # a second Ctrl-C must not lose what the first one left
-            try:
-                _log_fit_record(logger, model.fit_result_, config)
-            except Exception:
-                log.exception("could not log the partial record of run %s", run_id)
+        log_partial_record(logger, model.fit_result_, config)
         raise
     logger.in_fit = False
+    return finish_run(config, data, logger, model, result, evaluator, train, val)
+
+
+def log_partial_record(logger: _Logger, result, config: ExperimentConfig) -> None:
+    """A failed or interrupted fit's record so far; a second Ctrl-C meanwhile must not lose it."""
+    logger.in_fit = False
+    logger.closing = True
+    with deferred_signals(reraise=False):
+        try:
+            _log_fit_record(logger, result, config)
+        except Exception:
+            log.exception("could not log the partial record of run %s", logger.run_id)
+
+
+def finish_run(config, data, logger, model, result, evaluator, train, val) -> ExperimentResult:
+    """`_finish`, and a store that is gone for longer than the retries does not take the fit's result with it."""
     try:
         return _finish(config, data, logger, model, result, evaluator, train, val)
     except MlflowException as err:
-        # the store is gone for longer than the retries: the fit's result must not go with it
         try:
             err.kept_at = keep_locally(logger.run_id, config, model, result, logger.pending, err)
         except Exception as keep_err:  # the store's error stays the one reported

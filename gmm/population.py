@@ -170,7 +170,7 @@ def fit_population(model: MixtureModel, data, options: FitOptions | None = None,
         result = fit_members(model, x, opts)
     for i, member in enumerate(result.members):
         for message in member.warnings:
-            warnings.warn(f"member {i}: {message}", ConvergenceWarning, stacklevel=2)
+            warnings.warn(f"member {i}: {message}", ConvergenceWarning, stacklevel=3)  # the caller of gmm.fit
     return result
 
 
@@ -203,10 +203,10 @@ class PopulationStep:
     def nll(self) -> Tensor:
         """(B,) float64 mean NLL of every member's current parameters, without gradients."""
         m = self.model
-        with torch.no_grad():
+        with torch.no_grad():  # the step's own arithmetic: a member's value does not depend on B
             cov = m.covariance()
-            total = sum(likelihood.batched_log_prob(c, m.logits, m.locs, cov).double().sum(-1) for c in self.chunks)
-        return total * self.scale
+            parts = [likelihood.batched_mixture_nll(c, m.logits, m.locs, cov, self.scale) for c in self.chunks_t]
+        return parts[0].double() if len(parts) == 1 else sum(p.double() for p in parts)
 
     def step(self, lr_mixture: Tensor, lr_component: Tensor) -> Tensor:
         """(B,) NLLs of the parameters before the update; updates them with per-member learning rates."""

@@ -3,8 +3,12 @@
 Training NLL rewards collapse (a component shrinking onto duplicated points drives it down without bound);
 validation NLL punishes it, so the objective is the validation NLL averaged over the family's datasets.
 
-Every fit goes through `experiments.run.run_experiment`, nested in MLflow as
+Every fit is a population fit (experiments.population.run_population; `run_experiment` for options a population
+cannot batch), nested in MLflow as
     study invocation (parent run) > trial run (params, final metrics) > one run per dataset (curves, events).
+With `--batch B` (`Objective.run_batch`) B trials run together: per dataset, the trials still running are one
+population; with `--batch 1` each trial's fits are populations of one. A member's arithmetic does not depend on
+B, so a trial's value is the same in either (tests/test_study_e2e.py checks it).
 Pruning compares like with like: after the i-th dataset's fit the trial reports, at step i (1-based), the
 mean final validation NLL of its first i datasets. Every trial fits the same datasets in the same order, so
 at a given step all reported values average the same datasets; a value inside a fit (where the first
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 import optuna
 import torch
 from mlflow.entities import Metric
+from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig
 from experiments.run import StopRun, run_experiment
@@ -180,15 +185,8 @@ class Objective:
                     for i, (name, config) in enumerate(zip(s.datasets, configs, strict=True)):
                         state.begin(i, name)
                         try:
-                            result = run_experiment(
-                                config,
-                                self.tracking_uri,
-                                self.experiment_name,
-                                parent_run_id=run_id,
-                                run_name=f"trial {trial.number} {name}",
-                                tags={**tags, "kind": "fit", "dataset": name},
-                                on_eval=state.on_eval,
-                            )
+                            fit_tags = {**tags, "dataset": name}
+                            result = self._fit(config, run_id, f"trial {trial.number} {name}", fit_tags, state)
                         except (FloatingPointError, torch.linalg.LinAlgError) as e:
                             raise StopRun(f"{name}: {e}", status="FAILED") from e
                         state.end(name, result)
@@ -208,6 +206,142 @@ class Objective:
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailed(reason)
         return state.value
+
+    def _fit(self, config: ExperimentConfig, parent: str, name: str, tags: dict, state: _TrialState):
+        """One trial's fit of one dataset, as a population of one when the config batches: the arithmetic of
+        `run_batch`, so a trial's value does not depend on `--batch` (a member's numbers do not depend on B,
+        while the unbatched fit rounds otherwise, and collapsing fits can end apart); `run_experiment` else."""
+        from experiments.population import population_options, run_population
+
+        kwargs = {"parent_run_id": parent, "run_name": name, "tags": {**tags, "kind": "fit"}, "on_eval": state.on_eval}
+        try:
+            population_options([config])
+        except ValueError:
+            return run_experiment(config, self.tracking_uri, self.experiment_name, **kwargs)
+        (outcome,) = run_population(
+            [config], self.tracking_uri, self.experiment_name, parent_run_ids=parent, run_names=[name],
+            tags=[kwargs["tags"]], on_eval=lambda _, step, value: state.on_eval(step, value),
+        )  # fmt: skip
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def run_batch(self, trials: list[optuna.Trial]) -> list[tuple[TrialState, float | None]]:
+        """Run `trials` together (`--batch`): per dataset, the trials still running are fit as one population
+        (experiments.population: one batched fit, one MLflow run per trial and dataset, as `__call__` logs
+        them); after each dataset every trial reports and may be pruned, exactly as in `__call__`.
+
+        Returns:
+            Per trial, (state, value) for `study.tell`: COMPLETE with the mean validation NLL, PRUNED, or
+            FAIL (the reason in the trial's user attribute, as `__call__` records it).
+        """
+        import sys
+
+        from experiments.population import population_options, run_population
+
+        s = self.settings
+        overrides = [s.space.suggest(t) for t in trials]
+        configs = [[s.config(name, ov) for name in s.datasets] for ov in overrides]
+        try:
+            for i in range(len(s.datasets)):
+                population_options([c[i] for c in configs])
+        except ValueError:  # the space searches an option a population shares: one trial after the other
+            return [_told(lambda t=t: self(t)) for t in trials]
+        tags = [
+            {"study": self.study_name or "", "trial": str(t.number), "family": s.family, WORKER_TAG: worker_tag()}
+            for t in trials
+        ]
+        states = [_TrialState(t, s.iterations, len(s.datasets)) for t in trials]
+        contexts = [
+            tracked_run(
+                self.tracking_uri, self.experiment_name, run_name=f"trial {t.number}", parent_run_id=self.parent_run_id,
+                tags={**tag, "kind": "trial"},
+            )
+            for t, tag in zip(trials, tags, strict=True)
+        ]  # fmt: skip
+        opened: list[tuple] = []
+        ends: dict[int, StopRun] = {}
+        start = time.perf_counter()
+        try:
+            for t, cm, ov in zip(trials, contexts, overrides, strict=True):
+                client, run_id = cm.__enter__()
+                opened.append((client, run_id))
+                t.set_user_attr("mlflow_run_id", run_id)
+                log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
+            alive = list(range(len(trials)))
+            for i, name in enumerate(s.datasets):
+                for k in alive:
+                    states[k].begin(i, name)
+                outcomes = run_population(
+                    [configs[k][i] for k in alive],
+                    self.tracking_uri,
+                    self.experiment_name,
+                    parent_run_ids=[opened[k][1] for k in alive],
+                    run_names=[f"trial {trials[k].number} {name}" for k in alive],
+                    tags=[{**tags[k], "kind": "fit", "dataset": name} for k in alive],
+                    on_eval=lambda m, step, value, alive=alive: states[alive[m]].on_eval(step, value),
+                )
+                for k, out in zip(alive, outcomes, strict=True):
+                    if isinstance(out, StopRun):
+                        ends[k] = out
+                    elif isinstance(out, (FloatingPointError, torch.linalg.LinAlgError)):
+                        ends[k] = StopRun(f"{name}: {out}", status="FAILED")
+                    elif isinstance(out, BaseException):
+                        raise out
+                    else:
+                        states[k].end(name, out)
+                        try:
+                            states[k].report(i + 1)
+                        except StopRun as e:
+                            ends[k] = e
+                alive = [k for k in alive if k not in ends]
+        except BaseException:
+            info = sys.exc_info()
+            for state, (client, run_id), cm in zip(states, opened, contexts, strict=False):  # the runs opened
+                state.wall_time = time.perf_counter() - start
+                try:
+                    state.record(client, run_id)
+                finally:
+                    cm.__exit__(*info)
+            raise
+        told = []
+        for k, (state, (client, run_id), cm) in enumerate(zip(states, opened, contexts, strict=True)):
+            state.wall_time = time.perf_counter() - start
+            state.record(client, run_id)
+            end = ends.get(k)
+            if end is not None:
+                cm.__exit__(type(end), end, end.__traceback__)
+            else:
+                cm.__exit__(None, None, None)
+            told.append(_told(lambda state=state, end=end: _outcome_of(state, end)))
+        return told
+
+
+def _outcome_of(state: _TrialState, end: StopRun | None) -> float:
+    """A trial's value, or the exception `__call__` would raise (pruned, failed)."""
+    trial = state.trial
+    if end is not None:
+        reason = str(getattr(end, "reason", end))
+        if state.pruned:
+            trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
+        trial.set_user_attr("fail_reason", reason)
+        raise TrialFailed(reason)
+    if not math.isfinite(state.value):
+        reason = f"the mean validation NLL is {state.value}"
+        trial.set_user_attr("fail_reason", reason)
+        raise TrialFailed(reason)
+    return state.value
+
+
+def _told(run) -> tuple[TrialState, float | None]:
+    """(state, value) for study.tell from running `run`, which returns a value or raises as an objective does."""
+    try:
+        return TrialState.COMPLETE, run()
+    except optuna.TrialPruned:
+        return TrialState.PRUNED, None
+    except TrialFailed:
+        return TrialState.FAIL, None
 
 
 class _TrialState:

@@ -35,6 +35,7 @@ Exit status: 0 done, 1 a worker process died, 2 bad input (one line on stderr), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,8 +45,10 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,7 @@ from .storage import PROJECT_ROOT, fail_stale_trials, open_storage, resolve_stor
 log = logging.getLogger("studies.run")
 
 DEFAULT_TRIALS = 40
+DEFAULT_BATCH = 8  # trials per population (--batch); see the README's study timings for the measurement
 DEFAULT_ITERATIONS = 1000
 DEFAULT_EVAL_EVERY = 50
 DEFAULT_TIMEOUT = 480.0  # seconds per family: with start-up and the closing plots, one family stays under 10 minutes
@@ -83,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help=f"trials to add (default {DEFAULT_TRIALS})")
     p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the study (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker process (default: cores / jobs)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"trials fit together as one population per dataset (default {DEFAULT_BATCH}; 1: one at a time)",
+    )
     p.add_argument(
         "--storage",
         default=None,
@@ -193,6 +203,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
         ("grace_period", 1),
         ("retries", 0),
         ("threads", 1),
+        ("batch", 1),
     ):
         value = getattr(args, name)
         if value is not None and value < low:
@@ -239,6 +250,7 @@ class WorkerJob:
     parallel: bool = False  # other workers share the study: the sampler lies about their running trials
     verbose: bool = False
     retries: int = 0  # times a trial failed as stale (dead worker) is queued again
+    batch: int = 1  # trials asked and fit together as one population per dataset (1: one trial at a time)
 
 
 def make_sampler(seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
@@ -328,10 +340,14 @@ def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
     study = optuna.load_study(
         study_name=job.study_name,
         storage=storage,
-        sampler=make_sampler(job.sampler_seed, parallel=job.parallel),
+        # with batches, the trials of a batch run together: the sampler must assume the worst of them
+        sampler=make_sampler(job.sampler_seed, parallel=job.parallel or job.batch > 1),
         pruner=make_pruner(job.pruner, job.settings),
     )
     objective = Objective(job.settings, job.tracking_uri, job.experiment, job.parent_run_id, job.study_name)
+    if job.batch > 1:
+        optimize_batched(study, storage, objective, job, callbacks or [])
+        return
     study.optimize(
         objective,
         n_trials=job.n_trials,
@@ -340,6 +356,71 @@ def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
         callbacks=callbacks,
         gc_after_trial=False,
     )
+
+
+def optimize_batched(study: optuna.Study, storage, objective, job: WorkerJob, callbacks: list) -> None:
+    """`job.n_trials` trials in batches of `job.batch`: ask a batch (TPE with the constant liar), run it as
+    populations (`Objective.run_batch`), tell each trial's outcome, then the callbacks, as `study.optimize`
+    would. While a batch runs, a thread records each trial's heartbeat; a batch cut short by Ctrl-C or an error
+    fails its trials that were not told, like `study.optimize` does, and re-raises."""
+    start = time.monotonic()
+    done = 0
+    while done < job.n_trials and (job.timeout is None or time.monotonic() - start < job.timeout):
+        fail_stale_trials(study)
+        trials = []
+        for _ in range(min(job.batch, job.n_trials - done)):
+            trials.append(study.ask())
+            _beat(storage, trials[-1])  # at once: a worker killed during the asks leaves no ownerless trial
+        told: set[int] = set()
+        try:
+            with _heartbeats(storage, trials, job.heartbeat_interval):
+                outcomes = objective.run_batch(trials)
+            for trial, (state, value) in zip(trials, outcomes, strict=True):
+                frozen = study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+                told.add(trial.number)
+                for callback in callbacks:
+                    callback(study, frozen)
+        except BaseException as err:
+            for trial in trials:
+                if trial.number not in told:
+                    trial.set_user_attr("fail_reason", f"the batch stopped: {type(err).__name__}: {err}"[:500])
+                    study.tell(trial, state=TrialState.FAIL)
+            raise
+        done += len(trials)
+
+
+def _beat(storage, trial) -> None:
+    if hasattr(storage, "record_heartbeat"):
+        storage.record_heartbeat(trial._trial_id)  # Optuna has no public trial-id accessor; storages take the id
+
+
+@contextlib.contextmanager
+def _heartbeats(storage, trials: list, interval: int) -> Iterator[None]:
+    """Record a heartbeat for every trial of a batch now and every `interval` seconds until the block ends (what
+    `study.optimize` does for its one running trial), so that a killed worker's batch is failed as stale."""
+    if not hasattr(storage, "record_heartbeat") or not interval:
+        yield
+        return
+    stop = threading.Event()
+    ids = [t._trial_id for t in trials]  # Optuna has no public trial-id accessor; storages take the id
+
+    def beat() -> None:
+        while True:
+            for trial_id in ids:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception:  # noqa: BLE001  (a missed beat is retried at the next interval)
+                    log.debug("heartbeat of trial %d failed", trial_id, exc_info=True)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="trial-heartbeats", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _worker_main(job: WorkerJob) -> None:
@@ -754,7 +835,7 @@ class _Progress:
 
 
 def _time_left(elapsed: float, done: int, total: int) -> str:
-    """", about 2 min left" from the mean time per finished trial so far (empty when done or unknown)."""
+    """ ", about 2 min left" from the mean time per finished trial so far (empty when done or unknown)."""
     if done >= total or done <= 0 or total <= 0:
         return ""
     left = elapsed / done * (total - done)
@@ -958,6 +1039,7 @@ def run_study(args: argparse.Namespace, family: str, settings, tracking_uri: str
             jobs > 1 or args.worker,
             args.verbose,
             args.retries,
+            max(1, min(args.batch, args.trials or 1)),
         )
         owners = {worker_tag()}  # not every new trial: other invocations may run trials of the study meanwhile
         progress = _Progress(args.trials, study_name, args.progress, start_number, owners)

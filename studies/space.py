@@ -34,9 +34,7 @@ class FloatParam:
     low: float
     high: float
     log: bool = False
-    frozen: bool = (
-        False  # add a categorical `<name>_frozen`; True sets the value to 0 (e.g. a frozen learning rate)
-    )
+    frozen: bool = False  # add a categorical `<name>_frozen`; True sets the value to 0 (e.g. a frozen learning rate)
 
     def suggest(self, trial) -> float:
         if self.frozen and trial.suggest_categorical(self.name + FROZEN_SUFFIX, [False, True]):
@@ -155,9 +153,7 @@ def make_param(name: str, entry: Mapping[str, Any]) -> Param:
     keys = set(entry)
     if "choices" in keys:
         if keys != {"choices"}:
-            raise ValueError(
-                f"parameter {name!r}: a choice entry takes only 'choices'; got keys {sorted(keys)}"
-            )
+            raise ValueError(f"parameter {name!r}: a choice entry takes only 'choices'; got keys {sorted(keys)}")
         choices = entry["choices"]
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"parameter {name!r}: 'choices' must be a non-empty list; got {choices!r}")
@@ -165,16 +161,13 @@ def make_param(name: str, entry: Mapping[str, Any]) -> Param:
     allowed = {"low", "high", "log", "frozen"}
     if not {"low", "high"} <= keys or not keys <= allowed:
         raise ValueError(
-            f"parameter {name!r}: a range entry needs 'low' and 'high' (optional 'log', 'frozen'); "
-            f"got keys {sorted(keys)}"
+            f"parameter {name!r}: a range entry needs 'low' and 'high' (optional 'log', 'frozen'); got keys {sorted(keys)}"
         )
     low = _check_number(entry["low"], f"parameter {name!r} low")
     high = _check_number(entry["high"], f"parameter {name!r} high")
     log, frozen = entry.get("log", False), entry.get("frozen", False)
     if not isinstance(log, bool) or not isinstance(frozen, bool):
-        raise ValueError(
-            f"parameter {name!r}: 'log' and 'frozen' must be true or false; got {log!r}, {frozen!r}"
-        )
+        raise ValueError(f"parameter {name!r}: 'log' and 'frozen' must be true or false; got {log!r}, {frozen!r}")
     if not low < high:
         raise ValueError(f"parameter {name!r}: low must be below high; got low={low:g}, high={high:g}")
     if log and low <= 0:
@@ -182,9 +175,7 @@ def make_param(name: str, entry: Mapping[str, Any]) -> Param:
     return FloatParam(name, low, high, log, frozen)
 
 
-def load_space(
-    family: str, path: str | Path | None = None, *, base: str | Path | None = DEFAULT_SPACE_FILE
-) -> SearchSpace:
+def load_space(family: str, path: str | Path | None = None, *, base: str | Path | None = DEFAULT_SPACE_FILE) -> SearchSpace:
     """The search space of `family`: the default file, its family section, then `path` on top.
 
     Args:

@@ -204,3 +204,33 @@ def test_a_pruned_trial_ends_finished_in_mlflow_with_a_pruned_tag(tmp_path):
     assert run.data.tags["pruned"].startswith(f"after 1 of 2 datasets ({FAMILY}-separated)")
     (fit,) = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert fit.info.status == "FINISHED" and fit.data.tags["dataset"] == f"{FAMILY}-separated"
+
+
+def test_batched_and_one_at_a_time_studies_record_every_trial_and_agree(tmp_path):
+    # --batch 3 fits the three trials of each dataset as one population; --batch 1 one trial at a time, each as a
+    # population of one: every trial is recorded whole either way, and a trial's value does not depend on the
+    # batch it ran in (a member's arithmetic does not depend on B), so the same parameters give the same value
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    datasets = ["--datasets", f"{FAMILY}-point-mass,{FAMILY}-separated", "--no-plots", "--pruner", "none"]
+    assert main([*_args(tmp_path, uri, 3), *datasets, "--study", "batched-{family}", "--batch", "3"]) == 0
+    from studies.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "journal.log"))
+    batched = optuna.load_study(study_name=f"batched-{FAMILY}", storage=storage)
+    one = optuna.create_study(study_name=f"one-{FAMILY}", storage=storage)
+    one.enqueue_trial(batched.trials[1].params)
+    assert main([*_args(tmp_path, uri, 2), *datasets, "--study", "one-{family}", "--batch", "1"]) == 0
+    for study in (batched, optuna.load_study(study_name=f"one-{FAMILY}", storage=storage)):
+        trials = study.get_trials(deepcopy=False)
+        assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
+        assert all({f"val_nll/{FAMILY}-point-mass", f"val_nll/{FAMILY}-separated"} <= set(t.user_attrs) for t in trials)
+        assert all(sorted(t.intermediate_values) == [1, 2] for t in trials)
+    again = optuna.load_study(study_name=f"one-{FAMILY}", storage=storage).trials[0]
+    assert again.params == batched.trials[1].params and again.value == batched.trials[1].value
+    client = MlflowClient(uri)
+    for study_name in (f"batched-{FAMILY}", f"one-{FAMILY}"):
+        exp = client.get_experiment_by_name(f"study-{study_name}")
+        fits = client.search_runs([exp.experiment_id], "tags.kind = 'fit'", max_results=100)
+        trial_runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=100)
+        assert len(fits) == 2 * len(trial_runs) and all(r.info.status == "FINISHED" for r in fits + trial_runs)
+        assert all(len(client.get_metric_history(r.info.run_id, "nll/val")) >= 2 for r in fits)
