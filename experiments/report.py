@@ -14,9 +14,10 @@ compares the two methods.
 
 What a seed varies: seed i (0 <= i < --seeds) runs the config with `seed = config.seed + i` (the fit's init
 and resets) and `data_seed = config.data_seed + i` (a fresh dataset); with a named `dataset` the data is
-fixed and only `seed` varies. `--family all` runs every family in gmm.FAMILIES on the same seeds. Each seed
-calls `experiments.run.run_experiment` once (gradient descent, then EM from the same initialization), logged
-to MLflow as a run nested under one parent run per report, tagged `report.name`; the parent run holds the
+fixed and only `seed` varies. `--family all` runs every family in gmm.FAMILIES on the same seeds. The seeds of a
+family are fit as one population (experiments.population.run_population: one batched gradient-descent fit,
+then per seed EM from the same initialization and everything `run_experiment` logs), one MLflow run per seed
+nested under one parent run per report, tagged `report.name`; the parent run holds the
 report folder as its `report/` artifact.
 
 The folder (built in a hidden temporary sibling and renamed into place, so an interrupted run never leaves
@@ -39,8 +40,9 @@ Python/torch/numpy versions match the manifest's, else within |got - expected| <
 (counts and iterations still exactly). It prints PASS or FAIL and, on failure, the first difference
 (family, seed, method, column, expected, got).
 
-Every seed runs with one torch thread (worker processes of a spawn-context pool when --jobs > 1, this
-process otherwise), so serial and parallel runs give identical runs.csv apart from the timing columns.
+Every family runs with one torch thread (worker processes of a spawn-context pool, one family each, when
+--jobs > 1; this process otherwise), and a seed's numbers do not depend on what else its population holds, so
+serial and parallel runs give identical runs.csv apart from the timing columns.
 
 Exit status: 0 done / PASS, 1 a fit failed / FAIL, 2 bad input (one line on stderr), 130 interrupted.
 """
@@ -201,15 +203,61 @@ def run_seed(task: SeedTask) -> SeedOutcome:
     cfg = task.config
     try:
         result = run_experiment(
-            cfg,
-            task.tracking_uri,
-            task.experiment,
-            parent_run_id=task.parent_run_id,
-            run_name=f"{cfg.family} seed {cfg.seed}",
-            tags={"report.name": task.report_name, "report.seed": str(cfg.seed), "report.family": cfg.family},
-        )
-    except (FloatingPointError, torch.linalg.LinAlgError, gmm.NonFiniteNLLError) as err:
-        raise SeedFailed(f"{cfg.family} seed {cfg.seed} (data_seed {cfg.data_seed}): {' '.join(str(err).split())}") from None
+            cfg, task.tracking_uri, task.experiment, parent_run_id=task.parent_run_id, run_name=_run_name(cfg),
+            tags=_seed_tags(task),
+        )  # fmt: skip
+    except _FIT_ERRORS as err:
+        raise _failed(cfg, err) from None
+    return _outcome(cfg, result)
+
+
+_FIT_ERRORS = (FloatingPointError, torch.linalg.LinAlgError, gmm.NonFiniteNLLError)
+
+
+def _run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.family} seed {cfg.seed}"
+
+
+def _seed_tags(task: SeedTask) -> dict[str, str]:
+    cfg = task.config
+    return {"report.name": task.report_name, "report.seed": str(cfg.seed), "report.family": cfg.family}
+
+
+def _failed(cfg: ExperimentConfig, err: BaseException) -> SeedFailed:
+    return SeedFailed(f"{cfg.family} seed {cfg.seed} (data_seed {cfg.data_seed}): {' '.join(str(err).split())}")
+
+
+def run_family(tasks: Sequence[SeedTask]) -> list[SeedOutcome]:
+    """Every seed of one family as one population (experiments.population: one batched fit, one MLflow run per
+    seed, the numbers `run_seed` would give up to float rounding, and the same whatever else runs with them);
+    seed by seed with `run_seed` when the config cannot batch (analytic or compiled steps).
+
+    Raises:
+        SeedFailed: a seed's fit failed (its run is marked FAILED; the other seeds' runs are finished).
+    """
+    from .population import population_options, run_population
+
+    configs = [t.config for t in tasks]
+    try:
+        population_options(configs)
+    except ValueError:
+        return [run_seed(t) for t in tasks]
+    first = tasks[0]
+    try:
+        results = run_population(
+            configs, first.tracking_uri, first.experiment, parent_run_ids=first.parent_run_id,
+            run_names=[_run_name(c) for c in configs], tags=[_seed_tags(t) for t in tasks],
+        )  # fmt: skip
+    except _FIT_ERRORS as err:  # a failure of the population itself (e.g. a factorization in a start)
+        raise _failed(configs[0], err) from None
+    for cfg, result in zip(configs, results, strict=True):
+        if isinstance(result, BaseException):
+            raise _failed(cfg, result) from None
+    return [_outcome(cfg, result) for cfg, result in zip(configs, results, strict=True)]
+
+
+def _outcome(cfg: ExperimentConfig, result) -> SeedOutcome:
+    """A seed's runs.csv rows and figure inputs from its ExperimentResult."""
     em_recovery, em_ari = result.em_recovery_error, result.em_ari
     key = {"family": cfg.family, "seed": cfg.seed, "data_seed": cfg.data_seed}
     gd_row = {
@@ -282,20 +330,27 @@ def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds") -> 
 
     outcomes: list[SeedOutcome | None] = [None] * len(tasks)
     bar = tqdm(total=len(tasks), desc=desc, unit="seed", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    groups: dict[str, list[int]] = {}  # a family's seeds: one population
+    for i, task in enumerate(tasks):
+        groups.setdefault(task.config.family, []).append(i)
+
+    def done(indices: list[int], results: list[SeedOutcome]) -> None:
+        for i, outcome in zip(indices, results, strict=True):
+            outcomes[i] = outcome
+        bar.update(len(indices))
+
     try:
-        if jobs <= 1 or len(tasks) <= 1:
+        if jobs <= 1 or len(groups) <= 1:
             with _one_thread():
-                for i, task in enumerate(tasks):
-                    outcomes[i] = run_seed(task)
-                    bar.update()
+                for indices in groups.values():
+                    done(indices, run_family([tasks[i] for i in indices]))
         else:
             ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
-            pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker)
+            pool = ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=ctx, initializer=_init_worker)
             try:
-                futures = {pool.submit(run_seed, task): i for i, task in enumerate(tasks)}
+                futures = {pool.submit(run_family, [tasks[i] for i in g]): g for g in groups.values()}
                 for future in as_completed(futures):
-                    outcomes[futures[future]] = future.result()
-                    bar.update()
+                    done(futures[future], future.result())
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
     finally:
