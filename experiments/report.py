@@ -320,7 +320,12 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds") -> list[SeedOutcome]:
+def run_one_by_one(tasks: Sequence[SeedTask]) -> list[SeedOutcome]:
+    """The seeds one after the other, each its own fit (`--one-by-one`: the reports of before populations)."""
+    return [run_seed(t) for t in tasks]
+
+
+def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds", population: bool = True) -> list[SeedOutcome]:
     """Run every task, serially (jobs == 1) or in `jobs` spawned worker processes; results in task order.
 
     A tqdm bar counts finished seeds when stderr is a terminal. On the first failure the pending seeds
@@ -330,9 +335,10 @@ def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds") -> 
 
     outcomes: list[SeedOutcome | None] = [None] * len(tasks)
     bar = tqdm(total=len(tasks), desc=desc, unit="seed", disable=not sys.stderr.isatty(), dynamic_ncols=True)
-    groups: dict[str, list[int]] = {}  # a family's seeds: one population
+    groups: dict[str, list[int]] = {}  # a family's seeds: one population (or one seed at a time)
     for i, task in enumerate(tasks):
-        groups.setdefault(task.config.family, []).append(i)
+        groups.setdefault(task.config.family if population else str(i), []).append(i)
+    run_group = run_family if population else run_one_by_one
 
     def done(indices: list[int], results: list[SeedOutcome]) -> None:
         for i, outcome in zip(indices, results, strict=True):
@@ -343,12 +349,12 @@ def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds") -> 
         if jobs <= 1 or len(groups) <= 1:
             with _one_thread():
                 for indices in groups.values():
-                    done(indices, run_family([tasks[i] for i in indices]))
+                    done(indices, run_group([tasks[i] for i in indices]))
         else:
             ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
             pool = ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=ctx, initializer=_init_worker)
             try:
-                futures = {pool.submit(run_family, [tasks[i] for i in g]): g for g in groups.values()}
+                futures = {pool.submit(run_group, [tasks[i] for i in g]): g for g in groups.values()}
                 for future in as_completed(futures):
                     done(futures[future], future.result())
             finally:
@@ -893,6 +899,7 @@ def make_report(
     experiment: str = EXPERIMENT,
     command: str | None = None,
     force: bool = False,
+    population: bool = True,
 ) -> Report:
     """Run `config` over `num_seeds` seeds for each of `families` (default: config.family) and write the
     report folder `out` (default <project>/reports/<family>-<n>seeds-<UTC time>; an earlier report there is
@@ -932,7 +939,7 @@ def make_report(
             {**base.flat(), "report.families": ",".join(families), "report.seeds": num_seeds, "report.jobs": jobs},
         )
         tasks = [SeedTask(c, uri, experiment, parent_id, name) for c in configs]
-        outcomes = run_seeds(tasks, jobs, desc=f"report {name}")
+        outcomes = run_seeds(tasks, jobs, desc=f"report {name}", population=population)
         runs = runs_frame(outcomes)
         summary = summarize(runs)
         figures = all_figures(families, outcomes, runs, configs)
@@ -946,6 +953,7 @@ def make_report(
             "families": families,
             "config": base.to_dict(),
             "seed_rule": seed_rule(base),
+            "fit_mode": "population" if population else "one-by-one",  # verify re-runs it the same way
             "seeds": [{"seed": c.seed, "data_seed": c.data_seed} for c in configs if c.family == families[0]],
             "runs": [
                 {
@@ -1226,7 +1234,9 @@ def verify_report(
     tags = {"report.name": name, "report.kind": "verify", "report.folder": folder.as_posix()}
     with tracked_run(uri, experiment, run_name=f"verify {name}", tags=tags) as (client, run_id):
         tasks = [SeedTask(c, uri, experiment, run_id, name) for c in configs]
-        outcomes = run_seeds(tasks, jobs, desc=f"verify {name}")
+        # reports made before populations have no fit_mode: they fitted one seed at a time
+        population = manifest.get("fit_mode", "one-by-one") == "population"
+        outcomes = run_seeds(tasks, jobs, desc=f"verify {name}", population=population)
         got = runs_frame(outcomes)
         difference, count = first_difference(expected, got, exact)
         if difference is None:
@@ -1304,7 +1314,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the earlier report in --out (never a folder holding other files)",
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, metavar="N", help="worker processes, one seed each at a time [default: 1]"
+        "--jobs", type=int, default=1, metavar="N", help="worker processes, one family each at a time [default: 1]"
+    )
+    parser.add_argument(
+        "--one-by-one",
+        action="store_true",
+        help="fit the seeds one after the other instead of a family's seeds as one population (slower; the "
+        "numbers of reports made before populations, up to float rounding)",
     )
     from .tracking import add_tracking_arguments
 
@@ -1399,6 +1415,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=uri,
             experiment=args.experiment,
             force=getattr(args, "force", False),
+            population=not args.one_by_one,
         )
     except (ValueError, TypeError, MlflowException) as err:
         parser.error(str(err))
