@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("small", "population", "large", "minibatch")  # bench.<name>.main(argv) -> exit status
+BENCHMARKS = ("small", "population", "harness", "large", "minibatch")  # bench.<name>.main(argv) -> exit status
 
 
 def main(argv: list[str] | None = None) -> int:

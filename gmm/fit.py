@@ -669,10 +669,11 @@ class _Recovery:
         family, raw_cov: the model's family and raw covariance tensor (updated in place: a view stays current).
         floor: the variance floor of the fit (a float, or (D,) per-axis floors in z).
         shift: added to the NLLs shown in event details (the data units' NLL).
+        member: the population member whose component it watches (gmm.population), None for one fit.
     """
 
-    def __init__(self, family, raw_cov: Tensor, floor: float | Tensor, shift: float = 0.0):
-        self.family, self.raw_cov, self.floor, self.shift = family, raw_cov, floor, shift
+    def __init__(self, family, raw_cov: Tensor, floor: float | Tensor, shift: float = 0.0, member: int | None = None):
+        self.family, self.raw_cov, self.floor, self.shift, self.member = family, raw_cov, floor, shift, member
         self.view: Tensor | None = None  # the floored raw entries (K', m), made at the first clamp
         self.watched: dict[int, tuple[int, float]] = {}  # component (-1: shared) -> (clamp step, NLL before it)
         self.newest = math.nan  # the newest exact NLL: a clamp's pre-collapse level
@@ -696,7 +697,7 @@ class _Recovery:
                 del self.watched[c]
                 detail = f"off the floor, NLL {nll + self.shift:.6g} <= {before + self.shift:.6g} + "
                 detail += f"{RECOVERY_MARGIN:g}; {index - first} steps after its clamp at step {first}"
-                events.append(FitEvent(index, c, "recovered", detail))
+                events.append(FitEvent(index, c, "recovered", detail, member=self.member))
         self.newest = nll
 
 

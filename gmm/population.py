@@ -311,7 +311,7 @@ class _Population:
         one.family.clamp_(one.raw_cov, clamp)
         model.set_member(i, one)
         min_mass = float(d + 1) if opts.reset_min_mass is None else opts.reset_min_mass
-        recovery = _Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det)
+        recovery = _Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det, member=i)
         return _Member(i, opts, x, z, coords, g, clamp, reset_raw, min_mass, recovery), one
 
     def _floors(self, members: list[_Member]) -> tuple[Tensor, Tensor]:

@@ -86,6 +86,8 @@ def test_a_member_on_a_point_mass_collapses_and_is_reset_like_alone(family):
     options = {"seed": [3, 4], "reset": [True, False], "component_lr": 0.05, "clamp": clamp, "init": "keep"}
     result = gmm.fit(population, x, num_iterations=20, **options)
     assert result[0].reset_count >= 1 and result[1].reset_count == 0 and result[1].clamp_count >= 1
+    assert result[0].recovered_count >= 1  # the reset component recovers: every kind of event, each with its member
+    assert all(e.member == i for i in range(2) for e in result[i].events)
     for i in range(2):
         alone = gmm.make_model(family, 3, 2, dtype=torch.float64)
         alone.load_state_dict(start.state_dict())

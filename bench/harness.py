@@ -1,0 +1,105 @@
+"""The harness with and without populations, timed in one run: a study (`--batch B` against `--batch 1`) and a
+seed report (a family's seeds as one population against `--one-by-one`).
+
+    python -m bench.harness                 # full study, 40 trials, batch 8 vs 1; report FAMILY=all SEEDS=10
+    python -m bench.harness --quick         # 8 trials; report full x 4 seeds
+    python -m bench.harness --only study    # or --only report
+
+Each command runs as `python -m studies.run` / `python -m experiments.report` would from `make`, in its own
+temporary folder (storage, MLflow store, best file, report), one after the other. The study's trials phase is
+the span from the first trial's start to the last trial's end (the storage's timestamps): setup, imports and
+the closing artifacts are not part of it. The report's time is the command's wall time.
+Targets (issue 14): the study's trials phase >= 4x faster with `--batch` than with `--batch 1`, with a best
+value at least as good; the report >= 4x faster than one seed at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 4.0
+
+
+def _run(cmd: list[str], cwd: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return time.perf_counter() - t0
+
+
+def _study(family: str, trials: int, batch: int, tmp: Path) -> tuple[float, float, float]:
+    """(trials phase s, command wall s, best value) of one study."""
+    import optuna
+
+    from studies.storage import open_storage
+
+    folder = tmp / f"study-batch{batch}"
+    folder.mkdir()
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    cmd = [
+        sys.executable, "-m", "studies.run", "--family", family, "--trials", str(trials), "--batch", str(batch),
+        "--storage", storage, "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", "--best-dir", str(folder / "best"),
+        "--no-progress", "--no-plots",
+    ]  # fmt: skip
+    wall = _run(cmd, folder)
+    (summary,) = optuna.get_all_study_summaries(open_storage(storage))
+    study = optuna.load_study(study_name=summary.study_name, storage=open_storage(storage))
+    done = [t for t in study.get_trials(deepcopy=False) if t.datetime_complete is not None]
+    span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    return span, wall, study.best_value
+
+
+def _report(family: str, seeds: int, one_by_one: bool, tmp: Path) -> float:
+    folder = tmp / f"report-{'one' if one_by_one else 'population'}"
+    folder.mkdir()
+    cmd = [
+        sys.executable, "-m", "experiments.report", "--family", family, "--seeds", str(seeds), "--out",
+        str(folder / "report"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        *(["--one-by-one"] if one_by_one else []),
+    ]  # fmt: skip
+    return _run(cmd, folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 trials; a report of full x 4 seeds")
+    parser.add_argument("--only", choices=("study", "report"), help="one of the two")
+    parser.add_argument("--family", default="full", help="the study's family (default full)")
+    parser.add_argument("--trials", type=int, help="study trials (default 40, quick 8)")
+    parser.add_argument("--batch", type=int, default=8, help="the batched study's --batch (default 8)")
+    args = parser.parse_args(argv)
+    trials = args.trials or (8 if args.quick else 40)
+    report_family, seeds = ("full", 4) if args.quick else ("all", 10)
+    print(f"Harness with populations; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-harness-") as name:
+        tmp = Path(name)
+        if args.only in (None, "study"):
+            one = _study(args.family, trials, 1, tmp)
+            batched = _study(args.family, trials, args.batch, tmp)
+            ratio = one[0] / batched[0]
+            print(f"study {args.family}, {trials} trials: trials phase --batch 1 {one[0]:.1f} s (command {one[1]:.1f} s), "
+                  f"--batch {args.batch} {batched[0]:.1f} s (command {batched[1]:.1f} s): {ratio:.1f}x "
+                  f"{'ok' if ratio >= TARGET else 'MISSED'} (target {TARGET:g}x)")  # fmt: skip
+            better = batched[2] <= one[2]
+            print(f"  best value --batch 1 {one[2]:.4f}, --batch {args.batch} {batched[2]:.4f} "
+                  f"({'at least as good' if better else 'worse'})")  # fmt: skip
+        if args.only in (None, "report"):
+            slow = _report(report_family, seeds, True, tmp)
+            fast = _report(report_family, seeds, False, tmp)
+            ratio = slow / fast
+            print(f"report {report_family} x {seeds} seeds: one by one {slow:.1f} s, populations {fast:.1f} s: "
+                  f"{ratio:.1f}x {'ok' if ratio >= TARGET else 'MISSED'} (target {TARGET:g}x)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
