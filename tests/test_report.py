@@ -269,6 +269,25 @@ def test_two_workers_give_the_serial_runs_csv(written, tmp_path, mlflow_uri, cap
     assert manifests[1]["jobs"] == 2
 
 
+def test_one_by_one_gives_the_population_s_numbers_to_rounding_and_verifies_its_own_way(
+    written, tmp_path, mlflow_uri, capsys
+):
+    # the population report (the fixture) and a --one-by-one one: the same seeds, data and starts, so the same
+    # numbers up to float32 rounding of the two arithmetics (these 100 moderate steps stay within 1e-4); each
+    # manifest says how it was made, and verify re-runs it that way (exact on this platform)
+    folder = tmp_path / "one"
+    argv = ["--family", "full", "--seeds", str(SEEDS), *TINY, "--out", str(folder), "--tracking-uri", mlflow_uri]
+    code, out, err = _run([*argv, "--one-by-one"], capsys)
+    assert code == 0, out + err
+    population = read_runs_csv(written[0] / "runs.csv").drop(columns=list(TIMING_COLUMNS))
+    one = read_runs_csv(folder / "runs.csv").drop(columns=list(TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(population, one, check_exact=False, rtol=1e-4, atol=1e-4)
+    modes = [json.loads((f / "manifest.json").read_text())["fit_mode"] for f in (written[0], folder)]
+    assert modes == ["population", "one-by-one"]
+    code, out, err = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
+    assert code == 0 and "PASS" in out, out + err
+
+
 # -- atomic writes and errors ------------------------------------------------------------------------------
 def test_an_interrupted_write_leaves_no_folder_and_keeps_the_old_report(written, tmp_path, monkeypatch):
     folder = written[0]
