@@ -16,12 +16,12 @@ shrinking onto a point or a line while the likelihood goes to infinity (Bishop, 
   component covers fewer than D + 1 points (`model_components` > `num_components`).
 - "point_mass": 30 exact copies of one point, added to the training split only (a duplicated record),
   away from the clusters; the model has one spare component, which k-means starts on the copies.
-- "quantized": every coordinate rounded to a coarse grid of width 8 (a few values per axis: 3 here, the
-  data a 3 x 3 grid of exact point masses, like Likert-scale answers); the model has twice as many components
-  as clusters. k-means puts components exactly on grid points, each an exact point mass: there the mean's
-  gradient is exactly zero and the variance shrinks to the clamp, as on a duplicated record. Validation
-  points are dequantized (uniform noise of the grid's width, as density models of discrete data do), so
-  collapse onto grid values is not rewarded on validation.
+- "quantized": every coordinate rounded to a coarse grid of width 8 (a few values per axis: 3 here, 2 on one
+  axis of isotropic's; the data a grid of exact point masses, like Likert-scale answers); the model has twice
+  as many components as clusters. k-means puts components exactly on grid points, each an exact point
+  mass: there the mean's gradient is exactly zero and the variance shrinks to the clamp, as on a duplicated
+  record. Validation points are dequantized (uniform noise of the grid's width, as density models of
+  discrete data do), so collapse onto grid values is not rewarded on validation.
 - "subspace": the training points of one cluster (every cluster for `tied`, whose covariance is shared)
   lie on a line through its mean, parallel to an axis: the sample covariance is singular along that axis,
   so the variance there can only shrink. Validation points keep their full-rank spread. The clusters are
