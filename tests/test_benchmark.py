@@ -83,6 +83,16 @@ def test_the_other_collapse_datasets_run_away_under_the_protocol(name):
     assert all(step < protocol.iterations for step in measure.first_runaway), measure
 
 
+@pytest.mark.filterwarnings("ignore::gmm.fit.ConvergenceWarning")
+def test_a_fit_can_stop_at_its_first_runaway():
+    protocol = datasets.CollapseProtocol(seeds=(0,))
+    whole = measure_collapse("full-subspace", protocol)
+    stopped = measure_collapse("full-subspace", protocol, stop_at_runaway=True)
+    assert stopped.first_runaway == whole.first_runaway and stopped.runaway_rate == 1.0
+    assert stopped.min_variance[0] < RUNAWAY and stopped.min_variance[0] >= whole.min_variance[0]
+    assert math.isnan(stopped.val_nll[0]) and math.isfinite(whole.val_nll[0])  # stopped: no final model
+
+
 @pytest.mark.parametrize("name", ALL_CONTROLS)
 def test_controls_neither_clamp_nor_run_away_under_the_protocol(name):
     # a well-posed fit settles near the true covariances: its smallest variance stays >= 3e-2 x the data's
