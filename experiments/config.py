@@ -54,14 +54,13 @@ class ExperimentConfig:
 
     The data is a named dataset (`dataset`), a file of your own (`data_file`, split with `data_seed`), or
     `gmm.generate_data(samples, components, dims, radius, data_family, seed=data_seed)` with an optional
-    perturbation; setting two of them is an error. The model has `num_components` components (default: the
-    data's number of clusters; for a file, `components`) of covariance `family`.
+    perturbation; setting two of them is an error. The model has `num_components` components (default: a
+    named dataset's model K, `DataSpec.fit_components`; else the data's number of clusters; for a file,
+    `components`) of covariance `family`.
     """
 
     # -- data ---------------------------------------------------------------------------------------
-    dataset: str | None = (
-        None  # a name in experiments.datasets.DATASETS; None: generate from the fields below
-    )
+    dataset: str | None = None  # a name in experiments.datasets.DATASETS; None: generate from the fields below
     data_file: str | None = None  # your own .csv/.npy/.parquet file (experiments.userdata); split by data_seed
     columns: str | None = None  # columns of data_file, by name or 0-based index ("x,y"); None: every column
     standardize: bool = False  # z-score data_file's columns by the training split's mean and std
@@ -75,7 +74,7 @@ class ExperimentConfig:
     val_fraction: float = 0.2  # held-out fraction in [0, 1): fit on the rest, report the NLL on both
     # -- model --------------------------------------------------------------------------------------
     family: str = "full"  # covariance family of the fitted model (one of gmm.FAMILIES)
-    num_components: int | None = None  # components of the model; None: as many as the data's clusters
+    num_components: int | None = None  # components of the model; None: a named dataset's model K, else the clusters
     device: str = "cpu"  # torch device of the model and data
     dtype: str = "float32"  # "float32" or "float64"
     # -- fit (gmm.FitOptions) -------------------------------------------------------------------------
@@ -124,9 +123,7 @@ class ExperimentConfig:
         try:
             torch.device(self.device)
         except RuntimeError as err:
-            raise ValueError(
-                f"device {self.device!r} is not a torch device name ({err}); use e.g. 'cpu'"
-            ) from None
+            raise ValueError(f"device {self.device!r} is not a torch device name ({err}); use e.g. 'cpu'") from None
         _check_device_available(torch.device(self.device))
         check_choice(self.dtype, DTYPES, "dtype")
         check_int(self.iterations, "iterations", minimum=1)
@@ -179,9 +176,7 @@ class ExperimentConfig:
 
             load_file(spec, k)  # a bad file, NaN rows or too few rows fail here, with the row or column
         elif k > spec.num_samples:
-            raise ValueError(
-                f"num_components={k} exceeds the {spec.num_samples} samples; use fewer components"
-            )
+            raise ValueError(f"num_components={k} exceeds the {spec.num_samples} samples; use fewer components")
 
     # -- derived values ---------------------------------------------------------------------------------
     def data_spec(self) -> DataSpec | FileSpec:
@@ -205,10 +200,11 @@ class ExperimentConfig:
 
     @property
     def model_components(self) -> int:
-        """Components of the fitted model: num_components, else the data's number of clusters."""
+        """Components of the fitted model: num_components, else a named dataset's model K (its `fit_components`:
+        the spare components of a collapse dataset), else the data's number of clusters."""
         if self.num_components is not None:
             return self.num_components
-        return get_spec(self.dataset).num_components if self.dataset is not None else self.components
+        return get_spec(self.dataset).fit_components if self.dataset is not None else self.components
 
     @property
     def model_dims(self) -> int:
@@ -226,11 +222,7 @@ class ExperimentConfig:
 
     @property
     def resolved_log_every(self) -> int:
-        return (
-            self.log_every
-            if self.log_every is not None
-            else max(1, math.ceil(self.iterations / _CURVE_POINTS))
-        )
+        return self.log_every if self.log_every is not None else max(1, math.ceil(self.iterations / _CURVE_POINTS))
 
     def fit_options(self) -> dict[str, Any]:
         """Keyword options of `model.fit` / `gmm.fit` (callback and log_freq are the runner's to add)."""
@@ -416,7 +408,7 @@ _FLAGS: dict[str, tuple[str, bool]] = {
     "perturbation": ("perturb the generated data: point_mass, quantized, subspace or outliers", False),
     "val_fraction": ("held-out fraction of the data, in [0, 1)", False),
     "family": ("covariance family of the model", True),
-    "num_components": ("components of the model (default: the data's clusters)", False),
+    "num_components": ("components of the model (default: a named dataset's model K, else the data's clusters)", False),
     "device": ("torch device", False),
     "dtype": ("float32 or float64", False),
     "iterations": ("Adam steps", True),
@@ -458,9 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     Flags default to "not given" (argparse.SUPPRESS), so `from_args` applies only what was typed, on top
     of the --config file, on top of the field defaults. Booleans are --em / --no-em style switches.
     """
-    parser.add_argument(
-        "--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML or JSON config file"
-    )
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML or JSON config file")
     defaults = ExperimentConfig()
     for f in fields(ExperimentConfig):
         help_text, demo = _FLAGS[f.name]
@@ -478,9 +468,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         kind = int if "int" in str(f.type) else float if f.name in _FLOATS else str
         if f.name in _NULLABLE:
             kind = _none_or(kind)
-        parser.add_argument(
-            *flags, type=kind, metavar=f.name.upper(), help=f"{help_text} [default: {default}]", **common
-        )
+        parser.add_argument(*flags, type=kind, metavar=f.name.upper(), help=f"{help_text} [default: {default}]", **common)
     return parser
 
 
