@@ -54,8 +54,9 @@ class ExperimentConfig:
 
     The data is a named dataset (`dataset`), a file of your own (`data_file`, split with `data_seed`), or
     `gmm.generate_data(samples, components, dims, radius, data_family, seed=data_seed)` with an optional
-    perturbation; setting two of them is an error. The model has `num_components` components (default: the
-    data's number of clusters; for a file, `components`) of covariance `family`.
+    perturbation; setting two of them is an error. The model has `num_components` components (default: a
+    named dataset's model K, `DataSpec.fit_components`; else the data's number of clusters; for a file,
+    `components`) of covariance `family`.
     """
 
     # -- data ---------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ class ExperimentConfig:
     val_fraction: float = 0.2  # held-out fraction in [0, 1): fit on the rest, report the NLL on both
     # -- model --------------------------------------------------------------------------------------
     family: str = "full"  # covariance family of the fitted model (one of gmm.FAMILIES)
-    num_components: int | None = None  # components of the model; None: as many as the data's clusters
+    num_components: int | None = None  # components of the model; None: a named dataset's model K, else the clusters
     device: str = "cpu"  # torch device of the model and data
     dtype: str = "float32"  # "float32" or "float64"
     # -- fit (gmm.FitOptions) -------------------------------------------------------------------------
@@ -199,10 +200,11 @@ class ExperimentConfig:
 
     @property
     def model_components(self) -> int:
-        """Components of the fitted model: num_components, else the data's number of clusters."""
+        """Components of the fitted model: num_components, else a named dataset's model K (its `fit_components`:
+        the spare components of a collapse dataset), else the data's number of clusters."""
         if self.num_components is not None:
             return self.num_components
-        return get_spec(self.dataset).num_components if self.dataset is not None else self.components
+        return get_spec(self.dataset).fit_components if self.dataset is not None else self.components
 
     @property
     def model_dims(self) -> int:
@@ -406,7 +408,7 @@ _FLAGS: dict[str, tuple[str, bool]] = {
     "perturbation": ("perturb the generated data: point_mass, quantized, subspace or outliers", False),
     "val_fraction": ("held-out fraction of the data, in [0, 1)", False),
     "family": ("covariance family of the model", True),
-    "num_components": ("components of the model (default: the data's clusters)", False),
+    "num_components": ("components of the model (default: a named dataset's model K, else the data's clusters)", False),
     "device": ("torch device", False),
     "dtype": ("float32 or float64", False),
     "iterations": ("Adam steps", True),

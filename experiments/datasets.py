@@ -16,10 +16,12 @@ shrinking onto a point or a line while the likelihood goes to infinity (Bishop, 
   component covers fewer than D + 1 points (`model_components` > `num_components`).
 - "point_mass": 30 exact copies of one point, added to the training split only (a duplicated record),
   away from the clusters; the model has one spare component, which k-means starts on the copies.
-- "quantized": every coordinate rounded to a grid of width 1 (a few values per axis and cluster); the
-  model has twice as many components as clusters, so components settle on single grid values. Validation
-  points are dequantized (uniform noise of the grid's width, as density models of discrete data do),
-  so collapse onto grid values is not rewarded on validation.
+- "quantized": every coordinate rounded to a coarse grid of width 8 (a few values per axis: 3 here, 2 on one
+  axis of isotropic's; the data a grid of exact point masses, like Likert-scale answers); the model has twice
+  as many components as clusters. k-means puts components exactly on grid points, each an exact point
+  mass: there the mean's gradient is exactly zero and the variance shrinks to the clamp, as on a duplicated
+  record. Validation points are dequantized (uniform noise of the grid's width, as density models of
+  discrete data do), so collapse onto grid values is not rewarded on validation.
 - "subspace": the training points of one cluster (every cluster for `tied`, whose covariance is shared)
   lie on a line through its mean, parallel to an axis: the sample covariance is singular along that axis,
   so the variance there can only shrink. Validation points keep their full-rank spread. The clusters are
@@ -30,12 +32,25 @@ shrinking onto a point or a line while the likelihood goes to infinity (Bishop, 
 - "outliers": 3 isolated points far from every cluster and from each other, in the training split only;
   the model has 3 spare components, which k-means++ starts on them (each covers a single point).
 
+A fit *collapses* (`CollapseMeasure`) when it records a clamp event, its NLL goes non-finite, or it *runs
+away*: at a log point within the budget the smallest eigenvalue of a component's covariance is below
+`RUNAWAY` (1e-4) x the smallest per-axis variance of the training data (a standard deviation at 1% of the
+data's). Why variance is the measure of "the NLL runs away towards -inf": a component's log density at a
+point is at most -1/2 (D log 2 pi + log det Sigma_k) <= -1/2 (D log 2 pi + log lambda_min + (D - 1) log
+lambda_max), so the NLL can fall without bound only as some lambda_min -> 0 (the other eigenvalues are bounded
+by the data's spread), and a term in log lambda_min is what it gains. Under Adam a component reaches the 1e-8
+floor only where its mean's gradient is exactly zero (a point mass, a grid point); elsewhere Adam's steps of
+about the learning rate keep the mean jittering and the variance stalls near the square of that jitter, yet it
+still falls by 4 to 8 orders of magnitude (over-specified K, a full or tied covariance on a line), while the
+controls stay above 3e-2 x the data's variance. The clamp would stop such a fit only at a higher floor.
+
 Validation points never duplicate a training point: every added copy or outlier goes to the training split.
 The split is a permutation drawn from a torch.Generator seeded with `spec.seed + 1`, the changes use
 `spec.seed + 2`, so nothing depends on global random state. `experiments/fingerprints.json` holds the
 fingerprint of every named dataset; `python -m experiments.datasets --check` regenerates and compares them,
 `--write` rewrites the file (only after a deliberate change to the data), and `--collapse` fits every
-collapse dataset and control under `COLLAPSE_PROTOCOL` and prints its measured collapse rate.
+collapse dataset and control under `COLLAPSE_PROTOCOL` and prints its measured clamp, runaway and collapse
+rates.
 """
 
 from __future__ import annotations
@@ -59,8 +74,8 @@ CAUSES = {
     "control": "well-posed: as many model components as clusters, no degenerate points",
     "overspecified": "over-specified K: few points per cluster, many more model components than clusters",
     "point_mass": "point mass: 30 exact copies of one point (training split only), one spare component",
-    "quantized": "quantized features: coordinates rounded to a grid of width 1, twice the components; "
-    "validation dequantized",
+    "quantized": "quantized features: coordinates rounded to a grid of width 8 (3 values per axis), twice the "
+    "components; validation dequantized",
     "subspace": "singular cluster: training points of a cluster on a line (validation keeps full rank)",
     "outliers": "isolated outliers: 3 far single points (training split only), 3 spare components",
 }
@@ -69,7 +84,8 @@ FINGERPRINTS_PATH = Path(__file__).with_name("fingerprints.json")
 _POINT_MASS_COPIES = 30
 _POINT_MASS_OFFSET = 3.0  # the copies sit at (3 radius, -3 radius, 0, ...): far outside the box of the means
 _SUBSPACE_RADIUS = 24.0  # "subspace": well-separated clusters (radius 8 elsewhere)
-_GRID_WIDTH = 1.0  # "quantized": coordinates rounded to multiples of this (data units)
+_GRID_WIDTH = 8.0  # "quantized": coordinates rounded to multiples of this (data units): 3 values per axis
+RUNAWAY = 1e-4  # a fit runs away once a covariance eigenvalue < this x the data's smallest per-axis variance
 _NUM_OUTLIERS = 3
 _OUTLIER_OFFSET = 5.0  # outliers at 5 radius from the origin, in directions 120 degrees apart
 
@@ -174,7 +190,7 @@ def _named() -> dict[str, DataSpec]:
         trainable = gmm.families.get_family(family, 2).trainable
         collapse: dict[str, DataSpec] = {}
         if trainable and not shared:  # a per-component covariance can shrink onto a few points
-            collapse["overspecified"] = DataSpec(40, 2, 2, 8.0, family, 0, model_components=12)
+            collapse["overspecified"] = DataSpec(30, 2, 2, 8.0, family, 0, model_components=16)
             collapse["point-mass"] = DataSpec(600, 4, 2, 8.0, family, 0, "point_mass", model_components=5)
             collapse["outliers"] = DataSpec(600, 4, 2, 8.0, family, 0, "outliers", model_components=7)
         if trainable:
@@ -339,7 +355,7 @@ def stored_fingerprints() -> dict[str, str]:
 class CollapseProtocol:
     """How a collapse dataset is shown to collapse: fits with resets off and the clamp at the low end of
     studies/space.yaml, for the studies' iteration budget, at a learning rate inside the search space.
-    A fit *collapses* when it records a clamp event or its NLL goes non-finite."""
+    A fit *collapses* when it records a clamp event, its NLL goes non-finite, or it runs away (`RUNAWAY`)."""
 
     clamp: float = 1e-8  # the low end of the studies' clamp range
     component_lr: float = 0.1  # inside the studies' component_lr range (1e-3..3e-1)
@@ -361,55 +377,113 @@ class CollapseProtocol:
 COLLAPSE_PROTOCOL = CollapseProtocol()
 
 
+def relative_min_variance(covariances: Tensor, train: Tensor) -> float:
+    """The smallest eigenvalue of any of the (K, D, D) `covariances`, over the smallest per-axis variance of
+    the (N, D) training points: below RUNAWAY the fit has run away (module docstring). 0 where rounding of a
+    collapsed float32 covariance makes the eigenvalue negative."""
+    smallest = max(float(torch.linalg.eigvalsh(covariances.double()).min()), 0.0)
+    return smallest / float(train.double().var(0).min())
+
+
 @dataclass(frozen=True)
 class CollapseMeasure:
-    """One dataset under a CollapseProtocol: per seed, the step of the first clamp event (None: none),
-    whether the NLL went non-finite, and the final validation NLL (NaN for a fit stopped at its first clamp)."""
+    """One dataset under a CollapseProtocol, per seed: the step of the first clamp event and the step of the
+    first runaway log point (None: none), whether the NLL went non-finite, the smallest `relative_min_variance`
+    over the fit's log points (NaN for a diverged fit), and the final validation NLL (NaN for a fit stopped
+    early)."""
 
     name: str
     first_clamp: tuple[int | None, ...]
     diverged: tuple[bool, ...]
     val_nll: tuple[float, ...]
+    first_runaway: tuple[int | None, ...]
+    min_variance: tuple[float, ...]
+
+    @property
+    def clamped(self) -> tuple[bool, ...]:
+        return tuple(c is not None for c in self.first_clamp)
+
+    @property
+    def ran_away(self) -> tuple[bool, ...]:
+        return tuple(r is not None for r in self.first_runaway)
 
     @property
     def collapsed(self) -> tuple[bool, ...]:
-        return tuple(c is not None or d for c, d in zip(self.first_clamp, self.diverged, strict=True))
+        return tuple(any(x) for x in zip(self.clamped, self.diverged, self.ran_away, strict=True))
 
     @property
     def rate(self) -> float:
-        """Share of seeds that collapsed."""
-        return sum(self.collapsed) / len(self.collapsed) if self.collapsed else float("nan")
+        """Share of seeds that collapsed (a clamp event, a non-finite NLL or a runaway)."""
+        return _share(self.collapsed)
+
+    @property
+    def clamp_rate(self) -> float:
+        """Share of seeds with a clamp event."""
+        return _share(self.clamped)
+
+    @property
+    def runaway_rate(self) -> float:
+        """Share of seeds that ran away (diverged fits count: their NLL went to -inf or NaN)."""
+        return _share(tuple(r or d for r, d in zip(self.ran_away, self.diverged, strict=True)))
 
 
-def measure_collapse(name: str, protocol: CollapseProtocol = COLLAPSE_PROTOCOL) -> CollapseMeasure:
-    """Fit the named dataset's model under `protocol`, once per seed (no MLflow; a few seconds). A fit
-    stops at its first clamp event, which is all it has to show."""
+def _share(flags: tuple[bool, ...]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+def measure_collapse(
+    name: str, protocol: CollapseProtocol = COLLAPSE_PROTOCOL, *, stop_at_runaway: bool = False
+) -> CollapseMeasure:
+    """Fit the named dataset's model under `protocol`, once per seed (no MLflow; a few seconds). A fit stops at
+    its first clamp event, which is all it has to show; with `stop_at_runaway` also at its first runaway (then
+    a clamp that would have come later is not seen: a fast check of the runaway alone)."""
     ds = load_dataset(name)
     spec = ds.spec
-    first, diverged, val = [], [], []
+    first, diverged, val, runaway, smallest = [], [], [], [], []
     for seed in protocol.seeds:
         model = gmm.make_model(spec.family, spec.fit_components, spec.num_dims)
+        watch = _Watch(model, ds.train, stop_at_runaway)
         try:
-            result = gmm.fit(model, ds.train, **protocol.fit_options(seed), callback=stop_at_first_clamp)
+            result = gmm.fit(model, ds.train, **protocol.fit_options(seed), callback=watch)
         except _Collapsed:
             result = model.fit_result_
         except FloatingPointError:
             first.append(None), diverged.append(True), val.append(float("nan"))
+            runaway.append(watch.first_runaway), smallest.append(float("nan"))
             continue
         first.append(next((e.step for e in result.events if e.kind == "clamp"), None))
         diverged.append(False)
         val.append(model.nll(ds.val) if ds.val.shape[0] and result.completed else float("nan"))
-    return CollapseMeasure(name, tuple(first), tuple(diverged), tuple(val))
+        runaway.append(watch.first_runaway), smallest.append(watch.smallest)
+    return CollapseMeasure(name, tuple(first), tuple(diverged), tuple(val), tuple(runaway), tuple(smallest))
 
 
 class _Collapsed(Exception):
-    """Raised by `stop_at_first_clamp`: the fit has shown what it had to."""
+    """Raised by `stop_at_first_clamp` and `_Watch`: the fit has shown what it had to."""
 
 
 def stop_at_first_clamp(step: int, nll: float, new_events: list) -> None:
     """A fit callback that ends the fit (raising) at the first log point after a clamp event."""
     if any(e.kind == "clamp" for e in new_events):
         raise _Collapsed(step)
+
+
+class _Watch:
+    """A fit callback: records the smallest relative variance and the first runaway log point, and ends the fit
+    at the first clamp event (and at the first runaway, with `stop_at_runaway`)."""
+
+    def __init__(self, model: gmm.MixtureModel, train: Tensor, stop_at_runaway: bool):
+        self.model, self.train, self.stop_at_runaway = model, train, stop_at_runaway
+        self.smallest, self.first_runaway = math.inf, None
+
+    def __call__(self, step: int, nll: float, new_events: list) -> None:
+        # the callback sees the model in data units
+        self.smallest = min(self.smallest, relative_min_variance(self.model.covariances, self.train))
+        if self.first_runaway is None and self.smallest < RUNAWAY:
+            self.first_runaway = step
+            if self.stop_at_runaway:
+                raise _Collapsed(step)
+        stop_at_first_clamp(step, nll, new_events)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "--collapse",
         action="store_true",
         help="fit each dataset under COLLAPSE_PROTOCOL (resets off, clamp 1e-8, component_lr 0.1, 1000 steps, "
-        "10 seeds) and print its measured collapse rate",
+        "10 seeds) and print its measured clamp, runaway and collapse rates",
     )
     parser.add_argument("--family", default=None, help="only this family's datasets")
     args = parser.parse_args(argv)
@@ -466,16 +540,23 @@ def _family_names(parser, family: str) -> list[str]:
 def _print_collapse(names: list[str]) -> int:
     p = COLLAPSE_PROTOCOL
     print(
-        f"collapse rate: share of {len(p.seeds)} fit seeds with a clamp event or a non-finite NLL (resets off, "
-        f"clamp {p.clamp:g}, component_lr {p.component_lr:g}, mixture_lr {p.mixture_lr:g}, {p.iterations} steps)"
+        f"per dataset, over {len(p.seeds)} fit seeds (resets off, clamp {p.clamp:g}, component_lr {p.component_lr:g}, "
+        f"mixture_lr {p.mixture_lr:g}, {p.iterations} steps): the share with a clamp event, the share that ran "
+        f"away (a covariance eigenvalue < {RUNAWAY:g} x the data's smallest per-axis variance, or a non-finite "
+        "NLL), the collapse rate (either), and the largest of the seeds' smallest relative variances"
     )
+    print(f"{'dataset':30s} {'cause':13s} {'clamp':>6s} {'runaway':>8s} {'collapse':>9s}  {'max min var':>11s}  first clamp")
     for name in names:
         m = measure_collapse(name)
         steps = [c for c in m.first_clamp if c is not None]
-        first = f"first clamp at step {min(steps)}-{max(steps)}" if steps else "no clamp"
-        finite = [v for v in m.val_nll if math.isfinite(v)]
-        val = f"median val NLL {sorted(finite)[len(finite) // 2]:.3f}" if finite else ""
-        print(f"{name:30s} {DATASETS[name].cause:13s} {100 * m.rate:5.0f}%  {first:28s} {val}", flush=True)
+        first = f"step {min(steps)}-{max(steps)}" if steps else "none"
+        finite = [v for v in m.min_variance if math.isfinite(v)]
+        worst = f"{max(finite):.1e}" if finite else "-"
+        print(
+            f"{name:30s} {DATASETS[name].cause:13s} {100 * m.clamp_rate:5.0f}% {100 * m.runaway_rate:7.0f}% "
+            f"{100 * m.rate:8.0f}%  {worst:>11s}  {first}",
+            flush=True,
+        )
     return 0
 
 

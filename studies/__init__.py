@@ -10,4 +10,4 @@ trial parameters drawn from studies/space.yaml, minimizes the mean validation NL
 Dependencies point one way: gmm <- experiments <- studies.
 """
 
-STUDY_VERSION = "v3"  # bump when the objective changes (datasets, iterations, space) so studies start afresh
+STUDY_VERSION = "v4"  # bump when the objective changes (datasets, iterations, space) so studies start afresh

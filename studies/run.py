@@ -1,6 +1,6 @@
 """Run an Optuna study of clamp and learning rates for one covariance family (or all), tracked in MLflow.
 
-    python -m studies.run --family full                          # 40 trials; resumes the study "full-v3"
+    python -m studies.run --family full                          # 40 trials; resumes the study "full-v4"
     python -m studies.run --family full --trials 30 --jobs 2     # two worker processes share the study
     python -m studies.run --family all --timeout 300             # every family in turn, 5 minutes each
     python -m studies.run --family full --storage sqlite:///studies.db --space my_space.yaml
@@ -11,7 +11,7 @@ Many machines (README "Scaling out"): create the study once on a shared database
     python -m studies.run --worker --family full --trials 20 --retries 1 --storage postgresql+psycopg://...
     make study-worker FAMILY=full STORAGE=postgresql+psycopg://user@db-host/optuna [TRIALS=20] [RETRIES=1]
 
-Each invocation adds `--trials` trials to the study "<family>-v3" (created on first use, resumed after: the
+Each invocation adds `--trials` trials to the study "<family>-v4" (created on first use, resumed after: the
 storage keeps every trial) and stops early after `--timeout` seconds. Storage: the journal file
 studies.log in the project by default (see studies/storage.py). MLflow: one parent run per invocation
 (experiment "study-<study name>"), one nested run per trial, one per fit; the parent gets best_params.json,

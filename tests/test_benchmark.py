@@ -1,10 +1,15 @@
-"""The collapse benchmark (experiments.datasets): structurally forced collapse, and a validation NLL that punishes it.
+"""The collapse benchmark (experiments.datasets): every collapse dataset collapses, the controls do not, and a
+validation NLL punishes collapse.
 
-The point-mass and outlier datasets put a single value (30 copies, or one far point) at least 2 radius away
-from every other point, and the model has a spare component that k-means starts exactly on it. Its mean
-then has an exactly zero gradient (the other points' responsibilities are below float32's resolution there),
-while the gradient of its log variance is a constant, so Adam lowers the log variance by the learning rate
-at every step until the clamp stops it: nothing chaotic, the same on every CPU.
+The point-mass, outlier and quantized datasets put exact point masses (30 copies, a far point, the points of a
+coarse grid) where k-means starts a component exactly. Its mean then has an exactly zero gradient (the other
+points' responsibilities are below float32's resolution there, or balance exactly), while the gradient of its log
+variance is a constant, so Adam lowers the log variance by the learning rate at every step until the clamp stops
+it: nothing chaotic, the same on every CPU. `diagonal-subspace` does the same along its flat axis.
+
+The others (over-specified K, a full or tied covariance on a line) never reach the 1e-8 floor under Adam (their
+means jitter by about the learning rate), but their smallest variance runs away by orders of magnitude: they are
+asserted to run away (`RUNAWAY`) with a margin.
 """
 
 from __future__ import annotations
@@ -16,12 +21,25 @@ import torch
 
 import gmm
 from experiments import datasets
-from experiments.datasets import COLLAPSE_PROTOCOL, load_dataset, measure_collapse
+from experiments.datasets import (
+    COLLAPSE_PROTOCOL,
+    RUNAWAY,
+    CollapseMeasure,
+    collapse_datasets,
+    control_datasets,
+    load_dataset,
+    measure_collapse,
+    relative_min_variance,
+)
 from gmm.fit import lr_factor
 
-STRUCTURAL = [f"{f}-{cause}" for f in ("full", "diagonal", "isotropic") for cause in ("point-mass", "outliers")] + [
+ALL_COLLAPSE = [name for family in gmm.FAMILIES for name in collapse_datasets(family)]
+ALL_CONTROLS = [name for family in gmm.FAMILIES for name in control_datasets(family)]
+STRUCTURAL = [name for name in ALL_COLLAPSE if datasets.DATASETS[name].cause in ("point_mass", "outliers", "quantized")] + [
     "diagonal-subspace"
 ]
+RUNS_AWAY = [name for name in ALL_COLLAPSE if name not in STRUCTURAL]  # over-specified, full/tied-subspace
+RUNAWAY_MARGIN = 3.0  # the runaway datasets go below RUNAWAY / this (10 seeds: at least 5x below, README)
 
 
 def _first_clamp_bound(protocol, variance: float) -> int:
@@ -35,16 +53,80 @@ def _first_clamp_bound(protocol, variance: float) -> int:
     return protocol.iterations + 1
 
 
+def test_every_collapse_dataset_is_checked_under_the_protocol():
+    assert sorted(STRUCTURAL + RUNS_AWAY) == sorted(ALL_COLLAPSE)
+    assert set(RUNS_AWAY) == {
+        "full-overspecified", "diagonal-overspecified", "isotropic-overspecified", "full-subspace", "tied-subspace"
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("name", STRUCTURAL)
 def test_structural_collapse_datasets_collapse_under_the_protocol(name):
     protocol = datasets.CollapseProtocol(seeds=(0, 1, 2))
     measure = measure_collapse(name, protocol)
-    assert measure.rate == 1.0, measure
+    assert measure.clamp_rate == 1.0 and measure.rate == 1.0, measure
     # the start variance is below the data's (k-means shrinks it to the base covariance, ~1), so the first
     # clamp comes well inside the budget: at the latest where a log variance of log(4) would reach the floor
     bound = _first_clamp_bound(protocol, 4.0)
     assert bound < protocol.iterations
     assert all(step <= bound for step in measure.first_clamp)
+
+
+@pytest.mark.filterwarnings("ignore::gmm.fit.ConvergenceWarning")  # NLL spikes rolled back: part of running away
+@pytest.mark.parametrize("name", RUNS_AWAY)
+def test_the_other_collapse_datasets_run_away_under_the_protocol(name):
+    # whole fits (no stop at the first runaway), so the margin below the criterion is measured too
+    protocol = datasets.CollapseProtocol(seeds=(0, 1, 2))
+    measure = measure_collapse(name, protocol)
+    assert measure.runaway_rate == 1.0 and measure.rate == 1.0, measure
+    assert max(measure.min_variance) < RUNAWAY / RUNAWAY_MARGIN, measure
+    assert all(step < protocol.iterations for step in measure.first_runaway), measure
+
+
+@pytest.mark.filterwarnings("ignore::gmm.fit.ConvergenceWarning")
+def test_a_fit_can_stop_at_its_first_runaway():
+    protocol = datasets.CollapseProtocol(seeds=(0,))
+    whole = measure_collapse("full-subspace", protocol)
+    stopped = measure_collapse("full-subspace", protocol, stop_at_runaway=True)
+    assert stopped.first_runaway == whole.first_runaway and stopped.runaway_rate == 1.0
+    assert stopped.min_variance[0] < RUNAWAY and stopped.min_variance[0] >= whole.min_variance[0]
+    assert math.isnan(stopped.val_nll[0]) and math.isfinite(whole.val_nll[0])  # stopped: no final model
+
+
+@pytest.mark.parametrize("name", ALL_CONTROLS)
+def test_controls_neither_clamp_nor_run_away_under_the_protocol(name):
+    # a well-posed fit settles near the true covariances: its smallest variance stays >= 3e-2 x the data's
+    # (README), 300x above the criterion, so a wide margin of 10x is asserted
+    measure = measure_collapse(name, datasets.CollapseProtocol(seeds=(0,)))
+    assert measure.rate == 0.0 and measure.clamp_rate == 0.0, measure
+    assert min(measure.min_variance) > 10 * RUNAWAY, measure
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_the_runaway_criterion_reads_the_smallest_eigenvalue_against_the_smallest_data_axis(factor):
+    # data with per-axis variances 4 and 1 (smallest 1); a rotated component whose smallest eigenvalue is
+    # just under or over RUNAWAY x 1, beside a well-posed one: only its eigenvalue counts, not its diagonal
+    train = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    train = (train - train.mean(0)) / train.std(0) * torch.tensor([2.0, 1.0], dtype=torch.float64)
+    c, s = math.cos(0.6), math.sin(0.6)
+    rotation = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    thin = rotation @ torch.diag(torch.tensor([0.5, factor * RUNAWAY], dtype=torch.float64)) @ rotation.T
+    assert float(thin.diagonal().min()) > 10 * RUNAWAY  # an axis-wise look would miss it
+    covariances = torch.stack([torch.eye(2, dtype=torch.float64), thin])
+    means = torch.zeros(2, 2, dtype=torch.float64)
+    model = gmm.MixtureModel.from_parameters("full", means, covariances, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    relative = relative_min_variance(model.covariances, train)
+    assert relative == pytest.approx(factor * RUNAWAY, rel=1e-3)
+    assert (relative < RUNAWAY) == (factor < 1)
+
+
+def test_a_collapse_is_a_clamp_a_runaway_or_a_non_finite_nll():
+    measure = CollapseMeasure(
+        "x", first_clamp=(5, None, None, None), diverged=(False, False, True, False), val_nll=(math.nan,) * 4,
+        first_runaway=(3, 40, None, None), min_variance=(0.0, 1e-5, math.nan, 0.1),
+    )  # fmt: skip
+    assert measure.collapsed == (True, True, True, False)
+    assert (measure.clamp_rate, measure.runaway_rate, measure.rate) == (0.25, 0.75, 0.75)
 
 
 @pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
@@ -69,7 +151,8 @@ def test_a_component_on_a_far_point_mass_shrinks_by_the_learning_rate_with_its_m
 @pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
 def test_validation_punishes_collapse_onto_grid_values_that_training_rewards(family):
     # the truth of a quantized dataset plus four spare components on the four most frequent training grid
-    # points: collapsed (variance 1e-8) or held at a suitable clamp (the grid's variance, 1/12)
+    # points: collapsed (variance 1e-8) or held at a suitable clamp (the variance of a uniform grid cell,
+    # width^2 / 12)
     ds = load_dataset(f"{family}-quantized")
     train, val = ds.train.double(), ds.val.double()
     values, counts = torch.unique(train, dim=0, return_counts=True)
@@ -83,7 +166,7 @@ def test_validation_punishes_collapse_onto_grid_values_that_training_rewards(fam
         weights = torch.cat([truth.weights * 0.8, torch.full((4,), 0.05, dtype=torch.float64)])
         return gmm.MixtureModel.from_parameters(family, means, covariances, weights)
 
-    collapsed, clamped = with_spares(1e-8), with_spares(1.0 / 12)
+    collapsed, clamped = with_spares(1e-8), with_spares(datasets._GRID_WIDTH**2 / 12)
     assert collapsed.nll(train) < clamped.nll(train) - 0.5  # training rewards collapse ...
     assert collapsed.nll(val) > clamped.nll(val) + 0.05  # ... validation (dequantized) punishes it
     # a validation point never sits on a grid value, so the collapsed spares add nothing there

@@ -47,6 +47,11 @@ def test_derived_values():
     spec = named.data_spec()
     assert spec == dataclasses.replace(DATASETS["full-overlapping"], val_fraction=0.3)
     assert named.model_components == spec.num_components and named.model_dims == spec.num_dims
+    # a collapse dataset is fitted with its benchmark model K (spare components), as measure_collapse does
+    for name in ("full-overspecified", "full-point-mass", "full-quantized"):
+        assert ExperimentConfig(dataset=name).model_components == DATASETS[name].fit_components
+    assert ExperimentConfig(dataset="full-point-mass").model_components == 5
+    assert ExperimentConfig(dataset="full-point-mass", num_components=3).model_components == 3
     assert ExperimentConfig(data_family=None, family="isotropic").data_spec().family == "isotropic"
     flat = cfg.flat()
     assert all(isinstance(v, str) for v in flat.values())

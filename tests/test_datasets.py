@@ -45,9 +45,7 @@ def test_split_is_fixed_disjoint_and_complete():
     assert a.val.shape == (round(0.2 * n), 2) and a.train.shape == (n - a.val.shape[0], 2)
     rows = torch.cat([a.train_index, a.val_index]).sort().values
     assert torch.equal(rows, torch.arange(n))
-    assert torch.equal(a.train, a.mock.data[a.train_index]) and torch.equal(
-        a.labels_val, a.mock.labels[a.val_index]
-    )
+    assert torch.equal(a.train, a.mock.data[a.train_index]) and torch.equal(a.labels_val, a.mock.labels[a.val_index])
     assert a.fingerprint == gmm.fingerprint(torch.cat([a.train, a.val])) and a.name == "full-separated"
 
 
@@ -76,10 +74,12 @@ def test_point_mass_and_outliers_are_added_to_the_training_split_only():
 
 def test_quantized_training_points_lie_on_the_grid_and_validation_points_are_dequantized():
     ds = load_dataset("diagonal-quantized")
-    assert torch.equal(ds.train, torch.round(ds.train))  # grid width 1
-    offsets = ds.val - torch.round(ds.mock.data[ds.val_index])
+    width = datasets._GRID_WIDTH
+    assert torch.equal(ds.train, torch.round(ds.train / width) * width)
+    assert all(len(torch.unique(ds.train[:, j])) <= 4 for j in range(2))  # a few values per axis
+    offsets = (ds.val - torch.round(ds.mock.data[ds.val_index] / width) * width) / width
     assert float(offsets.abs().max()) <= 0.5 and float(offsets.abs().min()) > 0
-    assert 0.2 < float(offsets.abs().mean()) < 0.3  # uniform on [-0.5, 0.5]: mean |u| = 0.25
+    assert 0.2 < float(offsets.abs().mean()) < 0.3  # uniform on [-width/2, width/2]: mean |u| = width / 4
 
 
 @pytest.mark.parametrize(("name", "clusters"), [("diagonal-subspace", [0]), ("tied-subspace", [0, 1, 2, 3])])

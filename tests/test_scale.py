@@ -287,7 +287,7 @@ def test_worker_needs_an_existing_study_and_takes_its_settings(tmp_path, capsys)
     storage = f"sqlite:///{tmp_path / 'o.db'}"
     base = ["--worker", "--family", "full", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     assert main([*base, "--trials", "1"]) == 2
-    assert "no study 'full-v3' in the storage; create it first" in capsys.readouterr().err
+    assert "no study 'full-v4' in the storage; create it first" in capsys.readouterr().err
     assert main([*base, "--iterations", "50", "--datasets", "full-separated"]) == 2
     assert "drop --iterations, --datasets" in capsys.readouterr().err
     assert main([*base, "--retries", "-1"]) == 2

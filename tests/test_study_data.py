@@ -25,11 +25,11 @@ def test_a_study_on_a_csv_writes_a_best_file_that_fits_the_same_data(tmp_path, c
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "fit them on the same data: make run CONFIG=" in out
-    best = json.loads((tmp_path / "best" / "diagonal-mine-v3.json").read_text())  # the study is named after the file
+    best = json.loads((tmp_path / "best" / "diagonal-mine-v4.json").read_text())  # the study is named after the file
     assert best["data_file"] == str(tmp_path / "mine.csv") and best["columns"] == "x,y" and best["components"] == 2
     config = ExperimentConfig.from_dict(best)
     study = optuna.load_study(
-        study_name="diagonal-mine-v3",
+        study_name="diagonal-mine-v4",
         storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(storage)),
     )
     recorded = study.user_attrs["settings"]

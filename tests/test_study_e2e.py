@@ -27,7 +27,7 @@ from studies.run import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY = "isotropic"
-STUDY = f"{FAMILY}-v3"
+STUDY = f"{FAMILY}-v4"
 TINY = ["--iterations", "40", "--eval-every", "20", "--no-progress"]
 
 
