@@ -80,7 +80,7 @@ _UNSUPPORTED = {  # option: (value that is fine, what to do instead)
     "batch_size": (None, "mini-batches are not batched yet: fit the members one by one (model.member(i).fit)"),
     "gradients": ("autograd", "analytic gradients are not batched yet: use gradients='autograd'"),
     "compile": (False, "compiled steps are not batched yet: drop compile=True"),
-    "quadratic": (None, "the quadratic path is not batched: drop quadratic="),
+    "quadratic": (None, "the quadratic path is not batched: drop quadratic=True"),
     "n_init": (1, "a population already holds the starts: use one member per start (seed=[s, s + 1, ...])"),
     "generator": (None, "pass per-member seeds (seed=[...]) instead of a generator"),
 }
@@ -140,8 +140,9 @@ def member_options(num_members: int, options: FitOptions | None, overrides: dict
         opts = make_options(options, **{**overrides, **{k: v[i] for k, v in per.items()}})
         out.append(opts)
     for name, (fine, fix) in _UNSUPPORTED.items():
-        if getattr(out[0], name) != fine:
-            raise ValueError(f"{name}={getattr(out[0], name)!r} is not supported for a batched model; {fix}")
+        value = getattr(out[0], name)
+        if value != fine and not (name == "quadratic" and value is False):  # False: the exact path, as batched
+            raise ValueError(f"{name}={value!r} is not supported for a batched model; {fix}")
     return out
 
 
