@@ -6,7 +6,7 @@ and against B sequential fits of this project, all timed in the same run.
     python -m bench.population --members 8 16 32 64   # scaling with B
 
 Figures, per family (medians over interleaved rounds, so a change of load hits every variant alike):
-- `baseline`: ms per step of the original-style fit of that family (bench.baseline);
+- `baseline`: ms per step of the original-style fit of that family (bench.baseline), in one thread;
 - `one fit`: ms per step of one unbatched `gmm.fit` (FitResult.wall_time: the loop, init excluded);
 - `population`: ms per step of the batched loop over B members, and per member-step (divided by B);
 - speedups: per member-step against the baseline (target >= 15x) and against B sequential fits, i.e. B x one
@@ -34,10 +34,17 @@ TARGET_VS_BASELINE, TARGET_VS_SEQUENTIAL = 15.0, 6.0
 
 
 def _time_baseline(step, iterations: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    return 1000 * (time.perf_counter() - t0) / iterations
+    """ms per step of the original-style fit, in one thread like this project's fits at this size (two threads
+    are no faster here on a quiet machine, and far slower on a busy one, which would flatter the ratios)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            step()
+        return 1000 * (time.perf_counter() - t0) / iterations
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _fit(family: str, x: torch.Tensor, iterations: int, members: int | None, threads: int | None = None):

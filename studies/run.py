@@ -253,11 +253,21 @@ class WorkerJob:
     batch: int = 1  # trials asked and fit together as one population per dataset (1: one trial at a time)
 
 
-def make_sampler(seed: int, parallel: bool) -> optuna.samplers.BaseSampler:
+STARTUP_TRIALS = 10  # TPE's random trials before it models the objective
+
+
+def make_sampler(seed: int, parallel: bool, batch: int = 1) -> optuna.samplers.BaseSampler:
+    """TPE (multivariate, grouped); `parallel`: other trials run meanwhile, so it lies about them (constant
+    liar). With batches of B trials, the random start is min(10, B) trials: the first batch, not two batches
+    of which the second would be random too (10 complete trials are needed before TPE models anything)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            n_startup_trials=10, multivariate=True, group=True, constant_liar=parallel, seed=seed
+            n_startup_trials=min(STARTUP_TRIALS, batch) if batch > 1 else STARTUP_TRIALS,
+            multivariate=True,
+            group=True,
+            constant_liar=parallel or batch > 1,
+            seed=seed,
         )
 
 
@@ -340,8 +350,7 @@ def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
     study = optuna.load_study(
         study_name=job.study_name,
         storage=storage,
-        # with batches, the trials of a batch run together: the sampler must assume the worst of them
-        sampler=make_sampler(job.sampler_seed, parallel=job.parallel or job.batch > 1),
+        sampler=make_sampler(job.sampler_seed, parallel=job.parallel, batch=job.batch),
         pruner=make_pruner(job.pruner, job.settings),
     )
     objective = Objective(job.settings, job.tracking_uri, job.experiment, job.parent_run_id, job.study_name)
