@@ -103,15 +103,16 @@ def run_population(
         for c, d, n, p, t in zip(configs, datas, names, parents, extra, strict=True)
     ]
     opened: list = []
-    outcomes: list[ExperimentResult | BaseException | None] = [None] * count
+    errors: list[BaseException | None] = [None] * count  # members that ended on their own, filled by _run
     try:
         for cm in contexts:
             opened.append(cm.__enter__())
-        outcomes = _run(configs, datas, opened, options, on_eval)
+        outcomes = _run(configs, datas, opened, options, on_eval, errors)
     except BaseException:
         info = sys.exc_info()
-        for cm in contexts[: len(opened)]:
-            cm.__exit__(*info)
+        for cm, own in zip(contexts[: len(opened)], errors, strict=False):  # the runs opened
+            # a member that had already ended (pruned, failed) keeps its own status; the others get the interrupt
+            cm.__exit__(*((type(own), own, own.__traceback__) if own is not None else info))
         raise
     for cm, outcome in zip(contexts, outcomes, strict=True):
         if isinstance(outcome, BaseException):
@@ -128,7 +129,7 @@ def _stack(tensors: list[torch.Tensor], fingerprints: list[str]) -> torch.Tensor
     return torch.stack(tensors)
 
 
-def _run(configs, datas, opened, options, on_eval) -> list:
+def _run(configs, datas, opened, options, on_eval, errors: list) -> list:
     first = configs[0]
     device, dtype = torch.device(first.device), first.torch_dtype
     count = len(configs)
@@ -143,7 +144,6 @@ def _run(configs, datas, opened, options, on_eval) -> list:
     evaluators = [
         _Evaluator(model, d.val.to(device, dtype), c, lg, None) for c, d, lg in zip(configs, datas, loggers, strict=True)
     ]
-    errors: list[BaseException | None] = [None] * count
 
     def callback(step: int, nlls: list[float], new_events: list) -> list[int]:
         by_member: list[list] = [[] for _ in range(count)]
@@ -158,13 +158,8 @@ def _run(configs, datas, opened, options, on_eval) -> list:
                 continue
             if math.isnan(nlls[i]):  # stopped earlier in the fit (tol): nothing more to record
                 continue
-            ev.record(step, nlls[i], val_nlls[i], smallest[i])
-            try:
-                if has_val and not math.isfinite(val_nlls[i]):
-                    raise FloatingPointError(
-                        f"the validation NLL became non-finite ({val_nlls[i]}) at step {step}; lower the learning "
-                        "rates or raise clamp"
-                    )
+            try:  # record raises FloatingPointError on a non-finite validation NLL: that member's end alone
+                ev.record(step, nlls[i], val_nlls[i], smallest[i])
                 if on_eval is not None:
                     on_eval(i, step, val_nlls[i] if has_val else nlls[i])
             except Exception as err:  # noqa: BLE001  (the member's own end: its run gets this error)
@@ -184,7 +179,7 @@ def _run(configs, datas, opened, options, on_eval) -> list:
     outcomes: list = []
     for i, (config, data, lg) in enumerate(zip(configs, datas, loggers, strict=True)):
         lg.in_fit = False
-        error = errors[i] or results.errors[i]
+        error = errors[i] = errors[i] or results.errors[i]
         if error is not None:
             log_partial_record(lg, results[i], config)
             outcomes.append(error)
@@ -193,5 +188,10 @@ def _run(configs, datas, opened, options, on_eval) -> list:
         train_i = data.train.to(device, dtype)
         val_i = data.val.to(device, dtype)
         evaluators[i].model = member
-        outcomes.append(finish_run(config, data, lg, member, results[i], evaluators[i], train_i, val_i))
+        try:  # one member's failure after the fit (EM, the store) ends its run alone
+            outcomes.append(finish_run(config, data, lg, member, results[i], evaluators[i], train_i, val_i))
+        except Exception as err:  # noqa: BLE001  (the member's outcome; Ctrl-C still ends every run)
+            log_partial_record(lg, results[i], config)
+            errors[i] = err
+            outcomes.append(err)
     return outcomes

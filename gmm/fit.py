@@ -559,9 +559,10 @@ def _fit_starts_population(model: MixtureModel, x: Tensor, opts: FitOptions) -> 
     try:
         result = fit_members(population, x[None], [dataclasses.replace(shared, seed=s) for s in seeds])
     except BaseException:
-        partial = population.fit_result_.members
-        starts = tuple(dataclasses.replace(r, start=i) for i, r in enumerate(partial))
-        model.fit_result_ = dataclasses.replace(starts[0], starts=starts)
+        if population.fit_result_ is not None:  # None: stopped while the starts were made, nothing recorded
+            partial = population.fit_result_.members
+            starts = tuple(dataclasses.replace(r, start=i) for i, r in enumerate(partial))
+            model.fit_result_ = dataclasses.replace(starts[0], starts=starts)
         raise
     records = tuple(dataclasses.replace(r, start=i) for i, r in enumerate(result.members))
     finished = [r for r in records if r.completed]

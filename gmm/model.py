@@ -387,6 +387,8 @@ def _check_batch_shape(batch_shape) -> tuple[int, ...]:
 def check_batch_data(data, num_members: int, num_dims: int, dtype, device, name: str = "data", min_samples: int = 1):
     """(N, D) data shared by B members, or (B, N, D) one data set per member -> (1 or B, N, D), each member's
     data checked like `check_data`."""
+    if not isinstance(data, Tensor) and getattr(data, "ndim", None) == 3:  # a (B, N, D) NumPy array
+        data = torch.as_tensor(data)
     if isinstance(data, Tensor) and data.ndim == 3:
         if data.shape[0] != num_members:
             raise ValueError(

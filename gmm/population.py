@@ -22,6 +22,7 @@ What differs from one fit:
   last finite parameters), and a member that reaches `tol` stops alone; a stopped member no longer changes;
 - the callback is `callback(step, nlls, new_events)` with `nlls` the B members' NLLs (data units; NaN once a
   member has stopped) and events carrying their `member`; it may return member indices to stop (pruning);
+  changes it makes to the parameters are discarded (unlike one fit's callback);
 - not supported yet, each with a clear error: mini-batches (`batch_size`), `gradients="analytic"`, `compile`,
   the quadratic path, `n_init`, a `generator` (pass per-member seeds).
 The fit chunks over N so that B x N x K x D never sits in memory at once.
@@ -35,6 +36,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -123,13 +125,15 @@ def member_options(num_members: int, options: FitOptions | None, overrides: dict
     """One validated FitOptions per member: `PER_MEMBER` overrides may be sequences of `num_members` values."""
     per: dict[str, list] = {}
     for name, value in overrides.items():
-        if isinstance(value, Tensor) and value.ndim == 1 or isinstance(value, (list, tuple)):
+        if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 1 or isinstance(value, (list, tuple)):
+            if name in _UNSUPPORTED:
+                raise ValueError(f"{name} is not supported for a batched model; {_UNSUPPORTED[name][1]}")
             if name not in PER_MEMBER:
                 raise ValueError(
                     f"{name} is shared by every member of a population; pass one value (options that may differ "
                     f"per member: {', '.join(PER_MEMBER)})"
                 )
-            values = value.tolist() if isinstance(value, Tensor) else list(value)
+            values = value.tolist() if isinstance(value, (Tensor, np.ndarray)) else list(value)
             if len(values) != num_members:
                 raise ValueError(
                     f"{name} has {len(values)} values but the model has {num_members} members; pass one or {num_members}"
@@ -142,7 +146,8 @@ def member_options(num_members: int, options: FitOptions | None, overrides: dict
     for name, (fine, fix) in _UNSUPPORTED.items():
         value = getattr(out[0], name)
         if value != fine and not (name == "quadratic" and value is False):  # False: the exact path, as batched
-            raise ValueError(f"{name}={value!r} is not supported for a batched model; {fix}")
+            shown = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+            raise ValueError(f"{name}={shown} is not supported for a batched model; {fix}")
     return out
 
 
@@ -309,8 +314,7 @@ class _Population:
         if not coords.identity and one.family.trainable:
             one.family.rescale_(reset_raw, coords.scale)
         coords.to_standard_(one)
-        one.family.clamp_(one.raw_cov, clamp)
-        model.set_member(i, one)
+        one.family.clamp_(one.raw_cov, clamp)  # written into the batch once every member is set up (run)
         min_mass = float(d + 1) if opts.reset_min_mass is None else opts.reset_min_mass
         recovery = _Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det, member=i)
         return _Member(i, opts, x, z, coords, g, clamp, reset_raw, min_mass, recovery), one
@@ -327,7 +331,10 @@ class _Population:
     def run(self) -> PopulationResult:
         model, num = self.model, self.model.num_members
         t0 = time.perf_counter()
+        # every member's start on its own copy first: an error or Ctrl-C here leaves the model as it was
         self.members, self.ones = zip(*(self._setup_member(i) for i in range(num)), strict=True)
+        for i, one in enumerate(self.ones):
+            model.set_member(i, one)
         same = all(m.z is self.members[0].z or torch.equal(m.z, self.members[0].z) for m in self.members)
         z = self.members[0].z[None] if same else torch.stack([m.z for m in self.members])
         self.clamp, self.raw_floor = self._floors(self.members)
@@ -337,7 +344,9 @@ class _Population:
         dev = model.device
         self.base_mixture = torch.tensor([m.opts.mixture_lr for m in self.members], dtype=torch.float64, device=dev)
         self.base_component = torch.tensor([m.opts.component_lr for m in self.members], dtype=torch.float64, device=dev)
-        self.buffers = [[torch.empty_like(p) for p in self.params] for _ in range(2)]  # theta_(t-1), theta_(t-2)
+        # theta_(t-1), theta_(t-2); both the start at first, so a member whose very first NLL is non-finite
+        # is frozen at its start
+        self.buffers = [[p.clone() for p in self.params] for _ in range(2)]
         self.best = [p.clone() for p in self.params]
         self.cur, self.prev = 0, 1
         self.frozen: dict[int, list[Tensor]] = {}  # failed members' parameters

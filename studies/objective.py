@@ -270,6 +270,8 @@ class Objective:
                 log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
             alive = list(range(len(trials)))
             for i, name in enumerate(s.datasets):
+                if not alive:  # every trial of the batch was pruned or failed
+                    break
                 for k in alive:
                     states[k].begin(i, name)
                 outcomes = run_population(
@@ -295,14 +297,22 @@ class Objective:
                         except StopRun as e:
                             ends[k] = e
                 alive = [k for k in alive if k not in ends]
-        except BaseException:
+        except BaseException as err:
             info = sys.exc_info()
-            for state, (client, run_id), cm in zip(states, opened, contexts, strict=False):  # the runs opened
+            ended = {}  # trials pruned or failed before the interrupt keep that outcome (told by optimize_batched)
+            for k, (state, (client, run_id), cm) in enumerate(zip(states, opened, contexts, strict=False)):
                 state.wall_time = time.perf_counter() - start
+                own = ends.get(k)
                 try:
                     state.record(client, run_id)
                 finally:
-                    cm.__exit__(*info)
+                    cm.__exit__(*((type(own), own, own.__traceback__) if own is not None else info))
+                if own is not None:
+                    ended[trials[k].number] = _told(lambda state=state, own=own: _outcome_of(state, own))
+            try:
+                err.batch_outcomes = ended
+            except AttributeError:
+                pass
             raise
         told = []
         for k, (state, (client, run_id), cm) in enumerate(zip(states, opened, contexts, strict=True)):

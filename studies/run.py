@@ -390,8 +390,14 @@ def optimize_batched(study: optuna.Study, storage, objective, job: WorkerJob, ca
                 for callback in callbacks:
                     callback(study, frozen)
         except BaseException as err:
+            ended = getattr(err, "batch_outcomes", {})  # trials that had been pruned or failed on their own
             for trial in trials:
-                if trial.number not in told:
+                if trial.number in told:
+                    continue
+                if trial.number in ended:
+                    state, value = ended[trial.number]
+                    study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+                else:
                     trial.set_user_attr("fail_reason", f"the batch stopped: {type(err).__name__}: {err}"[:500])
                     study.tell(trial, state=TrialState.FAIL)
             raise
