@@ -261,7 +261,8 @@ def test_a_sigkilled_run_is_ended_killed_by_the_next_command_and_keeps_its_curve
     dead = [r for r in killed if r.data.tags.get("heartbeat.pid") == str(proc.pid)]
     assert dead and all(r.info.status == "KILLED" for r in dead), [(r.info.run_name, r.info.status) for r in dead]
     assert all(f"process {proc.pid}" in r.data.tags["stop_reason"] for r in dead)
-    assert len(dead) == (2 if command == "report" else 1)  # a report: its parent run and the seed's run
+    # a report: its parent run and both seeds' runs (a family's seeds fit together as one population)
+    assert len(dead) == (3 if command == "report" else 1)
     history = client.get_metric_history(run_id, TRAIN_CURVE)
     assert history and all(h.step >= 0 for h in history)  # the curve written during the fit survived
     assert not (tmp_path / "report").exists()
