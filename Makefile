@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml
 # chaotic trajectory happens to go fails on every machine, not only on some CPUs.
 NUMERIC_TESTS := tests/test_collapse.py tests/test_fit.py tests/test_properties.py tests/test_scratch.py \
 	tests/test_likelihood.py tests/test_em.py tests/test_minibatch.py tests/test_optim.py tests/test_model.py \
-	tests/test_trust.py tests/test_distribution.py
+	tests/test_trust.py tests/test_distribution.py tests/test_population.py
 OTHER_KERNELS := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default
 
 test: $(STAMP) ## run the whole test suite (slow end-to-end tests included), then the numeric tests on other kernels

@@ -11,13 +11,20 @@ import torch
 from torch import nn
 
 
-class OriginalFull(nn.Module):
-    def __init__(self, num_components: int, num_dims: int, data: torch.Tensor, seed: int = 0):
+class _Original(nn.Module):
+    """The original's start: equal weights, means at K data points drawn with a seeded generator."""
+
+    def __init__(self, num_components: int, data: torch.Tensor, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(data.shape[0], generator=g)[:num_components]
         self.logits = nn.Parameter(torch.zeros(num_components))
         self.mus = nn.Parameter(data[idx].clone())
+
+
+class OriginalFull(_Original):
+    def __init__(self, num_components: int, num_dims: int, data: torch.Tensor, seed: int = 0):
+        super().__init__(num_components, data, seed)
         self.scale_tril = nn.Parameter(torch.eye(num_dims).repeat(num_components, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,16 +40,12 @@ class OriginalFull(nn.Module):
             tril.diagonal().clamp_min_(epsilon)
 
 
-class OriginalDiagonal(nn.Module):
+class OriginalDiagonal(_Original):
     """The original's diagonal model: `Independent(Normal(mu, std), 1)` components rebuilt every step, std
     parameters clamped by a Python loop over components."""
 
     def __init__(self, num_components: int, num_dims: int, data: torch.Tensor, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(data.shape[0], generator=g)[:num_components]
-        self.logits = nn.Parameter(torch.zeros(num_components))
-        self.mus = nn.Parameter(data[idx].clone())
+        super().__init__(num_components, data, seed)
         self.stds = nn.Parameter(torch.ones(num_components, num_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ from torch import Tensor
 from . import likelihood
 from ._validation import check_choice, check_data, check_dtype_device, check_float, check_int, make_generator
 from .init import INITS, base_covariance, initialize
-from .model import MixtureModel, chunk_rows
+from .model import MixtureModel, chunk_rows, parameter_tensors
 from .optim import FusedAdam
 from .standardize import Standardizer
 
@@ -572,7 +572,7 @@ def _fit_starts_population(model: MixtureModel, x: Tensor, opts: FitOptions) -> 
     kept = min(finished, key=lambda r: r.final_nll)
     with torch.no_grad():
         one = population.member(kept.start)
-        torch._foreach_copy_(_parameters(model), _parameters(one))
+        torch._foreach_copy_(parameter_tensors(model), parameter_tensors(one))
     notes = kept.warnings
     failed = [r.start for r in records if not r.completed]
     if failed:
@@ -599,16 +599,16 @@ def _fit_starts(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
             continue
         except BaseException:
             if best is not None:  # the model keeps the best finished start
-                torch._foreach_copy_(_parameters(model), best[2])
+                torch._foreach_copy_(parameter_tensors(model), best[2])
             model.fit_result_ = dataclasses.replace(model.fit_result_, start=i, starts=(*records, model.fit_result_))
             raise
         records.append(dataclasses.replace(result, start=i))
         if best is None or result.final_nll < best[0]:
-            best = (result.final_nll, i, [p.clone() for p in _parameters(model)])
+            best = (result.final_nll, i, [p.clone() for p in parameter_tensors(model)])
     if best is None:
         model.fit_result_ = dataclasses.replace(model.fit_result_, starts=tuple(records))
         raise failure
-    torch._foreach_copy_(_parameters(model), best[2])
+    torch._foreach_copy_(parameter_tensors(model), best[2])
     kept = records[best[1]]
     notes = kept.warnings
     failed = [r.start for r in records if not r.completed]
@@ -617,11 +617,6 @@ def _fit_starts(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
     kept = dataclasses.replace(kept, warnings=notes, starts=tuple(records))
     model.fit_result_ = kept
     return kept
-
-
-def _parameters(model: MixtureModel) -> list[Tensor]:
-    """The model's parameter tensors (detached aliases): weight logits, means, raw covariance."""
-    return [model.logits.detach(), model.locs.detach(), model.raw_cov.detach()]
 
 
 # -- one start --------------------------------------------------------------------------------------------
@@ -733,7 +728,7 @@ def _fit(model: MixtureModel, x: Tensor, opts: FitOptions) -> FitResult:
     converged = False
     bar = _progress_bar(opts, total)
     step = 0
-    iterates = _Iterates(_parameters(model))
+    iterates = _Iterates(parameter_tensors(model))
     best_nll, best_step = math.inf, 0
     lr_scale, rollbacks, last_reset = 1.0, 0, -1
     shift = coords.log_det

@@ -109,7 +109,7 @@ class MixtureModel(nn.Module):
             device=self.device,
         )  # fmt: skip
         with torch.no_grad():
-            for mine, theirs in zip(_tensors(self), _tensors(out), strict=True):
+            for mine, theirs in zip(parameter_tensors(self), parameter_tensors(out), strict=True):
                 theirs.copy_(mine[i])
         if self.fit_result_ is not None and hasattr(self.fit_result_, "members"):
             out.fit_result_ = self.fit_result_.members[i]
@@ -126,7 +126,7 @@ class MixtureModel(nn.Module):
                 f"set_member needs an unbatched {self.family.name!r} model with K={self.num_components}, "
                 f"D={self.num_dims}; got {model!r}"
             )
-        for mine, theirs in zip(_tensors(self), _tensors(model), strict=True):
+        for mine, theirs in zip(parameter_tensors(self), parameter_tensors(model), strict=True):
             mine[i].copy_(theirs)
         return self
 
@@ -372,7 +372,7 @@ class MixtureModel(nn.Module):
         return f"family={self.family.name!r}, num_components={self.num_components}, num_dims={self.num_dims}{batch}"
 
 
-def _tensors(model: MixtureModel) -> list[Tensor]:
+def parameter_tensors(model: MixtureModel) -> list[Tensor]:
     """The model's parameter tensors (detached aliases): weight logits, means, raw covariance."""
     return [model.logits.detach(), model.locs.detach(), model.raw_cov.detach()]
 

@@ -57,7 +57,7 @@ from .fit import (
     make_options,
 )
 from .init import base_covariance, initialize
-from .model import MixtureModel, check_batch_data, chunk_rows
+from .model import MixtureModel, check_batch_data, chunk_rows, parameter_tensors
 from .optim import PopulationAdam
 from .standardize import Standardizer
 
@@ -295,7 +295,7 @@ class _Population:
         self.total = opts[0].num_iterations
         self.log_freq = opts[0].log_freq or max(1, self.total // 100)
         self.callback: Callable | None = opts[0].callback
-        self.params = [model.logits.detach(), model.locs.detach(), model.raw_cov.detach()]
+        self.params = parameter_tensors(model)
 
     # -- setup ------------------------------------------------------------------------------------------
     def _setup_member(self, i: int) -> tuple[_Member, MixtureModel]:
@@ -531,8 +531,7 @@ class _Population:
         """Member i's current parameters mapped to data units, in its unbatched model (the batch is unchanged)."""
         one, m = self.ones[i], self.members[i]
         with torch.no_grad():
-            theirs = [one.logits.detach(), one.locs.detach(), one.raw_cov.detach()]
-            for mine, their in zip(self.params, theirs, strict=True):
+            for mine, their in zip(self.params, parameter_tensors(one), strict=True):
                 their.copy_(mine[i])
         m.coords.to_data_(one, m.opts.clamp)
         return one

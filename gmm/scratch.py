@@ -59,7 +59,7 @@ from torch import Tensor
 
 from .families import Family, get_family
 from .likelihood import LOG_2PI, exp_floor, whiten
-from .model import chunk_rows
+from .model import chunk_rows, parameter_tensors
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class ScratchStep:
             log.debug("the analytic step has no quadratic-expansion path; using the exact difference form")
         self.rows = x.split(chunk_rows(model.num_components, model.num_dims))
         # detached aliases: the step writes the model's parameters in place
-        self.params = (model.logits.detach(), model.locs.detach(), model.raw_cov.detach())
+        self.params = tuple(parameter_tensors(model))
         self.exp_avg = tuple(torch.zeros_like(p) for p in self.params)
         self.exp_avg_sq = tuple(torch.zeros_like(p) for p in self.params)
         # [mixture lr / bc1, component lr / bc1, sqrt(bc2)]: written in place every step, so the
