@@ -93,6 +93,14 @@ class _OwnedTrials:
             self.set_trial_system_attr(trial_id, OWNER_KEY, f"{socket.gethostname()}:{os.getpid()}")
             owned.add(trial_id)
 
+    def create_new_trial(self, study_id: int, template_trial=None) -> int:
+        """Optuna's, then this process as the owner at once: a worker killed between asking for a trial and its
+        first heartbeat (with --batch, while it asks for the batch's trials) leaves no ownerless trial."""
+        trial_id = super().create_new_trial(study_id, template_trial)
+        if template_trial is None or template_trial.state == TrialState.RUNNING:
+            self._record_owner(trial_id)
+        return trial_id
+
     def _dead_owner_trial_ids(self, study_id: int) -> dict[int, str]:
         host = socket.gethostname()
         dead: dict[int, str] = {}
