@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 from dataclasses import dataclass, fields
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import gmm
-from gmm._validation import check_choice, check_float, check_int
+from gmm.validation import check_choice, check_float, check_int, suggest
 
 from .datasets import PERTURBATIONS, DataSpec, get_spec
 
@@ -310,10 +309,7 @@ class ExperimentConfig:
         names = [f.name for f in fields(cls)]
         unknown = [k for k in d if k not in names]
         if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [f"{key!r}{suggest(key, names)}" for key in unknown]
             raise ValueError(f"unknown config key(s) {', '.join(hints)}; the fields are: {', '.join(names)}")
         return cls(**{k: _coerce(k, v) for k, v in d.items()})
 

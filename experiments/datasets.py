@@ -56,7 +56,6 @@ rates.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import sys
@@ -67,7 +66,7 @@ import torch
 from torch import Tensor
 
 import gmm
-from gmm._validation import check_choice, check_float, check_int
+from gmm.validation import check_choice, check_float, check_int, suggest
 
 PERTURBATIONS = ("point_mass", "quantized", "subspace", "outliers")
 CAUSES = {
@@ -236,11 +235,10 @@ def get_spec(name: str) -> DataSpec:
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string; got {type(name).__name__}")
     if name not in DATASETS:
-        close = difflib.get_close_matches(name, DATASETS, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = suggest(name, DATASETS, n=3)
         raise ValueError(
             f"unknown dataset {name!r}; `python -m experiments.datasets` lists the names "
-            f"(<family>-<cause> or <family>-separated / -overlapping).{hint}"
+            f"(<family>-<cause> or <family>-separated / -overlapping){hint}"
         )
     return DATASETS[name]
 

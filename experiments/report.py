@@ -79,7 +79,7 @@ import pandas as pd
 import torch
 
 import gmm
-from gmm._cli import OneLineParser
+from gmm.cli import OneLineParser
 
 from .commands import module
 from .config import ExperimentConfig, add_arguments
@@ -876,7 +876,7 @@ def seed_rule(config: ExperimentConfig) -> str:
 
 
 def _check_plan(families: Sequence[str], num_seeds: int, jobs: int) -> list[str]:
-    from gmm._validation import check_choice, check_int
+    from gmm.validation import check_choice, check_int
 
     families = list(families)
     if not families:

@@ -59,7 +59,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 import gmm
-from gmm._cli import OneLineParser
+from gmm.cli import OneLineParser
 from gmm.fit import lr_factor
 
 from .commands import module

@@ -56,7 +56,7 @@ import pandas as pd
 import torch
 
 import gmm
-from gmm._cli import OneLineParser
+from gmm.cli import OneLineParser
 from gmm.fit import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 
 from . import sweep_outputs as outputs

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import gmm
-from gmm._validation import check_float, check_int
+from gmm.validation import check_float, check_int
 
 from .datasets import Dataset
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._validation import check_choice, check_float, check_int, make_generator
 from .families import FAMILIES, get_family
+from .validation import check_choice, check_float, check_int, make_generator
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import warnings
 from collections.abc import Sequence
 
 import gmm
-from gmm._cli import OneLineParser
-from gmm._validation import check_choice
+from gmm.cli import OneLineParser
 from gmm.fit import GRADIENTS, FitOptions
+from gmm.validation import check_choice
 
 DEFAULT_FIGURE = "demo.png"
 ABOVE_TRUTH_WARNING = 0.05  # nats per sample above the true parameters' NLL that the demo warns about

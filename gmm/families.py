@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._validation import check_choice
+from .validation import check_choice
 
 FAMILIES: tuple[str, ...] = ("full", "tied", "diagonal", "isotropic", "shared_isotropic", "constant")
 

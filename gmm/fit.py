@@ -65,11 +65,11 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from ._validation import check_choice, check_data, check_dtype_device, check_float, check_int, make_generator
 from .init import INITS, base_covariance, initialize
 from .model import MixtureModel, chunk_rows, parameter_tensors
 from .optim import FusedAdam
 from .standardize import Standardizer
+from .validation import check_choice, check_data, check_dtype_device, check_float, check_int, make_generator, suggest
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +237,7 @@ def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
     names = {f.name for f in dataclasses.fields(FitOptions)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        import difflib
-
-        hints = [difflib.get_close_matches(u, names, n=1) for u in unknown]
-        hint = "".join(f" (did you mean {h[0]!r}?)" for h in hints if h)
+        hint = "".join(suggest(u, names) for u in unknown)
         raise TypeError(f"unknown fit option(s) {', '.join(unknown)}{hint}; see gmm.FitOptions")
     opts = dataclasses.replace(base, **overrides)
     both_given = overrides.get("generator") is not None and overrides.get("seed") is not None

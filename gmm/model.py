@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
 from . import likelihood
-from ._validation import check_data, check_dtype_device, check_float, check_int, make_generator
 from .families import FAMILIES, Covariance, Family, get_family
+from .validation import check_data, check_dtype_device, check_float, check_int, make_generator
 
 # Rows per chunk when evaluating large data: bounds the (chunk, K, D) intermediates to ~2^24 elements.
 _CHUNK_ELEMENTS = 1 << 24

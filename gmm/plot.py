@@ -36,8 +36,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse
 from torch import Tensor
 
-from ._validation import check_data
 from .model import MixtureModel
+from .validation import check_data
 
 __all__ = [
     "check_figure_path",

@@ -41,7 +41,6 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from ._validation import make_generator
 from .fit import (
     _WORST_FRACTION,
     ConvergenceWarning,
@@ -60,6 +59,7 @@ from .init import base_covariance, initialize
 from .model import MixtureModel, check_batch_data, chunk_rows, parameter_tensors
 from .optim import PopulationAdam
 from .standardize import Standardizer
+from .validation import make_generator
 
 # options that may differ between members (a scalar for all, or a sequence of B values)
 PER_MEMBER = (

@@ -27,10 +27,10 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._validation import check_choice, check_float, check_int
 from .families import FAMILIES
 from .init import INITS
 from .model import MixtureModel, make_model
+from .validation import check_choice, check_float, check_int
 
 __all__ = ["GaussianMixtureGD"]
 

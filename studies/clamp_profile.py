@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from gmm._cli import OneLineParser
+from gmm.cli import OneLineParser
 
 from . import STUDY_VERSION
 

@@ -8,9 +8,8 @@ NLLs, so a setting has to fit clean data well *and* resist collapse on the pertu
 
 from __future__ import annotations
 
-import difflib
-
 from experiments.datasets import DATASETS, datasets_for_family, load_dataset, stored_fingerprints
+from gmm.validation import suggest
 
 
 def study_datasets(family: str, names: list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -25,10 +24,8 @@ def study_datasets(family: str, names: list[str] | tuple[str, ...] | None = None
         raise ValueError("a study needs at least one dataset; leave --datasets out to use the family's")
     for name in names:
         if name not in DATASETS:
-            close = difflib.get_close_matches(name, DATASETS, n=2)
             raise ValueError(
-                f"unknown dataset {name!r}; `python -m experiments.datasets` lists the names"
-                + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else "")
+                f"unknown dataset {name!r}; `python -m experiments.datasets` lists the names{suggest(name, DATASETS, 2)}"
             )
     return tuple(names)
 

@@ -59,7 +59,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 import gmm
 from experiments.redact import install_log_redaction, redact
-from gmm._cli import OneLineParser
+from gmm.cli import OneLineParser
+from gmm.validation import suggest
 
 from . import STUDY_VERSION
 from .storage import PROJECT_ROOT, fail_stale_trials, open_storage, resolve_storage_url
@@ -187,12 +188,9 @@ def check_args(args: argparse.Namespace) -> list[str]:
     elif args.family in gmm.FAMILIES:
         families = [args.family]
     else:
-        import difflib
-
-        hint = difflib.get_close_matches(args.family, [*gmm.FAMILIES, "all"], n=1)
         raise ValueError(
             f"unknown family {args.family!r}; choose one of {', '.join(gmm.FAMILIES)} or all"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + suggest(args.family, [*gmm.FAMILIES, "all"])
         )
     for name, low in (
         ("trials", 0),

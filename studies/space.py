@@ -12,7 +12,6 @@ form given with `--space FILE` overrides it parameter by parameter:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 from experiments.config import read_mapping_file
 from gmm import FAMILIES
+from gmm.validation import suggest
 
 DEFAULT_SPACE_FILE = Path(__file__).with_name("space.yaml")
 FROZEN_SUFFIX = "_frozen"  # the categorical that carries a float parameter's 'frozen' (= 0) choice
@@ -118,10 +118,9 @@ def read_space_file(path: str | Path) -> dict:
     sections = ("default", *FAMILIES)
     for section, entries in raw.items():
         if section not in sections:
-            hint = difflib.get_close_matches(str(section), sections, n=1)
             raise ValueError(
                 f"unknown section {section!r} in {str(path)!r}; use 'default' or a family "
-                f"({', '.join(FAMILIES)})" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                f"({', '.join(FAMILIES)}){suggest(section, sections)}"
             )
         if entries is not None and not isinstance(entries, dict):
             raise ValueError(f"section {section!r} of {str(path)!r} must map parameter names to entries")
@@ -187,11 +186,7 @@ def load_space(family: str, path: str | Path | None = None, *, base: str | Path 
         ValueError: unknown family, section or parameter name, or a malformed entry (the message says which).
     """
     if family not in FAMILIES:
-        hint = difflib.get_close_matches(str(family), FAMILIES, n=1)
-        raise ValueError(
-            f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        )
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}{suggest(family, FAMILIES)}")
     entries: dict[str, Any] = {}
     for source in [p for p in (base, path) if p is not None]:
         raw = read_space_file(source)
@@ -202,10 +197,8 @@ def load_space(family: str, path: str | Path | None = None, *, base: str | Path 
     fixed: dict[str, Any] = {}
     for name, entry in entries.items():
         if fields is not None and name not in fields:
-            hint = difflib.get_close_matches(name, fields, n=1)
             raise ValueError(
-                f"unknown parameter {name!r} in the search space; use ExperimentConfig fields"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                f"unknown parameter {name!r} in the search space; use ExperimentConfig fields{suggest(name, fields)}"
             )
         if entry is None:
             continue

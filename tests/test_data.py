@@ -62,7 +62,7 @@ def test_samples_follow_the_truth():
     [
         ((3, 5, 2), "num_samples=3 is less than num_components=5"),
         ((10, 2, 2, -1.0), "radius must be > 0"),
-        ((10, 2, 2, 1.0, "fulll"), "Did you mean 'full'"),
+        ((10, 2, 2, 1.0, "fulll"), "did you mean 'full'"),
     ],
 )
 def test_bad_arguments(args, match):

@@ -77,9 +77,9 @@ def test_every_family_is_accepted(family):
     ("argv", "message"),
     [
         (["--bogus"], "unrecognized arguments"),
-        (["--family", "fulll"], "Did you mean 'full'"),
-        (["--family", "diag"], "Did you mean 'diagonal'"),
-        (["--init", "kmeans"], "Did you mean 'kmeans++'"),
+        (["--family", "fulll"], "did you mean 'full'"),
+        (["--family", "diag"], "did you mean 'diagonal'"),
+        (["--init", "kmeans"], "did you mean 'kmeans++'"),
         (["--visualize", "maybe"], "boolean"),
         (["--samples", "ten"], "invalid int value"),
         (["--samples", "0"], "num_samples must be >= 1"),
@@ -163,4 +163,4 @@ def test_subprocess_bad_family_is_one_line(tmp_path):
     proc = _demo("--family", "isotropc", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and "Did you mean 'isotropic'" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "did you mean 'isotropic'" in proc.stderr

@@ -10,9 +10,9 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 import gmm
-from gmm._validation import make_generator
 from gmm.em import ConvergenceWarning, fit_em
 from gmm.init import initialize
+from gmm.validation import make_generator
 
 SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
 CLAMP = 1e-6
@@ -236,7 +236,7 @@ def test_callback_and_interrupted_record():
         (None, {"max_iter": 0}, r"max_iter must be >= 1"),
         (None, {"tol": -1.0}, r"tol must be >= 0"),
         (None, {"clamp": 0.0}, r"clamp must be > 0"),
-        (None, {"init": "kmeans"}, r"unknown init 'kmeans'.*Did you mean 'kmeans\+\+'"),
+        (None, {"init": "kmeans"}, r"unknown init 'kmeans'.*did you mean 'kmeans\+\+'"),
     ],
 )
 def test_bad_input_raises_value_error(data, options, match):

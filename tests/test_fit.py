@@ -179,7 +179,7 @@ def test_lr_schedule():
         ({"mixture_lr": -1.0}, "mixture_lr must be >= 0"),
         ({"component_lr": float("nan")}, "component_lr must be finite"),
         ({"clamp": 0.0}, "clamp must be > 0"),
-        ({"init": "kmeans"}, "did you mean 'kmeans\\+\\+'|Did you mean 'kmeans\\+\\+'"),
+        ({"init": "kmeans"}, "did you mean 'kmeans\\+\\+'"),
         ({"lr_schedule": "linear"}, "unknown lr_schedule"),
     ],
 )

@@ -102,7 +102,7 @@ def test_true_model_nll_is_near_fit():
 
 
 def test_unknown_family_suggests_closest():
-    with pytest.raises(ValueError, match="Did you mean 'diagonal'"):
+    with pytest.raises(ValueError, match="did you mean 'diagonal'"):
         gmm.make_model("diagnoal", 3, 2)
     with pytest.raises(ValueError, match="unknown family"):
         gmm.make_model("banana", 3, 2)

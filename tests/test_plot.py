@@ -185,11 +185,7 @@ def _fit_with_reset():
 
 
 def _vertical_lines(ax) -> list[float]:
-    return [
-        line.get_xdata()[0]
-        for line in ax.lines
-        if np.ptp(line.get_xdata()) == 0 and len(line.get_xdata()) == 2
-    ]
+    return [line.get_xdata()[0] for line in ax.lines if np.ptp(line.get_xdata()) == 0 and len(line.get_xdata()) == 2]
 
 
 def test_nll_curve_marks_resets_and_references(tmp_path):

@@ -224,7 +224,7 @@ def test_an_interrupted_run_ends_killed(tmp_path, sig):
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--family", "fulll"], "Did you mean 'full'"),
+        (["--family", "fulll"], "did you mean 'full'"),
         (["--iterations", "0"], "iterations"),
         (["--component_lr", "-1"], "component_lr"),
         (["--config", "missing.yaml"], "cannot read config file"),

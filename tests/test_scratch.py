@@ -111,7 +111,7 @@ def test_backward_scales_by_the_incoming_gradient():
 
 def test_unknown_family_is_rejected():
     _, x, logits, locs, raw = _inputs("full", 2, 2, seed=0)
-    with pytest.raises(ValueError, match=r"unknown family 'ful'.*Did you mean 'full'"):
+    with pytest.raises(ValueError, match=r"unknown family 'ful'.*did you mean 'full'"):
         nll_and_grad(x, logits, locs, raw, "ful")
     with pytest.raises(TypeError, match="family must be"):
         nll_and_grad(x, logits, locs, raw, 3)

@@ -69,7 +69,7 @@ def test_same_random_state_same_fit(blobs):
 @pytest.mark.parametrize(
     ("params", "match"),
     [
-        ({"covariance_type": "ful"}, "Did you mean 'full'"),
+        ({"covariance_type": "ful"}, "did you mean 'full'"),
         ({"clamp": 0.0}, "clamp must be > 0"),
         ({"n_components": 0}, ">= 1"),
     ],

@@ -13,6 +13,13 @@ import torch
 from torch import Tensor
 
 
+def suggest(value, choices: Iterable[str], n: int = 1) -> str:
+    """The "did you mean" hint for a misspelled name: ` (did you mean 'full'?)`, or "" when nothing is close.
+    Every error about an unknown name in the project ends with this one hint."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=n)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
 def check_choice(value: str, choices: Iterable[str], name: str) -> str:
     """Return `value` if it is one of `choices`; otherwise raise with the closest name suggested."""
     choices = tuple(choices)
@@ -20,9 +27,7 @@ def check_choice(value: str, choices: Iterable[str], name: str) -> str:
         raise TypeError(f"{name} must be a string, one of {choices}; got {type(value).__name__}")
     if value in choices:
         return value
-    close = difflib.get_close_matches(value, choices, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}.{hint}")
+    raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}{suggest(value, choices)}")
 
 
 def check_int(value, name: str, minimum: int | None = None) -> int:
