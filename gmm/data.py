@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .families import FAMILIES, get_family
-from .validation import check_choice, check_float, check_int, make_generator
+from .families import get_family
+from .validation import check_float, check_int, make_generator
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class MockData:
         """A `MixtureModel` holding the generating parameters (for the NLL of the truth)."""
         from .model import MixtureModel
 
-        variance = float(self.covariances[0, 0, 0]) if self.family == "constant" else 1.0
+        fixed = not get_family(self.family, self.means.shape[1]).trainable  # `constant`: the variance is an option
+        variance = float(self.covariances[0, 0, 0]) if fixed else 1.0
         return MixtureModel.from_parameters(
             self.family, self.means.to(dtype), self.covariances.to(dtype), self.weights.to(dtype), variance=variance
         )
@@ -59,28 +60,14 @@ def fingerprint(data) -> str:
 def _random_covariances(
     family: str, num_components: int, num_dims: int, g: torch.Generator, scale: tuple[float, float]
 ) -> Tensor:
-    """(K, D, D) SPD covariances of `family`, full rank at any D.
-
-    Full/tied: Q diag(s) Q^T with Q a random rotation (QR of a Gaussian matrix) and variances s drawn
-    log-uniformly in `scale`. Diagonal: variances drawn the same way. Isotropic: one such variance.
-    """
+    """(K, D, D) SPD covariances of `family`, full rank at any D, drawn by the family
+    (`Family.random_covariances`) with variances log-uniform in `scale`; shared ones repeated over K."""
     lo, hi = np.log(scale[0]), np.log(scale[1])
-    k_eff = 1 if get_family(family, num_dims).shared else num_components
 
     def log_uniform(*shape):
         return torch.exp(lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64))
 
-    if family in ("full", "tied"):
-        q, r = torch.linalg.qr(torch.randn(k_eff, num_dims, num_dims, generator=g, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # a uniform rotation
-        cov = q @ torch.diag_embed(log_uniform(k_eff, num_dims)) @ q.transpose(-1, -2)
-        cov = 0.5 * (cov + cov.transpose(-1, -2))
-    elif family == "diagonal":
-        cov = torch.diag_embed(log_uniform(k_eff, num_dims))
-    elif family in ("isotropic", "shared_isotropic"):
-        cov = log_uniform(k_eff, 1, 1) * torch.eye(num_dims, dtype=torch.float64)
-    else:  # constant: unit variance, as the constant model's default
-        cov = torch.eye(num_dims, dtype=torch.float64).expand(1, -1, -1)
+    cov = get_family(family, num_dims).random_covariances(num_components, log_uniform, g)
     return cov.expand(num_components, -1, -1).clone()
 
 
@@ -109,7 +96,7 @@ def generate_data(
     num_components = check_int(num_components, "num_components", minimum=1)
     num_dims = check_int(num_dims, "num_dims", minimum=1)
     radius = check_float(radius, "radius", positive=True)
-    check_choice(family, FAMILIES, "family")
+    get_family(family, num_dims)  # ValueError for an unknown name, with the closest one suggested
     if num_samples < num_components:
         raise ValueError(
             f"num_samples={num_samples} is less than num_components={num_components}; "

@@ -22,6 +22,12 @@ units). Cholesky families clamp L_kk >= sqrt(clamp) (so Sigma_kk = sum_j L_kj^2 
 clamp the log variance at log(clamp). One in-place op covers all components. The clamp may also be a (D,)
 tensor of per-axis floors (the fit's standardized coordinates, `gmm.standardize`).
 
+Registry: a `Family` subclass that sets its own `name` registers itself when the class is defined (`FAMILIES`
+is the registered names in definition order); `get_family(name, num_dims)` builds one. A class that lacks a
+required method or sets an invalid attribute raises at definition, naming what is missing. Adding a family
+is one class in this module, defined after the others (the order of `FAMILIES` is kept): its model class,
+mock data and analytic gradients come from it (tests/test_families.py defines a throwaway one).
+
 Standardized coordinates: `scaling` says which coordinate scalings z = x / s keep a family's covariances in
 the family: "axis" (a scale per axis: S^-1 Sigma S^-1 with S = diag(s) is still a full, tied or diagonal
 covariance) or "scalar" (one s for all axes: sigma^2 I stays isotropic). `rescale_` maps raw values to the
@@ -31,6 +37,7 @@ scaled coordinates in place.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -38,7 +45,13 @@ from torch import Tensor
 
 from .validation import check_choice
 
-FAMILIES: tuple[str, ...] = ("full", "tied", "diagonal", "isotropic", "shared_isotropic", "constant")
+_REGISTRY: dict[str, type[Family]] = {}  # name -> class, in definition order
+# what every registered family must define itself (the base class only raises NotImplementedError)
+_REQUIRED = ("raw_shape", "covariance", "from_covariances", "num_parameters", "rescale_")
+SCALINGS = ("axis", "scalar")
+# the hand-derived gradient forms of gmm.scratch, by raw layout: "cholesky" (strict lower triangle of L plus
+# log diag L, (K', D, D)), "diagonal" (log variances (K', D)), "isotropic" (log variance (K', 1))
+ANALYTIC_KINDS = ("cholesky", "diagonal", "isotropic")
 
 
 class Covariance(NamedTuple):
@@ -59,6 +72,12 @@ class Family:
     # raw floor = log(clamp) * floor_scale: log L_kk >= 0.5 log(clamp), log var >= log(clamp)
     floor_scale: float = 1.0
     scaling: str = "axis"  # coordinate scalings that keep the family: "axis" (per axis) or "scalar" (one for all)
+    analytic: str | None = None  # gmm.scratch's gradient form (one of ANALYTIC_KINDS); None: autograd only
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:  # a concrete family; helper bases (_Cholesky, ...) set no name of their own
+            register(cls)
 
     def __init__(self, num_dims: int):
         self.num_dims = num_dims
@@ -82,6 +101,12 @@ class Family:
         raise NotImplementedError
 
     def num_parameters(self, num_components: int, num_dims: int) -> int:
+        """Free covariance parameters of K components in D dimensions (for bic/aic)."""
+        raise NotImplementedError
+
+    def rescale_(self, raw: Tensor, scale: Tensor) -> Tensor:
+        """In place: raw values of Sigma -> raw values of S^-1 Sigma S^-1, S = diag(scale) (D,), the
+        covariance in coordinates z = x / scale (`scale` must obey `scaling`). Returns `raw`."""
         raise NotImplementedError
 
     # -- shared behaviour ---------------------------------------------------------------------------
@@ -114,10 +139,23 @@ class Family:
         view.clamp_(min=floor)
         return smallest < 0, smallest.mul(1.0 / self.floor_scale).exp()
 
-    def rescale_(self, raw: Tensor, scale: Tensor) -> Tensor:
-        """In place: raw values of Sigma -> raw values of S^-1 Sigma S^-1, S = diag(scale) (D,), the
-        covariance in coordinates z = x / scale (`scale` must obey `scaling`). Returns `raw`."""
-        raise NotImplementedError
+    def num_covariances(self, num_components: int) -> int:
+        """K': how many covariances K components hold (1 for shared families)."""
+        return 1 if self.shared else num_components
+
+    def random_covariances(
+        self, num_components: int, variances: Callable[..., Tensor], generator: torch.Generator
+    ) -> Tensor:
+        """(K', D, D) float64 random covariances of this family, for mock data (`gmm.data.generate_data`).
+
+        `variances(*shape)` draws float64 variances of that shape (log-uniform in the data's variance range)
+        from `generator`, which every other draw uses too. Default: random rotations of drawn variances
+        (`random_rotated`) projected onto the family by `from_covariances`; the families below override it
+        with draws of their own shape (the seeded mock data of `gmm.FAMILIES` depends on those draws).
+        """
+        count = self.num_covariances(num_components)
+        full = random_rotated(count, self.num_dims, variances, generator)
+        return self.covariances(self.from_covariances(full), count)
 
     def variances_of(self, raw: Tensor) -> Tensor:
         """(K', D) diagonal of each covariance."""
@@ -136,7 +174,49 @@ class Family:
         return mat.expand(*mat.shape[:-3], num_components, -1, -1)
 
 
-def _pool(covariances: Tensor, weights: Tensor | None) -> Tensor:
+def register(cls: type[Family]) -> type[Family]:
+    """Add a family class to the registry under its `name` (done by `Family.__init_subclass__`).
+
+    Raises:
+        TypeError: the class lacks a required method (named in the message).
+        ValueError: an empty or taken name, or an invalid `scaling` / `analytic`.
+    """
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"family class {cls.__name__} needs a lowercase identifier as its name; got {name!r}")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(
+            f"family {name!r} is already registered by {_REGISTRY[name].__qualname__}; pick another name for "
+            f"{cls.__qualname__} (or gmm.families.unregister({name!r}) first)"
+        )
+    missing = [method for method in _REQUIRED if getattr(cls, method) is getattr(Family, method)]
+    if missing:
+        raise TypeError(
+            f"family class {cls.__qualname__} ({name!r}) lacks {', '.join(missing)}: every family defines "
+            f"{', '.join(_REQUIRED)} (see gmm.families.Family)"
+        )
+    if cls.scaling not in SCALINGS:
+        raise ValueError(f"family {name!r}: scaling must be one of {SCALINGS}; got {cls.scaling!r}")
+    if cls.analytic is not None and cls.analytic not in ANALYTIC_KINDS:
+        raise ValueError(f"family {name!r}: analytic must be None or one of {ANALYTIC_KINDS}; got {cls.analytic!r}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def unregister(name: str) -> type[Family]:
+    """Remove a registered family (for throwaway families in tests); returns its class."""
+    return _REGISTRY.pop(check_choice(name, tuple(_REGISTRY), "family"))
+
+
+def random_rotated(count: int, num_dims: int, variances: Callable[..., Tensor], generator: torch.Generator) -> Tensor:
+    """(count, D, D) Q diag(s) Q^T: Q a uniform random rotation (QR of a Gaussian matrix), s = variances(count, D)."""
+    q, r = torch.linalg.qr(torch.randn(count, num_dims, num_dims, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # a uniform rotation
+    cov = q @ torch.diag_embed(variances(count, num_dims)) @ q.transpose(-1, -2)
+    return 0.5 * (cov + cov.transpose(-1, -2))
+
+
+def pool(covariances: Tensor, weights: Tensor | None) -> Tensor:
     """Weighted mean over components: (K, ...) -> (1, ...)."""
     if weights is None:
         return covariances.mean(0, keepdim=True)
@@ -193,6 +273,10 @@ class _RawToTril(torch.autograd.Function):
 class _Cholesky(Family):
     cholesky = True
     floor_scale = 0.5
+    analytic = "cholesky"
+
+    def random_covariances(self, num_components, variances, generator):
+        return random_rotated(self.num_covariances(num_components), self.num_dims, variances, generator)
 
     def covariance(self, raw: Tensor) -> Covariance:
         scale_tril, half_log_det = _RawToTril.apply(raw)
@@ -232,13 +316,18 @@ class Tied(_Cholesky):
         return (1, num_dims, num_dims)
 
     def from_covariances(self, covariances, weights=None):
-        return _raw_tril(_pool(covariances, weights))
+        return _raw_tril(pool(covariances, weights))
 
     def num_parameters(self, num_components, num_dims):
         return num_dims * (num_dims + 1) // 2
 
 
 class _Diagonal(Family):
+    analytic = "diagonal"
+
+    def random_covariances(self, num_components, variances, generator):
+        return torch.diag_embed(variances(self.num_covariances(num_components), self.num_dims))
+
     def _log_variances(self, covariances: Tensor) -> Tensor:
         return covariances.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(covariances.dtype).tiny).log()
 
@@ -268,6 +357,11 @@ class Isotropic(_Diagonal):
 
     name = "isotropic"
     scaling = "scalar"
+    analytic = "isotropic"
+
+    def random_covariances(self, num_components, variances, generator):
+        count = self.num_covariances(num_components)
+        return variances(count, 1, 1) * torch.eye(self.num_dims, dtype=torch.float64)
 
     def raw_floor(self, clamp):
         # one variance for all axes: the strictest of per-axis floors (equal under a scalar scaling)
@@ -301,7 +395,7 @@ class SharedIsotropic(Isotropic):
         return (1, 1)
 
     def from_covariances(self, covariances, weights=None):
-        return super().from_covariances(_pool(covariances, weights))
+        return super().from_covariances(pool(covariances, weights))
 
     def num_parameters(self, num_components, num_dims):
         return 1
@@ -319,15 +413,23 @@ class Constant(SharedIsotropic):
     def clamp_(self, raw, clamp):
         return None
 
+    def random_covariances(self, num_components, variances, generator):
+        # unit variance, as the constant model's default (no draws)
+        return torch.eye(self.num_dims, dtype=torch.float64).expand(1, -1, -1)
 
-_FAMILIES: dict[str, type[Family]] = {
-    "full": Full,
-    "tied": Tied,
-    "diagonal": Diagonal,
-    "isotropic": Isotropic,
-    "shared_isotropic": SharedIsotropic,
-    "constant": Constant,
-}
+
+def names() -> tuple[str, ...]:
+    """Every registered family's name in registration order: `FAMILIES`, then any registered after import."""
+    return tuple(_REGISTRY)
+
+
+def family_class(name: str) -> type[Family]:
+    """The registered family class called `name`.
+
+    Raises:
+        ValueError: unknown name (the closest known name is suggested).
+    """
+    return _REGISTRY[check_choice(name, tuple(_REGISTRY), "family")]
 
 
 def get_family(name: str, num_dims: int) -> Family:
@@ -336,4 +438,8 @@ def get_family(name: str, num_dims: int) -> Family:
     Raises:
         ValueError: unknown name (the closest known name is suggested).
     """
-    return _FAMILIES[check_choice(name, FAMILIES, "family")](num_dims)
+    return family_class(name)(num_dims)
+
+
+# the families defined above, in definition order (the order of seeded data sets, tables and sweeps)
+FAMILIES: tuple[str, ...] = tuple(_REGISTRY)

@@ -16,14 +16,15 @@ all members as one population (gmm.population): one batched Adam step per iterat
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal
 
-from . import likelihood
-from .families import FAMILIES, Covariance, Family, get_family
+from . import families, likelihood
+from .families import Covariance, Family, family_class, get_family
 from .validation import check_data, check_dtype_device, check_float, check_int, make_generator
 
 # Rows per chunk when evaluating large data: bounds the (chunk, K, D) intermediates to ~2^24 elements.
@@ -68,7 +69,7 @@ class MixtureModel(nn.Module):
         elif self.family_name is not None and family != self.family_name:
             raise ValueError(f"{type(self).__name__} is the {self.family_name!r} family; got family={family!r}")
         if family is None:
-            raise ValueError(f"family is required; choose one of {', '.join(FAMILIES)}")
+            raise ValueError(f"family is required; choose one of {', '.join(families.names())}")
         check_dtype_device(dtype, device)
         self.num_components = check_int(num_components, "num_components", minimum=1)
         self.num_dims = check_int(num_dims, "num_dims", minimum=1)
@@ -131,10 +132,6 @@ class MixtureModel(nn.Module):
         return self
 
     # -- parameters --------------------------------------------------------------------------------
-    @property
-    def family_key(self) -> str:
-        return self.family.name
-
     @property
     def dtype(self) -> torch.dtype:
         return self.locs.dtype
@@ -402,41 +399,37 @@ def check_batch_data(data, num_members: int, num_dims: int, dtype, device, name:
 
 
 def make_model(family: str, num_components: int, num_dims: int, **options) -> MixtureModel:
-    """A model of the named family (one of `gmm.FAMILIES`; close names are suggested on a typo). Options:
-    `variance`, `dtype`, `device`, `batch_shape` (see MixtureModel)."""
-    get_family(family, 1)  # validates the name with a suggestion
-    return _CLASSES[family](num_components, num_dims, **options)
+    """A model of the named family (any registered one, e.g. of `gmm.FAMILIES`; close names are suggested on a
+    typo), an instance of its `model_class`. Options: `variance`, `dtype`, `device`, `batch_shape` (see MixtureModel)."""
+    return model_class(family)(num_components, num_dims, **options)
 
 
-class GmmFull(MixtureModel):
-    family_name = "full"
+def model_class(family: str) -> type[MixtureModel]:
+    """The MixtureModel subclass fixed to a registered family: `GmmFull` for "full", `GmmSharedIsotropic` for
+    "shared_isotropic", ... Derived from the family registry (`gmm.families`) and cached, so a new family
+    gets its class with nothing to write here."""
+    return _model_class(family_class(family))
 
 
-class GmmTied(MixtureModel):
-    family_name = "tied"
+@functools.cache
+def _model_class(family: type[Family]) -> type[MixtureModel]:
+    name = "Gmm" + "".join(part.capitalize() for part in family.name.split("_"))
+    doc = f"A MixtureModel of the {family.name!r} family: `{name}(num_components, num_dims, **options)`."
+    return type(name, (MixtureModel,), {"family_name": family.name, "__module__": __name__, "__doc__": doc})
 
 
-class GmmDiagonal(MixtureModel):
-    family_name = "diagonal"
+def __getattr__(name: str):
+    # `gmm.model.Gmm<Family>` for every registered family, so that pickle (mlflow.pytorch) finds the class
+    for family in families.names():
+        if model_class(family).__name__ == name:
+            return model_class(family)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class GmmIsotropic(MixtureModel):
-    family_name = "isotropic"
-
-
-class GmmSharedIsotropic(MixtureModel):
-    family_name = "shared_isotropic"
-
-
-class GmmConstant(MixtureModel):
-    family_name = "constant"
-
-
-_CLASSES: dict[str, type[MixtureModel]] = {
-    "full": GmmFull,
-    "tied": GmmTied,
-    "diagonal": GmmDiagonal,
-    "isotropic": GmmIsotropic,
-    "shared_isotropic": GmmSharedIsotropic,
-    "constant": GmmConstant,
-}
+# the public names of the six families' classes (the registry does not need them)
+GmmFull = model_class("full")
+GmmTied = model_class("tied")
+GmmDiagonal = model_class("diagonal")
+GmmIsotropic = model_class("isotropic")
+GmmSharedIsotropic = model_class("shared_isotropic")
+GmmConstant = model_class("constant")

@@ -65,25 +65,30 @@ log = logging.getLogger(__name__)
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8  # Adam's defaults, as in gmm.optim.FusedAdam
 _FUSED_MAX_DIMS = 8  # compiled path: transposed layout, unrolled solves and D x D products up to this D
-_COMPILE_OPTIONS: dict = {}
 
 
 class _Spec(NamedTuple):
     """What the arithmetic depends on besides tensor shapes (static under torch.compile)."""
 
-    kind: str  # "cholesky" (full, tied), "diagonal" or "isotropic" (isotropic, shared_isotropic, constant)
+    kind: str  # the family's `analytic`: "cholesky" (full, tied), "diagonal", "isotropic" (isotropic, shared, constant)
     shared: bool
     fused: bool  # data transposed (D, N), broadcast sums, unrolled solves: what fuses when compiled
 
 
+# (family.analytic, family.shared) pairs whose gradients `_nll_grad` derives; a shared diagonal is not among them
+_SUPPORTED = {("cholesky", False), ("cholesky", True), ("diagonal", False), ("isotropic", False), ("isotropic", True)}
+
+
 def _spec(family: Family, fused: bool = False) -> _Spec:
-    if family.cholesky:
-        kind = "cholesky"
-    elif family.name == "diagonal":
-        kind = "diagonal"
-    else:
-        kind = "isotropic"
-    return _Spec(kind, family.shared, fused)
+    """The family's gradient form, from its `analytic` attribute (raises for a family without one)."""
+    if (family.analytic, family.shared) not in _SUPPORTED:
+        shared = "shared" if family.shared else "per-component"
+        raise ValueError(
+            f"the {family.name!r} family has no hand-derived gradients (analytic={family.analytic!r} with "
+            f"{shared} covariances; gmm.scratch derives cholesky and isotropic ones, shared or not, and "
+            "per-component diagonal ones); fit it with gradients='autograd' and compile=False"
+        )
+    return _Spec(family.analytic, family.shared, fused)
 
 
 # -- the arithmetic ---------------------------------------------------------------------------------------
