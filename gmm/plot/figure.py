@@ -1,0 +1,105 @@
+"""Figures without pyplot's global state, the component colours, and figure files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+
+def make_figure(
+    ncols: int = 1, *, figsize: tuple[float, float] | None = None, show: bool = False
+) -> tuple[Figure, list[Axes]]:
+    """A figure with `ncols` axes side by side.
+
+    Built with `matplotlib.figure.Figure` (no pyplot, no global state, works without a display) unless
+    `show` is True, in which case pyplot creates it so that `plt.show()` can display it.
+
+    Returns:
+        (figure, list of `ncols` axes).
+    """
+    if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols must be a positive integer; got {ncols!r}")
+    figsize = figsize or (6.4 * ncols, 5.6)
+    if show:
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=figsize, layout="constrained")
+    else:
+        fig = Figure(figsize=figsize, layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def component_colors(num_components: int) -> np.ndarray:
+    """(K, 4) RGBA colours, distinct for any K: tab10 up to 10 components, tab20 up to 20, then
+    evenly spaced hues of the `hsv` colormap."""
+    if num_components <= 10:
+        return np.asarray(colormaps["tab10"].colors)[:num_components]
+    if num_components <= 20:
+        return np.asarray(colormaps["tab20"].colors)[:num_components]
+    return colormaps["hsv"](np.linspace(0.0, 1.0, num_components, endpoint=False))
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
+    """Write `fig` to `path` (format from the suffix: png, pdf, svg, ...), creating parent folders.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: `fig` is not a matplotlib Figure.
+        ValueError: the suffix names a format matplotlib cannot write.
+    """
+    if not isinstance(fig, Figure):
+        raise TypeError(f"fig must be a matplotlib Figure; got {type(fig).__name__}")
+    path = check_figure_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def check_figure_path(path: str | Path) -> Path:
+    """`path` as a Path if its suffix names a format matplotlib can write (png, pdf, svg, ...).
+
+    Raises:
+        TypeError: `path` is not a string or Path.
+        ValueError: no suffix, or an unknown one.
+    """
+    if not isinstance(path, str | Path):
+        raise TypeError(f"path must be a str or pathlib.Path; got {type(path).__name__}")
+    path = Path(path)
+    suffix = path.suffix.lower().lstrip(".")
+    supported = Figure().canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise ValueError(
+            f"cannot save a figure as {path.name!r}: unknown format {suffix or '(no suffix)'!r}; "
+            f"end the name with one of .{', .'.join(sorted(supported))} (e.g. {path.stem}.png)"
+        )
+    return path
+
+
+def target(ax: Axes | None, show: bool) -> tuple[Figure, Axes]:
+    """(figure, axes) to draw on: `ax` and its top figure, or a new figure's one axes."""
+    if ax is None:
+        fig, (ax,) = make_figure(show=show)
+        return fig, ax
+    if not isinstance(ax, Axes):
+        raise TypeError(f"ax must be a matplotlib Axes or None; got {type(ax).__name__}")
+    try:
+        fig = ax.get_figure(root=True)  # the top figure when ax sits in a subfigure (matplotlib >= 3.10)
+    except TypeError:
+        fig = ax.figure
+    return fig, ax
+
+
+def finish(fig: Figure, show: bool) -> Figure:
+    """Show `fig` with pyplot when asked (blocks), and return it."""
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.show()
+    return fig
