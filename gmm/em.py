@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from .fit import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError, make_options
+from .fit import ConvergenceWarning, FitEvent, FitOptions, FitResult, NonFiniteNLLError, make_options
 from .init import initialize
 from .model import MixtureModel, chunk_rows
 from .validation import check_data, check_float, check_int, make_generator
@@ -85,13 +85,42 @@ def fit_em(
         ValueError / TypeError: bad data or options.
         NonFiniteNLLError: the NLL became NaN or infinite.
     """
-    # checked here, under EM's own names (make_options would report max_iter as num_iterations)
+    opts = _em_options(max_iter, tol, clamp, init, seed, generator, radius, device, dtype, callback)
+    if opts.device is not None or opts.dtype is not None:
+        model.to(device=opts.device, dtype=opts.dtype)
+    x = check_data(data, num_dims=model.num_dims, min_samples=model.num_components, dtype=model.dtype, device=model.device)
+    g = make_generator(None if opts.generator is not None else opts.seed, opts.generator)
+
+    t0 = time.perf_counter()
+    initialize(model, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
+    model.family.clamp_(model.raw_cov, opts.clamp)
+    run = _Run(model, opts, init_time=time.perf_counter() - t0)
+
+    chunks = list(x.split(chunk_rows(model.num_components, model.num_dims)))
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            run.iterate(chunks)
+    except BaseException:
+        run.record(False, time.perf_counter() - start)
+        raise
+    wall = time.perf_counter() - start
+    notes = ()
+    if opts.tol is not None and not run.converged:
+        notes = (run.not_converged(),)
+        warnings.warn(notes[0], ConvergenceWarning, stacklevel=2)
+    return run.record(True, wall, notes)
+
+
+def _em_options(max_iter, tol, clamp, init, seed, generator, radius, device, dtype, callback) -> FitOptions:
+    """fit_em's arguments as the fit's options (num_iterations = max_iter), checked under EM's own names."""
+    # checked here: make_options would report max_iter as num_iterations
     check_int(max_iter, "max_iter", minimum=1)
     if tol is not None:
         tol = check_float(tol, "tol")
         if tol < 0:
             raise ValueError(f"tol must be >= 0 (0 or None runs all max_iter iterations); got {tol}")
-    opts = make_options(
+    return make_options(
         num_iterations=max_iter,
         tol=tol or None,
         clamp=clamp,
@@ -103,70 +132,63 @@ def fit_em(
         dtype=dtype,
         callback=callback,
     )
-    if opts.device is not None or opts.dtype is not None:
-        model.to(device=opts.device, dtype=opts.dtype)
-    x = check_data(data, num_dims=model.num_dims, min_samples=model.num_components, dtype=model.dtype, device=model.device)
-    g = make_generator(None if opts.generator is not None else opts.seed, opts.generator)
 
-    t0 = time.perf_counter()
-    initialize(model, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
-    model.family.clamp_(model.raw_cov, opts.clamp)
-    init_time = time.perf_counter() - t0
 
-    chunks = list(x.split(chunk_rows(model.num_components, model.num_dims)))
-    history: list[float] = []
-    events: list[FitEvent] = []
-    converged = False
+class _Run:
+    """The state of one EM fit: the NLL after each iteration, the events, whether `tol` was reached."""
 
-    def record(completed: bool, wall: float, notes: tuple[str, ...] = ()) -> FitResult:
-        final = history[-1] if history else float("nan")
+    def __init__(self, model: MixtureModel, opts: FitOptions, init_time: float):
+        self.model, self.opts, self.init_time = model, opts, init_time
+        self.history: list[float] = []
+        self.events: list[FitEvent] = []
+        self.converged = False
+
+    def iterate(self, chunks: list[Tensor]) -> None:
+        """The start's E-step, then up to `num_iterations` M-step + E-step pairs (stops early at `tol`)."""
+        model, opts, history = self.model, self.opts, self.history
+        nll, resp = _e_step(model, chunks)
+        history.append(_checked(nll, 0))
+        for it in range(1, opts.num_iterations + 1):
+            new_events = _m_step(model, chunks, resp, opts.clamp, it)
+            self.events.extend(new_events)
+            nll, resp = _e_step(model, chunks)
+            history.append(_checked(nll, it))
+            if opts.callback is not None:
+                opts.callback(it, history[-1], new_events)
+            if opts.tol is not None and abs(history[-1] - history[-2]) < opts.tol:
+                self.converged = True
+                return
+
+    def not_converged(self) -> str:
+        """The ConvergenceWarning's message when `tol` was not reached."""
+        change = abs(self.history[-1] - self.history[-2])
+        return (
+            f"EM did not converge: the NLL still changed by {change:.3g} > tol={self.opts.tol:g} "
+            f"after max_iter={self.opts.num_iterations} iterations; raise max_iter or tol"
+        )
+
+    def record(self, completed: bool, wall: float, notes: tuple[str, ...] = ()) -> FitResult:
+        """The FitResult of the iterations so far, also stored as `model.fit_result_`."""
+        history, opts = self.history, self.opts
         best = min(range(len(history)), key=history.__getitem__) if history else 0
         result = FitResult(
-            torch.tensor(history, dtype=torch.float64),
-            tuple(events),
-            max(0, len(history) - 1),
-            wall,
-            init_time,
-            0.0,
-            converged,
-            final,
-            opts,
-            completed,
+            nll_history=torch.tensor(history, dtype=torch.float64),
+            events=tuple(self.events),
+            num_iterations=max(0, len(history) - 1),
+            wall_time=wall,
+            init_time=self.init_time,
+            compile_time=0.0,
+            converged=self.converged,
+            final_nll=history[-1] if history else float("nan"),
+            options=opts,
+            completed=completed,
             best_step=best,
             best_nll=history[best] if history else float("nan"),
             warnings=notes,
             seed=opts.seed if opts.generator is None else None,
         )
-        model.fit_result_ = result
+        self.model.fit_result_ = result
         return result
-
-    start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            nll, resp = _e_step(model, chunks)
-            history.append(_checked(nll, 0))
-            for it in range(1, opts.num_iterations + 1):
-                new_events = _m_step(model, chunks, resp, opts.clamp, it)
-                events.extend(new_events)
-                nll, resp = _e_step(model, chunks)
-                history.append(_checked(nll, it))
-                if opts.callback is not None:
-                    opts.callback(it, history[-1], new_events)
-                if opts.tol is not None and abs(history[-1] - history[-2]) < opts.tol:
-                    converged = True
-                    break
-    except BaseException:
-        record(False, time.perf_counter() - start)
-        raise
-    wall = time.perf_counter() - start
-    notes = ()
-    if opts.tol is not None and not converged:
-        notes = (
-            f"EM did not converge: the NLL still changed by {abs(history[-1] - history[-2]):.3g} > tol={opts.tol:g} "
-            f"after max_iter={opts.num_iterations} iterations; raise max_iter or tol",
-        )
-        warnings.warn(notes[0], ConvergenceWarning, stacklevel=2)
-    return record(True, wall, notes)
 
 
 def _checked(nll: float, iteration: int) -> float:
