@@ -15,6 +15,7 @@ result by less than rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,16 +31,15 @@ def exp_floor(dtype: torch.dtype) -> float:
     return -80.0 if dtype in (torch.float32, torch.float16, torch.bfloat16) else -700.0
 
 
-_CONSTANTS: dict[tuple, Tensor] = {}  # small read-only ones vectors and identities, made once per shape/dtype/device
+@functools.lru_cache(maxsize=64)  # bounded: a long-lived process meets many shapes, dtypes and devices
+def _make_constant(kind: str, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small read-only ones vector or identity, made once per kind, size, dtype and device."""
+    make = torch.ones if kind == "ones" else torch.eye
+    return make(n, dtype=dtype, device=device)
 
 
 def _constant(kind: str, n: int, like: Tensor) -> Tensor:
-    key = (kind, n, like.dtype, like.device)
-    out = _CONSTANTS.get(key)
-    if out is None:
-        make = torch.ones if kind == "ones" else torch.eye
-        out = _CONSTANTS.setdefault(key, make(n, dtype=like.dtype, device=like.device))
-    return out
+    return _make_constant(kind, n, like.dtype, like.device)
 
 
 def _ones(n: int, like: Tensor) -> Tensor:
@@ -272,19 +272,6 @@ def mixture_nll_sum(
 def logsumexp(joint: Tensor) -> Tensor:
     """(N, K) -> (N,) log sum_k exp(joint_nk), without the slow underflow path of exp on CPU."""
     return _LogSumExp.apply(joint)
-
-
-def component_log_prob(x: Tensor, means: Tensor, cov: Covariance) -> Tensor:
-    """Per-component Gaussian log density, exact difference path.
-
-    Args:
-        x: (N, D) data.
-        means: (K, D) component means.
-        cov: the family's covariance (K' = K or 1).
-    Returns:
-        (N, K) log N(x_n | mu_k, Sigma_k).
-    """
-    return _mahalanobis(x, means, cov).mul(-0.5).sub(_log_norm(cov, means.shape[1]))
 
 
 def _log_norm(cov: Covariance, num_dims: int) -> Tensor:

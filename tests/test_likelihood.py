@@ -122,3 +122,11 @@ def test_raw_to_tril_gradcheck_with_one_output_used():
     cov = fam.covariance(raw)
     expected = raw.tril(-1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
     torch.testing.assert_close(cov.scale_tril, expected, rtol=0, atol=0)
+
+
+def test_constant_cache_is_bounded():
+    x = torch.zeros(3, dtype=torch.float64)
+    for n in range(1, 200):
+        assert likelihood._ones(n, x).shape == (n,)
+    info = likelihood._make_constant.cache_info()
+    assert info.maxsize is not None and info.currsize <= info.maxsize
