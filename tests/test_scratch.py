@@ -181,3 +181,23 @@ def test_compiled_step_matches_autograd(caplog):
     # the comparison above then checked the fallback, which is the behaviour promised there
     failed = [r for r in caplog.records if "torch.compile of the analytic step failed" in r.getMessage()]
     assert all(r.levelname == "WARNING" for r in failed)
+
+
+def test_private_inductor_entry_point_is_still_there():
+    """gmm.scratch calls torch._inductor.compile_fx.compile_fx(gm, example_inputs) to capture the compiled step
+    (a private API, kept because the direct call is ~1.8x faster per step than public torch.compile; see
+    `scratch._compile_direct`). If this fails, torch moved or changed it: compile=True would silently fall back
+    to eager, so update `_compile_direct` or switch to public torch.compile."""
+    import inspect
+
+    try:
+        from torch._inductor.compile_fx import compile_fx
+    except ImportError as err:
+        pytest.fail(f"torch {torch.__version__} has no torch._inductor.compile_fx.compile_fx ({err}); see gmm.scratch")
+    params = list(inspect.signature(compile_fx).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    assert len(positional) >= 2 and len(required) == 2, (
+        f"torch {torch.__version__} changed compile_fx's signature to {inspect.signature(compile_fx)}; gmm.scratch "
+        "calls compile_fx(gm, example_inputs): update scratch._compile_direct"
+    )
