@@ -167,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# the flags passed on to gmm.fit under the same name
+_FIT_FLAGS = ("mixture_lr", "component_lr", "clamp", "init", "radius", "seed", "log_freq", "gradients", "compile", "n_init")
+
+
 def _run(args: argparse.Namespace, out: str | None) -> int:
     """Data -> gradient-descent fit (-> EM) -> printed summary (-> figure)."""
     mock = gmm.generate_data(
@@ -182,18 +186,9 @@ def _run(args: argparse.Namespace, out: str | None) -> int:
         model,
         mock.data,
         num_iterations=args.iterations,
-        mixture_lr=args.mixture_lr,
-        component_lr=args.component_lr,
-        clamp=args.clamp,
-        init=args.init,
-        radius=args.radius,
-        seed=args.seed,
-        log_freq=args.log_freq,
-        gradients=args.gradients,
-        compile=args.compile,
-        n_init=args.n_init,
         progress=False,  # the progress lines below take its place
         callback=_progress(len(str(args.iterations))),
+        **{name: getattr(args, name) for name in _FIT_FLAGS},
     )
     true_nll = mock.true_model().nll(mock.data)
     print(f"Final Loss: {result.final_nll:.2f}")

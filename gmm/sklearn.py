@@ -37,6 +37,8 @@ __all__ = ["GaussianMixtureGD"]
 # scikit-learn's GaussianMixture names for the families that have one
 COVARIANCE_ALIASES = {"diag": "diagonal", "spherical": "isotropic"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# the hyperparameters passed on to gmm.fit under the same name
+_FIT_PARAMS = ("mixture_lr", "component_lr", "clamp", "init", "tol", "reset")
 
 
 class GaussianMixtureGD(DensityMixin, BaseEstimator):
@@ -105,18 +107,8 @@ class GaussianMixtureGD(DensityMixin, BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         dtype = _DTYPES[self.dtype]
         model = make_model(family, self.n_components, X.shape[1], dtype=dtype)
-        result = model.fit(
-            self._tensor(X, dtype),
-            num_iterations=self.max_iter,
-            mixture_lr=self.mixture_lr,
-            component_lr=self.component_lr,
-            clamp=self.clamp,
-            init=self.init,
-            tol=self.tol,
-            reset=self.reset,
-            seed=seed,
-            progress=False,
-        )
+        options = {name: getattr(self, name) for name in _FIT_PARAMS}
+        result = model.fit(self._tensor(X, dtype), num_iterations=self.max_iter, seed=seed, progress=False, **options)
         record = model.fit_result_
         self.model_: MixtureModel = model
         self.weights_ = model.weights.cpu().numpy()
