@@ -63,9 +63,15 @@ class Covariance(NamedTuple):
 
 
 class Family:
-    """Base class: a parameterization of K covariances of dimension D by one raw tensor."""
+    """Base class: a parameterization of K covariances of dimension D by one raw tensor.
 
-    name: str = ""
+    A subclass that sets `name` is a family: it registers itself and must define `raw_shape`, `covariance`,
+    `from_covariances`, `num_parameters` and `rescale_` (checked when the class is defined). The attributes
+    below and `clamp_`, `raw_floor`, `floor_view` and `random_covariances` have defaults; `analytic` opts into
+    gmm.scratch's hand-derived gradients for a raw layout it knows.
+    """
+
+    name: str = ""  # the registry key, as users write it (`make_model(name, ...)`, `--family name`)
     shared: bool = False  # one covariance for all components (K' = 1)
     cholesky: bool = False  # full matrices through a Cholesky factor, else diagonal variances
     trainable: bool = True
@@ -86,6 +92,7 @@ class Family:
         return f"{type(self).__name__}(num_dims={self.num_dims})"
 
     def raw_shape(self, num_components: int, num_dims: int) -> tuple[int, ...]:
+        """Shape of the raw tensor of K components in D dimensions (leading K' = K, or 1 when shared)."""
         raise NotImplementedError
 
     def covariance(self, raw: Tensor) -> Covariance:

@@ -121,3 +121,25 @@ def test_unknown_family_names_suggest_the_closest():
         gmm.make_model("diagnal", 2, 2)
     with pytest.raises(ValueError, match="unknown family 'ful'"):
         gmm.generate_data(10, 2, 2, family="ful")
+
+
+def test_each_module_asks_the_family_object():
+    from gmm import scratch
+
+    kinds = {name: scratch._spec(families.get_family(name, 2)).kind for name in gmm.FAMILIES}
+    assert kinds == {
+        "full": "cholesky",
+        "tied": "cholesky",
+        "diagonal": "diagonal",
+        "isotropic": "isotropic",
+        "shared_isotropic": "isotropic",
+        "constant": "isotropic",
+    }
+    g = torch.Generator().manual_seed(0)
+    for name in gmm.FAMILIES:
+        family = families.get_family(name, 3)
+        cov = family.random_covariances(4, lambda *shape: torch.full(shape, 2.0, dtype=torch.float64), g)
+        assert cov.shape == (family.num_covariances(4), 3, 3)
+        # the draw is a member of the family: projecting it onto the family changes nothing
+        back = family.covariances(family.from_covariances(cov), cov.shape[0]) if family.trainable else cov
+        torch.testing.assert_close(back, cov)
