@@ -27,15 +27,8 @@ from gmm.population import PER_MEMBER
 
 from .config import ExperimentConfig
 from .datasets import load_dataset
-from .run import (
-    ExperimentResult,
-    _Evaluator,
-    default_run_name,
-    finish_run,
-    log_partial_record,
-    run_tags_of,
-    start_logging,
-)
+from .run import ExperimentResult, default_run_name, finish_run, run_tags_of, start_logging
+from .run_log import Evaluator, log_partial_record
 from .tracking import resolve_tracking_uri, tracked_run
 
 __all__ = ["population_options", "run_population"]
@@ -142,7 +135,7 @@ def _run(configs, datas, opened, options, on_eval, errors: list) -> list:
         first.family, first.model_components, first.model_dims, dtype=dtype, device=device, batch_shape=(count,)
     )
     evaluators = [
-        _Evaluator(model, d.val.to(device, dtype), c, lg, None) for c, d, lg in zip(configs, datas, loggers, strict=True)
+        Evaluator(model, d.val.to(device, dtype), c, lg, None) for c, d, lg in zip(configs, datas, loggers, strict=True)
     ]
 
     def callback(step: int, nlls: list[float], new_events: list) -> list[int]:
