@@ -14,7 +14,6 @@ a `column`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -318,5 +317,6 @@ def report_metrics() -> tuple[Metric, ...]:
     return tuple(m for m in METRICS if m.column is not None)
 
 
-def is_finite(value: float) -> bool:
-    return value is not None and math.isfinite(value)
+def mlflow_values(values: dict[str, float]) -> dict[str, float]:
+    """{MLflow key: value} of the values `measure` gave that are logged as single metrics."""
+    return {key: values[name] for metric in METRICS for name, key in metric.mlflow_keys().items()}

@@ -29,9 +29,9 @@ What one run holds (read back with `MlflowClient`, or `load_model(run_id)` for t
 
 Metrics are buffered and written with `log_batch` at most every few seconds while the fit runs (so a long
 fit's curves grow in the UI) and once at the end (experiments.run_log); the model is logged and loaded by
-experiments.models, and a fit whose store went away is kept on disk by experiments.unsent. If the fit raises (a non-finite NLL, a failed
-factorization, Ctrl-C, SIGTERM), what was measured until then is logged before the run ends FAILED or
-KILLED (experiments.tracking.tracked_run).
+experiments.models, and a fit whose store went away is kept on disk by experiments.unsent. If the fit raises
+(a non-finite NLL, a failed factorization, Ctrl-C, SIGTERM), what was measured until then is logged before the
+run ends FAILED or KILLED (experiments.tracking.tracked_run).
 
 Exit status: 0 done, 1 the fit failed (run marked FAILED), 2 bad input (one line on stderr), 130 interrupted.
 """
@@ -57,7 +57,7 @@ from gmm.cli import OneLineParser
 from .commands import module
 from .config import ExperimentConfig, add_arguments, from_args
 from .datasets import Dataset, load_dataset
-from .metrics import METRICS, Measured, measure
+from .metrics import Measured, measure, mlflow_values
 from .models import LEGACY_MODEL_ARTIFACT, MODEL_NAME, load_model, log_model
 from .redact import install_log_redaction, redact
 from .run_log import (
@@ -269,7 +269,7 @@ def _finish(config, data, logger, model, result, evaluator, train, val) -> Exper
         evaluator.val_values.append(values["val_nll"])
     if em_result is not None:
         logger.add_curve(EM_CURVE, em_result.nll_history.tolist(), range(len(em_result.nll_history)))
-    finals = {key: values[name] for metric in METRICS for name, key in metric.mlflow_keys().items()}
+    finals = mlflow_values(values)
     if result.warnings:  # gmm's ConvergenceWarnings, also on stderr; the spikes are in events.csv
         logger.timed(client.set_tag, run_id, "fit.warnings", " | ".join(result.warnings)[:5000])
     if evaluator.last_step != result.num_iterations:  # the counts are the last points of their curves

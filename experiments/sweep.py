@@ -38,12 +38,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -60,15 +57,9 @@ from gmm.cli import OneLineParser
 from gmm.fit import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 
 from . import sweep_outputs as outputs
-from .report import (
-    _atomic_write,
-    _one_thread,
-    _replace_dir,
-    _umask,
-    check_out_dir,
-    environment,
-    same_environment,
-)
+from .environment import environment, same_environment
+from .files import check_out_dir, write_folder
+from .seeds import one_thread
 from .sweep_plan import (
     DEGENERATE_RATIO,
     NO_CLAMP,
@@ -144,7 +135,7 @@ def run_cells(cells: Sequence[Cell], jobs: int = 1, desc: str = "clamp sweep") -
 
     try:
         if jobs <= 1 or len(groups) <= 1:
-            with _one_thread():
+            with one_thread():
                 for g in groups:
                     done_group(g, run_group([cells[i] for i in g]))
         else:
@@ -328,22 +319,16 @@ def _log_children(client, uri: str, experiment: str, parent_id: str, summary: pd
 
 def _write_folder(out: Path, manifest: dict, sweep: pd.DataFrame, summary: pd.DataFrame, figures: dict[str, bytes]) -> None:
     """Every file into a hidden temporary sibling, then renamed to `out` (an earlier sweep there is replaced)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _atomic_write(tmp / "sweep.csv", outputs.csv_text(sweep))
-        _atomic_write(tmp / "summary.csv", outputs.csv_text(summary))
-        for file, png in figures.items():
-            _atomic_write(tmp / "figures" / file, png)
-        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        doc = outputs.build_document(manifest, summary, figures)
-        _atomic_write(tmp / "report.md", doc.markdown())
-        _atomic_write(tmp / "report.html", doc.html(f"Clamp sweep: {manifest['name']}"))
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    doc = outputs.build_document(manifest, summary, figures)
+    files = {
+        "sweep.csv": outputs.csv_text(sweep),
+        "summary.csv": outputs.csv_text(summary),
+        **{f"figures/{file}": png for file, png in figures.items()},
+        "manifest.json": json.dumps(manifest, indent=2) + "\n",
+        "report.md": doc.markdown(),
+        "report.html": doc.html(f"Clamp sweep: {manifest['name']}"),
+    }
+    write_folder(out, files)
 
 
 # -- verification -----------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .report import _ROUND_TRIP, _Document, _png
+from .report_doc import _Document
+from .report_figures import png_bytes
+from .runs_table import ROUND_TRIP
 from .sweep_plan import COUNT_COLUMNS, KEY_COLUMNS, METRIC_COLUMNS, NO_CLAMP, ROW_COLUMNS
 
 CELL_COLUMNS = ("family", "dataset", "clamp", "batch", "reset")
@@ -66,7 +68,7 @@ def read_csv(path) -> pd.DataFrame:
         ValueError: unreadable.
     """
     try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[""], **_ROUND_TRIP)
+        return pd.read_csv(path, keep_default_na=False, na_values=[""], **ROUND_TRIP)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {path}: {' '.join(str(err).split())}") from None
 
@@ -152,7 +154,7 @@ def family_figures(family: str, summary: pd.DataFrame) -> dict[str, bytes]:
         labelled = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
         if labelled is not None:
             labelled.legend(fontsize=7)
-        figures[f"{name}_{family}.png"] = _png(fig)
+        figures[f"{name}_{family}.png"] = png_bytes(fig)
     return figures
 
 

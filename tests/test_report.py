@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import report
+from experiments import report, report_doc, runs_table
 from experiments.config import ExperimentConfig
 from experiments.report import RUN_COLUMNS, TIMING_COLUMNS, main, read_runs_csv
 
@@ -200,7 +200,7 @@ def test_verify_names_an_edited_file_of_the_report(written, tmp_path, name, old,
     folder = tmp_path / "edited"
     shutil.copytree(written[0], folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    runs = report._normalized(read_runs_csv(folder / "runs.csv"))
+    runs = runs_table.normalized(read_runs_csv(folder / "runs.csv"))
     assert report.compare_files(folder, manifest, runs, [], [], exact=False)[0] is None
     path = folder / name
     if old is None:  # a figure: the HTML embeds the folder's figures, so it no longer matches them
@@ -299,7 +299,7 @@ def test_an_interrupted_write_leaves_no_folder_and_keeps_the_old_report(written,
     def interrupted(self, title):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report._Document, "html", interrupted)
+    monkeypatch.setattr(report_doc._Document, "html", interrupted)
     out = tmp_path / "new"
     with pytest.raises(KeyboardInterrupt):
         report._write_folder(out, manifest, runs, summary, figures)
