@@ -2,108 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
-import re
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .commands import module
+from .document import Document
 from .files import MANIFEST_FORMAT, MARKER
 from .runs_table import KEY_COLUMNS, METHODS, glossary, metric_columns, records, run_columns, runs_csv_text, timing_columns
-
-
-class _Document:
-    """Headings, paragraphs, tables, code and images, rendered to Markdown and to one self-contained HTML."""
-
-    def __init__(self) -> None:
-        self.blocks: list[tuple] = []
-
-    def heading(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
-
-    def para(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def code(self, text: str) -> None:
-        self.blocks.append(("code", text))
-
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        self.blocks.append(("table", list(headers), [list(r) for r in rows]))
-
-    def image(self, path: str, alt: str, png: bytes) -> None:
-        self.blocks.append(("img", path, alt, png))
-
-    def markdown(self) -> str:
-        out = []
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "h":
-                out.append(f"{'#' * block[1]} {block[2]}")
-            elif kind == "p":
-                out.append(block[1])
-            elif kind == "code":
-                out.append(f"```\n{block[1]}\n```")
-            elif kind == "table":
-                out.append(markdown_table(block[1], block[2]))
-            elif kind == "img":
-                out.append(f"![{block[2]}]({block[1]})")
-        return "\n\n".join(out) + "\n"
-
-    def html(self, title: str) -> str:
-        body = []
-        for block in self.blocks:
-            kind = block[0]
-            if kind == "h":
-                body.append(f"<h{block[1]}>{_inline_html(block[2])}</h{block[1]}>")
-            elif kind == "p":
-                body.append(f"<p>{_inline_html(block[1])}</p>")
-            elif kind == "code":
-                body.append(f"<pre><code>{html.escape(block[1])}</code></pre>")
-            elif kind == "table":
-                head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
-                rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in block[2])
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-            elif kind == "img":
-                data = base64.b64encode(block[3]).decode("ascii")
-                body.append(
-                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block[2])}">'
-                    f"<figcaption>{html.escape(block[1])}</figcaption></figure>"
-                )
-        return (
-            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body)
-            + "\n</body>\n</html>\n"
-        )
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0;font-size:0.85em;display:block;max-width:100%;overflow-x:auto}"
-    "th,td{border:1px solid #ccc;padding:3px 6px}"
-    "td{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
-    "img{max-width:100%}figure{margin:1em 0}figcaption{color:#666;font-size:0.85em}"
-    "pre{background:#f6f6f6;padding:0.8em;overflow-x:auto}code{background:#f6f6f6}"
-)
-
-
-def _inline_html(text: str) -> str:
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text, quote=False))
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table (| escaped in cells)."""
-
-    def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *(line(r) for r in rows)])
 
 
 def _decimals(spread: float) -> int | None:
@@ -157,11 +66,11 @@ def summary_table(summary: pd.DataFrame, family: str) -> tuple[list[str], list[l
 
 def build_document(
     manifest: dict[str, Any], runs: pd.DataFrame, summary: pd.DataFrame, figures: dict[str, bytes]
-) -> _Document:
+) -> Document:
     """report.md / report.html: what was run, the summary per family, the figures, every run, the setup."""
     name, families = manifest["name"], manifest["families"]
     config = manifest["config"]
-    doc = _Document()
+    doc = Document()
     doc.heading(1, f"Seed report: {name}")
     git = manifest["git"]
     dirty = {True: " (dirty working tree)", False: "", None: " (dirty: unknown)"}[git["dirty"]]

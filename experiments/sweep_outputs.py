@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .report_doc import _Document
+from .document import Document
 from .report_figures import png_bytes
 from .runs_table import ROUND_TRIP
 from .sweep_plan import COUNT_COLUMNS, KEY_COLUMNS, METRIC_COLUMNS, NO_CLAMP, ROW_COLUMNS
@@ -226,9 +226,9 @@ def cell_table(summary: pd.DataFrame, family: str, dataset: str) -> tuple[list[s
     return headers, table
 
 
-def build_document(manifest: dict[str, Any], summary: pd.DataFrame, figures: dict[str, bytes]) -> _Document:
+def build_document(manifest: dict[str, Any], summary: pd.DataFrame, figures: dict[str, bytes]) -> Document:
     """report.md / report.html: what was run, per family the finding, tables and figures, the setup."""
-    doc = _Document()
+    doc = Document()
     doc.heading(1, f"Clamp sweep: {manifest['name']}")
     s = manifest["settings"]
     git = manifest["git"]

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import report, report_doc, runs_table
+from experiments import document, report, runs_table
 from experiments.config import ExperimentConfig
 from experiments.report import RUN_COLUMNS, TIMING_COLUMNS, main, read_runs_csv
 
@@ -299,7 +299,7 @@ def test_an_interrupted_write_leaves_no_folder_and_keeps_the_old_report(written,
     def interrupted(self, title):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report_doc._Document, "html", interrupted)
+    monkeypatch.setattr(document.Document, "html", interrupted)
     out = tmp_path / "new"
     with pytest.raises(KeyboardInterrupt):
         report._write_folder(out, manifest, runs, summary, figures)
