@@ -69,10 +69,11 @@ from gmm.cli import OneLineParser
 
 from .commands import module
 from .config import ExperimentConfig, add_arguments
+from .document import markdown_table
 from .environment import EXACT_PLATFORM, EXACT_VERSIONS, environment, installed_packages, same_environment
 from .files import MANIFEST_FORMAT, MARKER, check_out_dir, write_folder
 from .redact import install_log_redaction, redact
-from .report_doc import build_document, markdown_table, report_files, summary_table
+from .report_doc import build_document, report_files, summary_table
 from .report_figures import all_figures, family_figures, median_outcome
 from .runs_table import (
     COUNT_COLUMNS,
