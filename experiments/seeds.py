@@ -83,6 +83,8 @@ class SeedOutcome:
 
 
 def _init_worker() -> None:
+    """The initializer of a pool worker process (spawned for this pool alone, ended with it): the thread
+    count it sets is that process's, never the caller's. The serial path uses `one_thread`, which restores it."""
     torch.set_num_threads(1)  # one core per seed: the same numbers as a serial run, no oversubscription
 
 
@@ -173,6 +175,7 @@ def _outcome(cfg: ExperimentConfig, result) -> SeedOutcome:
 # -- many seeds -------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
+    """One torch thread inside the block (the numbers of a pool worker), the caller's count restored after."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -100,7 +100,11 @@ def families_of(family: str) -> list[str]:
 def _init_worker() -> None:
     """A worker process: one torch thread (the serial run's numbers), and SIGINT ignored: Ctrl-C reaches every
     process of the terminal's group, and only the parent handles it (a worker's KeyboardInterrupt would come
-    back as the result of whichever cell it was running, or kill an idle worker and break the pool)."""
+    back as the result of whichever cell it was running, or kill an idle worker and break the pool).
+
+    Both settings are process-wide on purpose: this runs only as the initializer of a spawned pool's worker
+    processes, which end with the pool; the serial path runs in the caller's process under `one_thread`, which
+    restores the caller's thread count."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
