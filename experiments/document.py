@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -129,6 +129,12 @@ class Document:
 
     def image(self, path: str, alt: str, png: bytes) -> None:
         self.blocks.append({"kind": "img", "path": path, "alt": alt, "png": png})
+
+    def family_images(self, figures: Mapping[str, bytes], family: str, captions: Sequence[tuple[str, str]]) -> None:
+        """One image per (stem, alt text) of `captions`: figures/<stem>_<family>.png, alt "<family>: <alt text>"."""
+        for stem, alt in captions:
+            file = f"{stem}_{family}.png"
+            self.image(f"figures/{file}", f"{family}: {alt}", figures[file])
 
     def markdown(self) -> str:
         return _MARKDOWN_TEMPLATE.render(blocks=self.blocks)

@@ -76,3 +76,9 @@ def same_environment(manifest: dict[str, Any], env: dict[str, Any]) -> tuple[boo
         if old != new:
             diffs.append(f"{key} {old} -> {new}")
     return not diffs, ", ".join(diffs)
+
+
+def environment_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    """The rows a report's Environment table shows of a manifest: its versions, then its platform."""
+    rows = [[f"version.{k}", v] for k, v in manifest["versions"].items()]
+    return rows + [[f"platform.{k}", str(v)] for k, v in manifest["platform"].items()]

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 MANIFEST_FORMAT = "gmm-seed-report/1"
 MARKER = ".gmm-report.json"  # in every report folder: {"format": MANIFEST_FORMAT, "files": [every file written]}
@@ -108,3 +109,29 @@ def write_folder(out: Path, files: Mapping[str, bytes | str]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_manifest(folder: Path, not_a_folder: str, hint: str = "") -> Any:
+    """The parsed manifest.json of `folder` (any JSON value: the caller checks its fields).
+
+    Raises:
+        ValueError: `not_a_folder` when `folder` is no folder; unreadable (then `hint` follows) or invalid JSON.
+    """
+    if not folder.is_dir():
+        raise ValueError(not_a_folder)
+    path = folder / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read {path}: {err.strerror or err}{hint}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def print_written(folder: Path, seconds: float, what: str, module_name: str, make_verify: str) -> None:
+    """The CLI's closing lines: the folder written (`what` follows the time as is) and how to check it."""
+    from .commands import module
+
+    shown = folder.as_posix()
+    print(f"Wrote {shown}/ in {seconds:.1f} s{what}")
+    print(f"Check it: {module(module_name, '--verify', shown)}   (or: make {make_verify}={shown})")

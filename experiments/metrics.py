@@ -144,7 +144,8 @@ class Metric:
         section: MLflow key prefix ("summary", or "time" for timings); None: not logged as a single value (the
             last point of a curve of the same measure, or a report column only).
         em_name: the EM value's name (default `em_<name>`); em_section: its MLflow prefix (None: not logged).
-        column: its runs.csv column, whose rows hold `gd` (method gd) and `em` (method em); None: not in the report.
+        report: whether the seed report has it: a runs.csv `column` (`column_name`, default `name`) whose rows
+            hold `gd` (method gd) and `em` (method em), summary rows and a glossary line.
         kind: "count" (an integer; --verify compares it exactly), "timing" (left out of --verify and the
             sha256), else "value".
     """
@@ -156,8 +157,14 @@ class Metric:
     section: str | None = "summary"
     em_name: str | None = None
     em_section: str | None = None
-    column: str | None = None
+    report: bool = False
+    column_name: str | None = None
     kind: Literal["value", "count", "timing"] = "value"
+
+    @property
+    def column(self) -> str | None:
+        """Its runs.csv column, or None when the report leaves it out."""
+        return (self.column_name or self.name) if self.report else None
 
     @property
     def em_key(self) -> str:
@@ -171,130 +178,61 @@ class Metric:
         return keys
 
 
+def _of_fits(attr: str, cast: Callable[[Any], float] = float) -> dict[str, Callable[[Measured], float]]:
+    """gd and em reading the same attribute of each method's FitResult."""
+    return {"gd": lambda m: cast(getattr(m.fit, attr)), "em": lambda m: cast(getattr(m.em, attr))}
+
+
+def _of_models(measure_of: Callable[[Measured, Any], float]) -> dict[str, Callable[[Measured], float]]:
+    """gd and em applying one measure of `Measured` to each method's fitted model."""
+    return {"gd": lambda m: measure_of(m, m.model), "em": lambda m: measure_of(m, m.em_model)}
+
+
+def _same(value: Callable[[Measured], float]) -> dict[str, Callable[[Measured], float]]:
+    """gd and em both `value`: a measure of the data, not of a fit (the EM row repeats it)."""
+    return {"gd": value, "em": value}
+
+
+_TRUTH = "the parameters that generated the data"
 # The order is runs.csv's column order (tests and --verify of older reports depend on it): append new metrics.
+# section=None on train_nll, val_nll and the counts: their final value is the last point of their curve
+# (nll/train, nll/val, events/clamps, events/resets); GD's `converged` is a report column only.
 METRICS: tuple[Metric, ...] = (
-    Metric(
-        "train_nll",
-        "final mean negative log-likelihood on the training split, nats per sample (lower is better)",
-        gd=lambda m: m.fit.final_nll,
-        em=lambda m: m.em_final_nll(),
-        section=None,  # the last point of the nll/train curve
-        em_name="em_nll_train",
-        em_section="summary",
-        column="train_nll",
-    ),
-    Metric(
-        "val_nll",
-        "the same on the held-out validation split (- without one)",
-        gd=lambda m: m.val_nll(m.model),
-        em=lambda m: m.val_nll(m.em_model),
-        section=None,  # the last point of the nll/val curve
-        em_name="em_nll_val",
-        em_section="summary",
-        column="val_nll",
-    ),
-    Metric(
-        "true_nll_train",
-        "NLL of the parameters that generated the data, on the training split (- for a data file)",
-        gd=lambda m: m.true_nll("train"),
-        em=lambda m: m.true_nll("train"),
-        column="true_nll_train",
-    ),
-    Metric(
-        "true_nll_val",
-        "the same on the validation split",
-        gd=lambda m: m.true_nll("val"),
-        em=lambda m: m.true_nll("val"),
-        column="true_nll_val",
-    ),
-    Metric(
-        "gd_em_gap",
-        "GD's train_nll minus EM's, same seed (gd rows only): > 0 means EM found the better optimum, "
-        "< 0 gradient descent did",
-        gd=lambda m: m.fit.final_nll - m.em_final_nll(),
-        column="gd_em_gap",
-    ),
-    Metric(
-        "recovery_error",
-        "mean Euclidean distance between fitted and true means after one-to-one Hungarian matching, "
-        "in data units (0 = every true mean recovered; - for a data file)",
-        gd=lambda m: m.recovery_error(m.model),
-        em=lambda m: m.recovery_error(m.em_model),
-        em_section="summary",
-        column="recovery_error",
-    ),
-    Metric(
-        "ari",
-        "adjusted Rand index of the most responsible component against the true labels, all points "
-        "(1 = same partition, about 0 = chance; - for a data file)",
-        gd=lambda m: m.ari(m.model),
-        em=lambda m: m.ari(m.em_model),
-        em_section="summary",
-        column="ari",
-    ),
-    Metric(
-        "clamp_count",
-        "variance-floor events: steps at which a covariance diagonal was raised to clamp",
-        gd=lambda m: m.fit.clamp_count,
-        em=lambda m: m.em.clamp_count,
-        section=None,  # the last point of the events/clamps curve
-        column="clamp_count",
-        kind="count",
-    ),
-    Metric(
-        "reset_count",
-        "collapsed components moved to a badly explained point (gmm.fit)",
-        gd=lambda m: m.fit.reset_count,
-        em=lambda m: m.em.reset_count,
-        section=None,  # the last point of the events/resets curve
-        column="reset_count",
-        kind="count",
-    ),
-    Metric(
-        "num_iterations",
-        "Adam steps (gd) or EM iterations (em) run",
-        gd=lambda m: m.fit.num_iterations,
-        em=lambda m: m.em.num_iterations,
-        column="iterations",
-        kind="count",
-    ),
-    Metric(
-        "converged",
-        "1 when the method's tolerance stopped it early (gd: tol, off by default, so 0; em: em_tol), "
-        "else 0; its mean is the converged fraction, so 0 ± 0 means no seed stopped early",
-        gd=lambda m: int(m.fit.converged),
-        em=lambda m: int(m.em.converged),
-        section=None,  # only EM's is logged: summary/em_converged
-        em_section="summary",
-        column="converged",
-        kind="count",
-    ),
-    Metric(
-        "wall_time",
-        "seconds in the fit loop (not compared by --verify)",
-        gd=lambda m: m.fit.wall_time,
-        em=lambda m: m.em.wall_time,
-        section="time",
-        column="wall_time",
-        kind="timing",
-    ),
-    Metric(
-        "iterations_per_second",
-        "fit steps per second of wall time",
-        gd=lambda m: m.fit.iterations_per_second,
-        section="time",
-        kind="timing",
-    ),  # fmt: skip
-    Metric("init_time", "seconds spent initializing the fit", gd=lambda m: m.fit.init_time, section="time", kind="timing"),
-    Metric(
-        "compile_time",
-        "seconds spent compiling the step (0 without compile)",
-        gd=lambda m: m.fit.compile_time,
-        section="time",
-        kind="timing",
-    ),  # fmt: skip
-    Metric("spike_count", "NLL spikes the fit detected (they are in events.csv)", gd=lambda m: m.fit.spike_count),
-)
+    Metric("train_nll", "final mean negative log-likelihood on the training split, nats per sample (lower is better)",
+           gd=lambda m: m.fit.final_nll, em=lambda m: m.em_final_nll(), section=None, em_name="em_nll_train",
+           em_section="summary", report=True),
+    Metric("val_nll", "the same on the held-out validation split (- without one)", **_of_models(Measured.val_nll),
+           section=None, em_name="em_nll_val", em_section="summary", report=True),
+    Metric("true_nll_train", f"NLL of {_TRUTH}, on the training split (- for a data file)",
+           **_same(lambda m: m.true_nll("train")), report=True),
+    Metric("true_nll_val", "the same on the validation split", **_same(lambda m: m.true_nll("val")), report=True),
+    Metric("gd_em_gap", "GD's train_nll minus EM's, same seed (gd rows only): > 0 means EM found the better "
+           "optimum, < 0 gradient descent did", gd=lambda m: m.fit.final_nll - m.em_final_nll(), report=True),
+    Metric("recovery_error", "mean Euclidean distance between fitted and true means after one-to-one Hungarian "
+           "matching, in data units (0 = every true mean recovered; - for a data file)",
+           **_of_models(Measured.recovery_error), em_section="summary", report=True),
+    Metric("ari", "adjusted Rand index of the most responsible component against the true labels, all points "
+           "(1 = same partition, about 0 = chance; - for a data file)", **_of_models(Measured.ari),
+           em_section="summary", report=True),
+    Metric("clamp_count", "variance-floor events: steps at which a covariance diagonal was raised to clamp",
+           **_of_fits("clamp_count", int), section=None, report=True, kind="count"),
+    Metric("reset_count", "collapsed components moved to a badly explained point (gmm.fit)",
+           **_of_fits("reset_count", int), section=None, report=True, kind="count"),
+    Metric("num_iterations", "Adam steps (gd) or EM iterations (em) run", **_of_fits("num_iterations", int),
+           report=True, column_name="iterations", kind="count"),
+    Metric("converged", "1 when the method's tolerance stopped it early (gd: tol, off by default, so 0; em: "
+           "em_tol), else 0; its mean is the converged fraction, so 0 ± 0 means no seed stopped early",
+           **_of_fits("converged", int), section=None, em_section="summary", report=True, kind="count"),
+    Metric("wall_time", "seconds in the fit loop (not compared by --verify)", **_of_fits("wall_time"), section="time",
+           report=True, kind="timing"),
+    Metric("iterations_per_second", "fit steps per second of wall time", gd=lambda m: m.fit.iterations_per_second,
+           section="time", kind="timing"),
+    Metric("init_time", "seconds spent initializing the fit", gd=lambda m: m.fit.init_time, section="time",
+           kind="timing"),
+    Metric("compile_time", "seconds spent compiling the step (0 without compile)", gd=lambda m: m.fit.compile_time,
+           section="time", kind="timing"),
+    Metric("spike_count", "NLL spikes the fit detected (they are in events.csv)", gd=lambda m: int(m.fit.spike_count)),
+)  # fmt: skip
 
 
 def measure(measured: Measured, metrics: tuple[Metric, ...] | None = None) -> dict[str, float]:

@@ -67,11 +67,10 @@ import pandas as pd
 import gmm
 from gmm.cli import OneLineParser
 
-from .commands import module
 from .config import ExperimentConfig, add_arguments
 from .document import markdown_table
 from .environment import EXACT_PLATFORM, EXACT_VERSIONS, environment, installed_packages, same_environment
-from .files import MANIFEST_FORMAT, MARKER, check_out_dir, write_folder
+from .files import MANIFEST_FORMAT, MARKER, check_out_dir, print_written, write_folder
 from .redact import install_log_redaction, redact
 from .report_doc import build_document, report_files, summary_table
 from .report_figures import all_figures, family_figures, median_outcome
@@ -399,12 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     for family in families:
         headers, rows = summary_table(report.summary, family)
         print(f"\n{family}:\n{markdown_table(headers, rows)}")
-    folder = report.folder.as_posix()
-    print(
-        f"\nWrote {folder}/ in {report.elapsed:.1f} s: report.md, report.html, runs.csv, summary.csv, manifest.json, "
-        f"figures/ (MLflow parent run {report.parent_run_id})"
-    )
-    print(f"Check it: {module('experiments.report', '--verify', folder)}   (or: make verify-report REPORT={folder})")
+    files = "report.md, report.html, runs.csv, summary.csv, manifest.json, figures/"
+    what = f": {files} (MLflow parent run {report.parent_run_id})"
+    print()
+    print_written(report.folder, report.elapsed, what, "experiments.report", "verify-report REPORT")
     return 0
 
 

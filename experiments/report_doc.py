@@ -11,8 +11,16 @@ import pandas as pd
 
 from .commands import module
 from .document import Document
+from .environment import environment_rows
 from .files import MANIFEST_FORMAT, MARKER
 from .runs_table import KEY_COLUMNS, METHODS, glossary, metric_columns, records, run_columns, runs_csv_text, timing_columns
+
+# the figures of a family (experiments.report_figures): file stem, alt text
+FIGURE_CAPTIONS = (
+    ("nll_curves", "NLL curves of every seed"),
+    ("final_nll", "final NLL per method"),
+    ("fit", "fit of the median seed"),
+)
 
 
 def _decimals(spread: float) -> int | None:
@@ -89,12 +97,7 @@ def build_document(
         doc.heading(2, f"Family {family}")
         headers, rows = summary_table(summary, family)
         doc.table(headers, rows)
-        for file, alt in (
-            (f"nll_curves_{family}.png", f"{family}: NLL curves of every seed"),
-            (f"final_nll_{family}.png", f"{family}: final NLL per method"),
-            (f"fit_{family}.png", f"{family}: fit of the median seed"),
-        ):
-            doc.image(f"figures/{file}", alt, figures[file])
+        doc.family_images(figures, family, FIGURE_CAPTIONS)
     doc.heading(2, "Every run (runs.csv)")
     doc.para(
         "Two tables, so that each fits a page; rows pair by family, seed and method. Numbers: 6 significant "
@@ -112,9 +115,7 @@ def build_document(
     doc.heading(2, "Configuration")
     doc.code(json.dumps(config, indent=2))
     doc.heading(2, "Environment")
-    env_rows = [[f"version.{k}", v] for k, v in manifest["versions"].items()]
-    env_rows += [[f"platform.{k}", str(v)] for k, v in manifest["platform"].items()]
-    env_rows += [["runs.csv sha256 (timing columns excluded)", manifest["runs_csv"]["sha256"]]]
+    env_rows = environment_rows(manifest) + [["runs.csv sha256 (timing columns excluded)", manifest["runs_csv"]["sha256"]]]
     env_rows += [[f"mlflow.{k}", str(v)] for k, v in manifest["mlflow"].items()]
     doc.table(["what", "value"], env_rows)
     packages = manifest.get("packages") or []

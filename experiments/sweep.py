@@ -58,7 +58,7 @@ from gmm.fit import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 
 from . import sweep_outputs as outputs
 from .environment import environment, same_environment
-from .files import check_out_dir, write_folder
+from .files import check_out_dir, print_written, read_manifest, write_folder
 from .seeds import one_thread
 from .sweep_plan import (
     DEGENERATE_RATIO,
@@ -343,14 +343,7 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
         ValueError: not a sweep folder, or an unreadable or foreign manifest.
     """
     path = Path(folder) / "manifest.json"
-    if not Path(folder).is_dir():
-        raise ValueError(f"{folder} is not a sweep folder; give the path that `make clamp-sweep` printed")
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    manifest = read_manifest(Path(folder), f"{folder} is not a sweep folder; give the path that `make clamp-sweep` printed")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a clamp sweep's manifest (format {MANIFEST_FORMAT!r})")
     return manifest
@@ -459,12 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = {d["name"]: d["role"] for d in result.manifest["datasets"]}
     for family in families:
         print(outputs.family_paragraph(result.summary, family, roles))
-    folder = result.folder.as_posix()
-    print(
-        f"Wrote {folder}/ in {time.perf_counter() - t0:.1f} s ({result.manifest['cells']} cells, "
-        f"{result.manifest['fits']} fits; MLflow parent run {result.parent_run_id})"
-    )
-    print(f"Check it: python -m experiments.sweep --verify {folder}   (make verify-clamp-sweep SWEEP={folder})")
+    what = f"{result.manifest['cells']} cells, {result.manifest['fits']} fits; MLflow parent run {result.parent_run_id}"
+    print_written(result.folder, time.perf_counter() - t0, f" ({what})", "experiments.sweep", "verify-clamp-sweep SWEEP")
     return 0
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .document import Document
+from .environment import environment_rows
 from .report_figures import png_bytes
 from .runs_table import ROUND_TRIP
 from .sweep_plan import COUNT_COLUMNS, KEY_COLUMNS, METRIC_COLUMNS, NO_CLAMP, ROW_COLUMNS
@@ -25,6 +26,12 @@ CELL_COLUMNS = ("family", "dataset", "clamp", "batch", "reset")
 QUARTILE_METRICS = ("train_nll", "val_nll", "clamps", "resets", "recovery_steps")
 RECOVERY_TARGET = 0.8  # the report names the smallest clamp at which mini-batch fits recover this often
 RTOL, ATOL = 1e-3, 1e-4  # --verify across platforms or versions (as the seed report's)
+# the figures of a family: file stem, alt text
+FIGURE_CAPTIONS = (
+    ("val_nll", "validation NLL vs clamp"),
+    ("collapse", "collapse rate vs clamp"),
+    ("recovery", "recovery rate and median recovery steps vs clamp"),
+)
 SETTINGS = (("full", 1), ("full", 0), ("mini", 1), ("mini", 0))  # (batch, reset): the lines of each figure
 
 
@@ -252,16 +259,9 @@ def build_document(manifest: dict[str, Any], summary: pd.DataFrame, figures: dic
             doc.heading(3, f"{d['name']} ({d['role']}: {d['cause']}, {d['components']} components)")
             headers, rows = cell_table(summary, family, d["name"])
             doc.table(headers, rows)
-        for file, alt in (
-            (f"val_nll_{family}.png", f"{family}: validation NLL vs clamp"),
-            (f"collapse_{family}.png", f"{family}: collapse rate vs clamp"),
-            (f"recovery_{family}.png", f"{family}: recovery rate and median recovery steps vs clamp"),
-        ):
-            doc.image(f"figures/{file}", alt, figures[file])
+        doc.family_images(figures, family, FIGURE_CAPTIONS)
     doc.heading(2, "Environment")
-    env = [[f"version.{k}", v] for k, v in manifest["versions"].items()]
-    env += [[f"platform.{k}", str(v)] for k, v in manifest["platform"].items()]
-    env += [["sweep.csv sha256", manifest["sweep_csv_sha256"]]]
+    env = environment_rows(manifest) + [["sweep.csv sha256", manifest["sweep_csv_sha256"]]]
     doc.table(["what", "value"], env)
     return doc
 

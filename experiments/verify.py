@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import pandas as pd
 
 from .config import ExperimentConfig
 from .environment import environment, same_environment
-from .files import MANIFEST_FORMAT
+from .files import MANIFEST_FORMAT, read_manifest
 from .report_doc import report_files
 from .report_figures import all_figures
 from .runs_table import (
@@ -53,15 +52,9 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
         ValueError: not a folder, no or unreadable manifest.json, or missing fields.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a report folder; give the path that `make report` printed (reports/NAME)")
+    not_a_folder = f"{folder} is not a report folder; give the path that `make report` printed (reports/NAME)"
+    manifest = read_manifest(folder, not_a_folder, f"; is {folder} a report folder?")
     path = folder / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror or err}; is {folder} a report folder?") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path} must hold a JSON object; got a {type(manifest).__name__}")
     missing = [k for k in _MANIFEST_KEYS if k not in manifest]
