@@ -165,20 +165,12 @@ def make_report(
     """
     from .tracking import log_metrics, log_params, resolve_tracking_uri, tracked_run
 
-    if not isinstance(config, ExperimentConfig):
-        raise TypeError(f"config must be an ExperimentConfig; got {type(config).__name__}")
-    base = config.replace(em=True)
-    families = check_plan(families if families is not None else [base.family], num_seeds, jobs)
-    created = datetime.now(UTC)
-    if out is None:
-        label = "all" if len(families) > 1 else families[0]
-        out = REPORTS_DIR / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
-    out = Path(out)
-    check_out_dir(out, force)
+    base, families, out, created = _checked(config, families, num_seeds, out, jobs, force)
     name = out.name
     uri = resolve_tracking_uri(tracking_uri)
     configs = seed_configs(base, families, num_seeds)
     command = redact(command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])))
+    plan = _plan_record(out, created, command, families, base, configs, population)
     tags = {
         "report.name": name,
         "report.kind": "report",
@@ -196,16 +188,7 @@ def make_report(
         figures = all_figures(families, outcomes, runs, configs)
         elapsed = time.perf_counter() - t0
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "name": name,
-            "folder": out.as_posix(),
-            "created_utc": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": command,
-            "families": families,
-            "config": base.to_dict(),
-            "seed_rule": seed_rule(base),
-            "fit_mode": "population" if population else "one-by-one",  # verify re-runs it the same way
-            "seeds": [{"seed": c.seed, "data_seed": c.data_seed} for c in configs if c.family == families[0]],
+            **plan,
             "runs": [_run_record(o) for o in outcomes],
             **environment(),
             **_reproduction(runs),
@@ -218,6 +201,37 @@ def make_report(
         log_metrics(client, parent_id, means)
         client.log_artifacts(parent_id, str(out), "report")
     return Report(out, runs, summary, manifest, parent_id, elapsed)
+
+
+def _checked(
+    config, families, num_seeds: int, out, jobs: int, force: bool
+) -> tuple[ExperimentConfig, list[str], Path, datetime]:
+    """make_report's arguments checked, before anything runs: (base config, families, out folder, start time)."""
+    if not isinstance(config, ExperimentConfig):
+        raise TypeError(f"config must be an ExperimentConfig; got {type(config).__name__}")
+    base = config.replace(em=True)
+    families = check_plan(families if families is not None else [base.family], num_seeds, jobs)
+    created = datetime.now(UTC)
+    label = "all" if len(families) > 1 else families[0]
+    out = Path(out) if out is not None else REPORTS_DIR / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
+    check_out_dir(out, force)
+    return base, families, out, created
+
+
+def _plan_record(out, created, command, families, base, configs, population) -> dict[str, Any]:
+    """The manifest's first entries: what was run, by which command, and how seeds vary (known before the fits)."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": out.name,
+        "folder": out.as_posix(),
+        "created_utc": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "families": families,
+        "config": base.to_dict(),
+        "seed_rule": seed_rule(base),
+        "fit_mode": "population" if population else "one-by-one",  # verify re-runs it the same way
+        "seeds": [{"seed": c.seed, "data_seed": c.data_seed} for c in configs if c.family == families[0]],
+    }
 
 
 def _run_record(o: SeedOutcome) -> dict[str, Any]:
@@ -334,28 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
+    if args.verify is not None:
+        return _verify_main(parser, args)
     from mlflow.exceptions import MlflowException
 
-    if args.verify is not None:
-        typed = [f.name for f in fields(ExperimentConfig) if hasattr(args, f.name)]
-        typed += [name for name in (*_REPORT_FLAGS, "config") if hasattr(args, name)]
-        if typed:
-            parser.error(
-                f"--verify re-runs the manifest's config and seeds; drop --{', --'.join(t.replace('_', '-') for t in typed)}"
-            )
-        try:
-            check_plan(["full"], 1, args.jobs)
-            verdict = verify_report(args.verify, jobs=args.jobs, tracking_uri=args.tracking_uri, experiment=args.experiment)
-        except (ValueError, TypeError, MlflowException) as err:
-            parser.error(str(err))
-        except SeedFailed as err:
-            print(f"FAIL: {args.verify}: fit failed in the re-run: {err}")
-            return 1
-        except KeyboardInterrupt:
-            print(f"{parser.prog}: interrupted", file=sys.stderr)
-            return 130
-        print(verdict.message)
-        return 0 if verdict.passed else 1
+    from .tracking import resolve_tracking_uri
 
     try:
         config, families = report_config(args)
@@ -366,8 +363,6 @@ def main(argv: list[str] | None = None) -> int:
             check_out_dir(Path(out), getattr(args, "force", False))
     except (ValueError, TypeError) as err:
         parser.error(str(err))
-    from .tracking import resolve_tracking_uri
-
     uri = resolve_tracking_uri(args.tracking_uri)
     print(
         f"Report: {', '.join(families)} x {num_seeds} seeds ({config.iterations} Adam steps + EM each, "
@@ -377,16 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         report = make_report(
-            config,
-            families,
-            num_seeds,
-            out,
-            jobs=args.jobs,
-            tracking_uri=uri,
-            experiment=args.experiment,
-            force=getattr(args, "force", False),
-            population=not args.one_by_one,
-        )
+            config, families, num_seeds, out, jobs=args.jobs, tracking_uri=uri, experiment=args.experiment,
+            force=getattr(args, "force", False), population=not args.one_by_one,
+        )  # fmt: skip
     except (ValueError, TypeError, MlflowException) as err:
         parser.error(str(err))
     except SeedFailed as err:
@@ -403,6 +391,30 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_written(report.folder, report.elapsed, what, "experiments.report", "verify-report REPORT")
     return 0
+
+
+def _verify_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`--verify FOLDER`: PASS (0) or FAIL (1) on stdout; no config flag may come with it."""
+    from mlflow.exceptions import MlflowException
+
+    typed = [f.name for f in fields(ExperimentConfig) if hasattr(args, f.name)]
+    typed += [name for name in (*_REPORT_FLAGS, "config") if hasattr(args, name)]
+    if typed:
+        flags = ", --".join(t.replace("_", "-") for t in typed)
+        parser.error(f"--verify re-runs the manifest's config and seeds; drop --{flags}")
+    try:
+        check_plan(["full"], 1, args.jobs)
+        verdict = verify_report(args.verify, jobs=args.jobs, tracking_uri=args.tracking_uri, experiment=args.experiment)
+    except (ValueError, TypeError, MlflowException) as err:
+        parser.error(str(err))
+    except SeedFailed as err:
+        print(f"FAIL: {args.verify}: fit failed in the re-run: {err}")
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    print(verdict.message)
+    return 0 if verdict.passed else 1
 
 
 if __name__ == "__main__":

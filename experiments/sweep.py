@@ -172,6 +172,18 @@ def sweep_sha256(sweep: pd.DataFrame) -> str:
     return hashlib.sha256(outputs.csv_text(sweep).encode()).hexdigest()
 
 
+def _made(out: Path, created: datetime, command: str) -> dict[str, Any]:
+    """The manifest's first entries: its format, the folder, when and by which command it was made."""
+    created_utc = created.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": out.name,
+        "folder": out.as_posix(),
+        "created_utc": created_utc,
+        "command": command,
+    }
+
+
 def _plan_record(families, seeds, settings, datasets, num_clamps, cells) -> dict[str, Any]:
     used = {(c.family, c.data.name): c.data for c in cells}
     return {
@@ -193,6 +205,7 @@ def _plan_record(families, seeds, settings, datasets, num_clamps, cells) -> dict
             }
             for (f, _), d in used.items()
         ],
+        "cells": len(cells),
     }
 
 
@@ -216,20 +229,17 @@ def make_sweep(
     """
     from .tracking import get_client, log_params, resolve_tracking_uri, tracked_run
 
-    families = list(families)
     settings = settings or SweepSettings()
     if num_seeds < 1 or jobs < 1:
         raise ValueError(f"seeds and jobs must be at least 1; got seeds={num_seeds}, jobs={jobs}")
     seeds = tuple(range(num_seeds))
-    cells = plan_cells(families, seeds, settings, datasets, num_clamps)
+    cells = plan_cells(list(families), seeds, settings, datasets, num_clamps)
     families = [f for f in families if any(c.family == f for c in cells)]  # DATASETS may leave a family out
     created = datetime.now(UTC)
-    label = "all" if len(families) > 1 else families[0]
-    out = Path(out) if out is not None else Path("sweeps") / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
-    check_out_dir(out)
+    out = _out_folder(out, families, num_seeds, created)
     uri = resolve_tracking_uri(tracking_uri)
     command = command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]))
-    plan = _plan_record(families, seeds, settings, datasets, num_clamps, cells)
+    head = {**_made(out, created, command), **_plan_record(families, seeds, settings, datasets, num_clamps, cells)}
     t0 = time.perf_counter()
     tags = {"sweep.name": out.name, "sweep.kind": "sweep", "sweep.families": ",".join(families)}
     get_client(uri)  # a bad store fails now (one line), not after minutes of fits
@@ -237,31 +247,14 @@ def make_sweep(
     # interrupted sweep leaves nothing behind in MLflow, and a finished one only FINISHED runs
     results = run_cells(cells, jobs, desc=f"sweep {out.name}")
     with tracked_run(uri, experiment, run_name=f"clamp sweep {out.name}", tags=tags) as (client, parent_id):
-        log_params(
-            client,
-            parent_id,
-            {
-                "families": ",".join(families),
-                "seeds": num_seeds,
-                "jobs": jobs,
-                "num_clamps": num_clamps,
-                **settings.as_dict(),
-            },
-        )
+        params = {"families": ",".join(families), "seeds": num_seeds, "jobs": jobs, "num_clamps": num_clamps}
+        log_params(client, parent_id, {**params, **settings.as_dict()})
         sweep = outputs.sweep_frame([row for rows in results for row in rows])
         summary = outputs.summarize(sweep)
-        figures: dict[str, bytes] = {}
-        for family in families:
-            figures.update(outputs.family_figures(family, summary))
+        figures = {file: png for family in families for file, png in outputs.family_figures(family, summary).items()}
         elapsed = time.perf_counter() - t0
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "name": out.name,
-            "folder": out.as_posix(),
-            "created_utc": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": command,
-            **plan,
-            "cells": len(cells),
+            **head,
             "fits": len(sweep),
             "definitions": DEFINITIONS,
             **environment(),
@@ -275,6 +268,14 @@ def make_sweep(
         client.log_artifacts(parent_id, str(out), "sweep")
         _log_children(client, uri, experiment, parent_id, summary, out.name)
     return Sweep(out, sweep, summary, manifest, parent_id, elapsed)
+
+
+def _out_folder(out: str | Path | None, families: list[str], num_seeds: int, created: datetime) -> Path:
+    """`out`, or sweeps/<family or all>-<n>seeds-<UTC time>; checked to be new or an empty folder."""
+    label = "all" if len(families) > 1 else families[0]
+    folder = Path(out) if out is not None else Path("sweeps") / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
+    check_out_dir(folder)
+    return folder
 
 
 def _log_children(client, uri: str, experiment: str, parent_id: str, summary: pd.DataFrame, name: str) -> None:

@@ -213,47 +213,45 @@ def verify_report(
         # reports made before populations have no fit_mode: they fitted one seed at a time
         population = manifest.get("fit_mode", "one-by-one") == "population"
         outcomes = run_seeds(tasks, jobs, desc=f"verify {name}", population=population)
-        got = runs_frame(outcomes)
-        difference, count = first_difference(expected, got, exact)
+        difference, count = first_difference(expected, runs_frame(outcomes), exact)
         if difference is None:
-            recorded = {
-                (r["family"], r["seed"]): r.get("dataset_fingerprint") for r in manifest["runs"] if isinstance(r, dict)
-            }
-            for o in outcomes:
-                if recorded.get((o.family, o.seed)) != o.fingerprint:
-                    difference, count = (
-                        {
-                            "family": o.family,
-                            "seed": o.seed,
-                            "method": "data",
-                            "column": "dataset_fingerprint",
-                            "expected": recorded.get((o.family, o.seed)),
-                            "got": o.fingerprint,
-                        },
-                        1,
-                    )
-                    break
+            difference, count = _fingerprint_difference(manifest, outcomes)
         mode = "exactly (same platform and versions)" if exact else f"within rtol {RTOL}, atol {ATOL} ({why})"
-        file_sha = runs_sha256(expected)
-        if difference is not None:
-            plural = "s" * (count != 1)
-            message = f"FAIL: {folder}: {describe_difference(difference)} ({count} differing value{plural}; compared {mode})"
-            if file_sha != manifest["runs_csv"].get("sha256"):
-                message += "; note: runs.csv no longer matches the manifest's sha256 (edited after it was written?)"
-            passed = False
-        elif file_sha != manifest["runs_csv"].get("sha256"):
-            message = f"FAIL: {folder}: the re-run matches runs.csv but runs.csv does not match the manifest's sha256"
-            passed = False
-        elif (file_problem := compare_files(folder, manifest, expected, outcomes, configs, exact)[0]) is not None:
-            message = f"FAIL: {folder}: {file_problem} (the numbers of runs.csv were reproduced {mode})"
-            passed = False
-        else:
+        passed, message = _judge(folder, manifest, expected, difference, count, mode)
+        if passed and (problem := compare_files(folder, manifest, expected, outcomes, configs, exact)[0]) is not None:
+            passed, message = False, f"FAIL: {folder}: {problem} (the numbers of runs.csv were reproduced {mode})"
+        elif passed:
             cells = len(expected) * (len(run_columns()) - len(timing_columns()))
             figures = "the figures byte for byte" if exact else "the figures not (other platform or versions)"
             message = (
                 f"PASS: {folder}: {len(expected)} runs, {cells} values reproduced {mode}; every file regenerated and "
                 f"compared, {figures}; timestamps and timings taken from the folder ({', '.join(_TIMING_FIELDS)})"
             )
-            passed = True
         client.set_tag(run_id, "report.verify", "PASS" if passed else "FAIL")
     return Verdict(passed, exact, message, difference, run_id)
+
+
+def _fingerprint_difference(manifest: dict[str, Any], outcomes: Sequence[SeedOutcome]) -> tuple[dict[str, Any] | None, int]:
+    """The first seed whose re-run data has another fingerprint than the manifest records (and 1), or (None, 0)."""
+    recorded = {(r["family"], r["seed"]): r.get("dataset_fingerprint") for r in manifest["runs"] if isinstance(r, dict)}
+    for o in outcomes:
+        expected = recorded.get((o.family, o.seed))
+        if expected != o.fingerprint:
+            where = {"family": o.family, "seed": o.seed, "method": "data", "column": "dataset_fingerprint"}
+            return {**where, "expected": expected, "got": o.fingerprint}, 1
+    return None, 0
+
+
+def _judge(folder: Path, manifest, expected: pd.DataFrame, difference, count: int, mode: str) -> tuple[bool, str]:
+    """(False, the FAIL line) for a differing number or a runs.csv that no longer matches its sha256, else
+    (True, "") (the files are compared next)."""
+    file_sha = runs_sha256(expected)
+    if difference is not None:
+        plural = "s" * (count != 1)
+        message = f"FAIL: {folder}: {describe_difference(difference)} ({count} differing value{plural}; compared {mode})"
+        if file_sha != manifest["runs_csv"].get("sha256"):
+            message += "; note: runs.csv no longer matches the manifest's sha256 (edited after it was written?)"
+        return False, message
+    if file_sha != manifest["runs_csv"].get("sha256"):
+        return False, f"FAIL: {folder}: the re-run matches runs.csv but runs.csv does not match the manifest's sha256"
+    return True, ""
