@@ -139,7 +139,8 @@ class Metric:
     Attributes:
         name: the GD value's name: `result.<name>`, the key in `final_metrics()`, MLflow `<section>/<name>`.
         description: what it means, with units; the report's glossary prints it for `column`.
-        gd: its value for the gradient-descent fit, from the run's record.
+        gd: its value for the gradient-descent fit, from the run's record (`Measured`; a sweep's metrics,
+            experiments.sweep_plan.SWEEP_METRICS, take a `SweepFit`).
         em: its value for the EM fit (None: none, NaN in the report's EM rows).
         section: MLflow key prefix ("summary", or "time" for timings); None: not logged as a single value (the
             last point of a curve of the same measure, or a report column only).
@@ -152,7 +153,7 @@ class Metric:
 
     name: str
     description: str
-    gd: Callable[[Measured], float]
+    gd: Callable[[Any], float]
     em: Callable[[Measured], float] | None = None
     section: str | None = "summary"
     em_name: str | None = None
