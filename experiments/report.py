@@ -25,7 +25,8 @@ a half-written report; every file inside is also written to a temporary name and
 
 | file                           | what                                                                      |
 |--------------------------------|---------------------------------------------------------------------------|
-| runs.csv                       | one row per (family, seed, method); RUN_COLUMNS; written with pandas     |
+| runs.csv                       | one row per (family, seed, method); RUN_COLUMNS (the key columns, then  |
+|                                | each metric of experiments.metrics.METRICS that has a column)             |
 | summary.csv                    | count, mean, std, min, max of every metric per family and method          |
 | figures/nll_curves_<family>.png | every seed's gradient-descent NLL curve overlaid, resets dashed          |
 | figures/final_nll_<family>.png | final train/validation NLL per method (box + one point per seed)          |
@@ -43,6 +44,11 @@ Python/torch/numpy versions match the manifest's, else within |got - expected| <
 Every family runs with one torch thread (worker processes of a spawn-context pool, one family each, when
 --jobs > 1; this process otherwise), and a seed's numbers do not depend on what else its population holds, so
 serial and parallel runs give identical runs.csv apart from the timing columns.
+
+This module holds make_report and the CLI; the jobs are modules of their own: experiments.seeds (the plan,
+one seed's or one family's fits, the process pool), runs_table (columns, runs.csv, summary.csv),
+report_figures, report_doc (report.md / report.html through experiments.document's Jinja2 templates, and
+every file as bytes), environment (versions, platform), files (atomic writes, the folder checks) and verify.
 
 Exit status: 0 done / PASS, 1 a fit failed / FAIL, 2 bad input (one line on stderr), 130 interrupted.
 """

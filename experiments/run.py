@@ -86,9 +86,12 @@ from .tracking import (
 )
 from .unsent import UNSENT_DIR, keep_locally
 
-__all__ = ["ExperimentResult", "StopRun", "load_model", "run_experiment", "main"]
-# importable from here as before the split (tests, studies and users import them from experiments.run)
-_REEXPORTED = (EVENT_COLUMNS, TRAIN_CURVE, LEGACY_MODEL_ARTIFACT, MODEL_NAME, UNSENT_DIR, curve_steps, events_csv)
+__all__ = [
+    "ExperimentResult", "StopRun", "load_model", "run_experiment", "main",
+    # importable from here as before the split into run_log, models and unsent (tests, studies, users)
+    "EVENT_COLUMNS", "LEGACY_MODEL_ARTIFACT", "MODEL_NAME", "TRAIN_CURVE", "UNSENT_DIR", "curve_steps", "events_csv",
+    "keep_locally",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
