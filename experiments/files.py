@@ -9,11 +9,23 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 MANIFEST_FORMAT = "gmm-seed-report/1"
 MARKER = ".gmm-report.json"  # in every report folder: {"format": MANIFEST_FORMAT, "files": [every file written]}
+
+
+@dataclass(frozen=True)
+class WrittenFolder:
+    """A written report or sweep: its folder, manifest, summary frame, parent MLflow run and seconds taken."""
+
+    folder: Path
+    manifest: dict[str, Any] = field(repr=False)
+    summary: Any = field(repr=False)  # a pandas DataFrame
+    parent_run_id: str
+    elapsed: float
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

@@ -76,7 +76,7 @@ from gmm.cli import OneLineParser
 from .config import ExperimentConfig, add_arguments
 from .document import markdown_table
 from .environment import EXACT_PLATFORM, EXACT_VERSIONS, environment, installed_packages, same_environment
-from .files import MANIFEST_FORMAT, MARKER, check_out_dir, print_written, write_folder
+from .files import MANIFEST_FORMAT, MARKER, WrittenFolder, check_out_dir, print_written, write_folder
 from .redact import install_log_redaction, redact
 from .report_doc import build_document, report_files, summary_table
 from .report_figures import all_figures, family_figures, median_outcome
@@ -120,15 +120,10 @@ REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports"  # the default 
 
 # -- the report -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Report:
+class Report(WrittenFolder):
     """A written report: its folder, runs and summary frames, the manifest and the parent MLflow run."""
 
-    folder: Path
     runs: pd.DataFrame = field(repr=False)
-    summary: pd.DataFrame = field(repr=False)
-    manifest: dict[str, Any] = field(repr=False)
-    parent_run_id: str
-    elapsed: float
 
 
 def seed_rule(config: ExperimentConfig) -> str:
@@ -206,7 +201,7 @@ def make_report(
         means = {f"{r.family}.{r.method}.{r.metric}.mean": r.mean for r in summary.itertuples() if math.isfinite(r.mean)}
         log_metrics(client, parent_id, means)
         client.log_artifacts(parent_id, str(out), "report")
-    return Report(out, runs, summary, manifest, parent_id, elapsed)
+    return Report(folder=out, manifest=manifest, summary=summary, parent_run_id=parent_id, elapsed=elapsed, runs=runs)
 
 
 def _checked(

@@ -58,7 +58,7 @@ from gmm.fit import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 
 from . import sweep_outputs as outputs
 from .environment import environment, same_environment
-from .files import check_out_dir, print_written, read_manifest, write_folder
+from .files import WrittenFolder, check_out_dir, print_written, read_manifest, write_folder
 from .seeds import one_thread
 from .sweep_plan import (
     DEGENERATE_RATIO,
@@ -157,15 +157,10 @@ def run_cells(cells: Sequence[Cell], jobs: int = 1, desc: str = "clamp sweep") -
 
 
 @dataclass(frozen=True)
-class Sweep:
+class Sweep(WrittenFolder):
     """A written sweep: its folder, frames, manifest and parent MLflow run."""
 
-    folder: Path
     sweep: pd.DataFrame = field(repr=False)
-    summary: pd.DataFrame = field(repr=False)
-    manifest: dict[str, Any] = field(repr=False)
-    parent_run_id: str
-    elapsed: float
 
 
 def sweep_sha256(sweep: pd.DataFrame) -> str:
@@ -267,7 +262,7 @@ def make_sweep(
         _write_folder(out, manifest, sweep, summary, figures)
         client.log_artifacts(parent_id, str(out), "sweep")
         _log_children(client, uri, experiment, parent_id, summary, out.name)
-    return Sweep(out, sweep, summary, manifest, parent_id, elapsed)
+    return Sweep(folder=out, manifest=manifest, summary=summary, parent_run_id=parent_id, elapsed=elapsed, sweep=sweep)
 
 
 def _out_folder(out: str | Path | None, families: list[str], num_seeds: int, created: datetime) -> Path:
