@@ -27,15 +27,8 @@ from gmm.population import PER_MEMBER
 
 from .config import ExperimentConfig
 from .datasets import load_dataset
-from .run import (
-    ExperimentResult,
-    _Evaluator,
-    default_run_name,
-    finish_run,
-    log_partial_record,
-    run_tags_of,
-    start_logging,
-)
+from .run import ExperimentResult, default_run_name, finish_run, run_tags_of, start_logging
+from .run_log import Evaluator, log_partial_record
 from .tracking import resolve_tracking_uri, tracked_run
 
 __all__ = ["population_options", "run_population"]
@@ -142,7 +135,7 @@ def _run(configs, datas, opened, options, on_eval, errors: list) -> list:
         first.family, first.model_components, first.model_dims, dtype=dtype, device=device, batch_shape=(count,)
     )
     evaluators = [
-        _Evaluator(model, d.val.to(device, dtype), c, lg, None) for c, d, lg in zip(configs, datas, loggers, strict=True)
+        Evaluator(model, d.val.to(device, dtype), c, lg, None) for c, d, lg in zip(configs, datas, loggers, strict=True)
     ]
 
     def callback(step: int, nlls: list[float], new_events: list) -> list[int]:
@@ -176,6 +169,11 @@ def _run(configs, datas, opened, options, on_eval, errors: list) -> list:
         for i, lg in enumerate(loggers):
             log_partial_record(lg, partial.members[i] if partial is not None else None, configs[i])
         raise
+    return _finish_members(configs, datas, loggers, evaluators, model, results, errors)
+
+
+def _finish_members(configs, datas, loggers, evaluators, model, results, errors: list) -> list:
+    """Each member's ExperimentResult (experiments.run.finish_run on its own model), or the error that ended it."""
     outcomes: list = []
     for i, (config, data, lg) in enumerate(zip(configs, datas, loggers, strict=True)):
         lg.in_fit = False
@@ -185,8 +183,8 @@ def _run(configs, datas, opened, options, on_eval, errors: list) -> list:
             outcomes.append(error)
             continue
         member = model.member(i)
-        train_i = data.train.to(device, dtype)
-        val_i = data.val.to(device, dtype)
+        train_i = data.train.to(model.device, model.dtype)
+        val_i = data.val.to(model.device, model.dtype)
         evaluators[i].model = member
         try:  # one member's failure after the fit (EM, the store) ends its run alone
             outcomes.append(finish_run(config, data, lg, member, results[i], evaluators[i], train_i, val_i))

@@ -38,12 +38,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import shlex
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -60,15 +57,9 @@ from gmm.cli import OneLineParser
 from gmm.fit import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 
 from . import sweep_outputs as outputs
-from .report import (
-    _atomic_write,
-    _one_thread,
-    _replace_dir,
-    _umask,
-    check_out_dir,
-    environment,
-    same_environment,
-)
+from .environment import environment, same_environment
+from .files import WrittenFolder, check_out_dir, print_written, read_manifest, write_folder
+from .seeds import one_thread
 from .sweep_plan import (
     DEGENERATE_RATIO,
     NO_CLAMP,
@@ -109,7 +100,11 @@ def families_of(family: str) -> list[str]:
 def _init_worker() -> None:
     """A worker process: one torch thread (the serial run's numbers), and SIGINT ignored: Ctrl-C reaches every
     process of the terminal's group, and only the parent handles it (a worker's KeyboardInterrupt would come
-    back as the result of whichever cell it was running, or kill an idle worker and break the pool)."""
+    back as the result of whichever cell it was running, or kill an idle worker and break the pool).
+
+    Both settings are process-wide on purpose: this runs only as the initializer of a spawned pool's worker
+    processes, which end with the pool; the serial path runs in the caller's process under `one_thread`, which
+    restores the caller's thread count."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
 
@@ -144,7 +139,7 @@ def run_cells(cells: Sequence[Cell], jobs: int = 1, desc: str = "clamp sweep") -
 
     try:
         if jobs <= 1 or len(groups) <= 1:
-            with _one_thread():
+            with one_thread():
                 for g in groups:
                     done_group(g, run_group([cells[i] for i in g]))
         else:
@@ -162,19 +157,26 @@ def run_cells(cells: Sequence[Cell], jobs: int = 1, desc: str = "clamp sweep") -
 
 
 @dataclass(frozen=True)
-class Sweep:
+class Sweep(WrittenFolder):
     """A written sweep: its folder, frames, manifest and parent MLflow run."""
 
-    folder: Path
     sweep: pd.DataFrame = field(repr=False)
-    summary: pd.DataFrame = field(repr=False)
-    manifest: dict[str, Any] = field(repr=False)
-    parent_run_id: str
-    elapsed: float
 
 
 def sweep_sha256(sweep: pd.DataFrame) -> str:
     return hashlib.sha256(outputs.csv_text(sweep).encode()).hexdigest()
+
+
+def _made(out: Path, created: datetime, command: str) -> dict[str, Any]:
+    """The manifest's first entries: its format, the folder, when and by which command it was made."""
+    created_utc = created.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": out.name,
+        "folder": out.as_posix(),
+        "created_utc": created_utc,
+        "command": command,
+    }
 
 
 def _plan_record(families, seeds, settings, datasets, num_clamps, cells) -> dict[str, Any]:
@@ -198,6 +200,7 @@ def _plan_record(families, seeds, settings, datasets, num_clamps, cells) -> dict
             }
             for (f, _), d in used.items()
         ],
+        "cells": len(cells),
     }
 
 
@@ -221,20 +224,17 @@ def make_sweep(
     """
     from .tracking import get_client, log_params, resolve_tracking_uri, tracked_run
 
-    families = list(families)
     settings = settings or SweepSettings()
     if num_seeds < 1 or jobs < 1:
         raise ValueError(f"seeds and jobs must be at least 1; got seeds={num_seeds}, jobs={jobs}")
     seeds = tuple(range(num_seeds))
-    cells = plan_cells(families, seeds, settings, datasets, num_clamps)
+    cells = plan_cells(list(families), seeds, settings, datasets, num_clamps)
     families = [f for f in families if any(c.family == f for c in cells)]  # DATASETS may leave a family out
     created = datetime.now(UTC)
-    label = "all" if len(families) > 1 else families[0]
-    out = Path(out) if out is not None else Path("sweeps") / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
-    check_out_dir(out)
+    out = _out_folder(out, families, num_seeds, created)
     uri = resolve_tracking_uri(tracking_uri)
     command = command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]))
-    plan = _plan_record(families, seeds, settings, datasets, num_clamps, cells)
+    head = {**_made(out, created, command), **_plan_record(families, seeds, settings, datasets, num_clamps, cells)}
     t0 = time.perf_counter()
     tags = {"sweep.name": out.name, "sweep.kind": "sweep", "sweep.families": ",".join(families)}
     get_client(uri)  # a bad store fails now (one line), not after minutes of fits
@@ -242,31 +242,14 @@ def make_sweep(
     # interrupted sweep leaves nothing behind in MLflow, and a finished one only FINISHED runs
     results = run_cells(cells, jobs, desc=f"sweep {out.name}")
     with tracked_run(uri, experiment, run_name=f"clamp sweep {out.name}", tags=tags) as (client, parent_id):
-        log_params(
-            client,
-            parent_id,
-            {
-                "families": ",".join(families),
-                "seeds": num_seeds,
-                "jobs": jobs,
-                "num_clamps": num_clamps,
-                **settings.as_dict(),
-            },
-        )
+        params = {"families": ",".join(families), "seeds": num_seeds, "jobs": jobs, "num_clamps": num_clamps}
+        log_params(client, parent_id, {**params, **settings.as_dict()})
         sweep = outputs.sweep_frame([row for rows in results for row in rows])
         summary = outputs.summarize(sweep)
-        figures: dict[str, bytes] = {}
-        for family in families:
-            figures.update(outputs.family_figures(family, summary))
+        figures = {file: png for family in families for file, png in outputs.family_figures(family, summary).items()}
         elapsed = time.perf_counter() - t0
         manifest = {
-            "format": MANIFEST_FORMAT,
-            "name": out.name,
-            "folder": out.as_posix(),
-            "created_utc": created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": command,
-            **plan,
-            "cells": len(cells),
+            **head,
             "fits": len(sweep),
             "definitions": DEFINITIONS,
             **environment(),
@@ -279,7 +262,15 @@ def make_sweep(
         _write_folder(out, manifest, sweep, summary, figures)
         client.log_artifacts(parent_id, str(out), "sweep")
         _log_children(client, uri, experiment, parent_id, summary, out.name)
-    return Sweep(out, sweep, summary, manifest, parent_id, elapsed)
+    return Sweep(folder=out, manifest=manifest, summary=summary, parent_run_id=parent_id, elapsed=elapsed, sweep=sweep)
+
+
+def _out_folder(out: str | Path | None, families: list[str], num_seeds: int, created: datetime) -> Path:
+    """`out`, or sweeps/<family or all>-<n>seeds-<UTC time>; checked to be new or an empty folder."""
+    label = "all" if len(families) > 1 else families[0]
+    folder = Path(out) if out is not None else Path("sweeps") / f"{label}-{num_seeds}seeds-{created:%Y%m%d-%H%M%S}"
+    check_out_dir(folder)
+    return folder
 
 
 def _log_children(client, uri: str, experiment: str, parent_id: str, summary: pd.DataFrame, name: str) -> None:
@@ -328,22 +319,16 @@ def _log_children(client, uri: str, experiment: str, parent_id: str, summary: pd
 
 def _write_folder(out: Path, manifest: dict, sweep: pd.DataFrame, summary: pd.DataFrame, figures: dict[str, bytes]) -> None:
     """Every file into a hidden temporary sibling, then renamed to `out` (an earlier sweep there is replaced)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _atomic_write(tmp / "sweep.csv", outputs.csv_text(sweep))
-        _atomic_write(tmp / "summary.csv", outputs.csv_text(summary))
-        for file, png in figures.items():
-            _atomic_write(tmp / "figures" / file, png)
-        _atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        doc = outputs.build_document(manifest, summary, figures)
-        _atomic_write(tmp / "report.md", doc.markdown())
-        _atomic_write(tmp / "report.html", doc.html(f"Clamp sweep: {manifest['name']}"))
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    doc = outputs.build_document(manifest, summary, figures)
+    files = {
+        "sweep.csv": outputs.csv_text(sweep),
+        "summary.csv": outputs.csv_text(summary),
+        **{f"figures/{file}": png for file, png in figures.items()},
+        "manifest.json": json.dumps(manifest, indent=2) + "\n",
+        "report.md": doc.markdown(),
+        "report.html": doc.html(f"Clamp sweep: {manifest['name']}"),
+    }
+    write_folder(out, files)
 
 
 # -- verification -----------------------------------------------------------------------------------------
@@ -354,14 +339,7 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
         ValueError: not a sweep folder, or an unreadable or foreign manifest.
     """
     path = Path(folder) / "manifest.json"
-    if not Path(folder).is_dir():
-        raise ValueError(f"{folder} is not a sweep folder; give the path that `make clamp-sweep` printed")
-    try:
-        manifest = json.loads(path.read_text())
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    manifest = read_manifest(Path(folder), f"{folder} is not a sweep folder; give the path that `make clamp-sweep` printed")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a clamp sweep's manifest (format {MANIFEST_FORMAT!r})")
     return manifest
@@ -470,12 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = {d["name"]: d["role"] for d in result.manifest["datasets"]}
     for family in families:
         print(outputs.family_paragraph(result.summary, family, roles))
-    folder = result.folder.as_posix()
-    print(
-        f"Wrote {folder}/ in {time.perf_counter() - t0:.1f} s ({result.manifest['cells']} cells, "
-        f"{result.manifest['fits']} fits; MLflow parent run {result.parent_run_id})"
-    )
-    print(f"Check it: python -m experiments.sweep --verify {folder}   (make verify-clamp-sweep SWEEP={folder})")
+    what = f"{result.manifest['cells']} cells, {result.manifest['fits']} fits; MLflow parent run {result.parent_run_id}"
+    print_written(result.folder, time.perf_counter() - t0, f" ({what})", "experiments.sweep", "verify-clamp-sweep SWEEP")
     return 0
 
 

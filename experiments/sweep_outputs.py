@@ -16,13 +16,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .report import _ROUND_TRIP, _Document, _png
+from .document import Document
+from .environment import environment_rows
+from .report_figures import png_bytes
+from .runs_table import ROUND_TRIP
 from .sweep_plan import COUNT_COLUMNS, KEY_COLUMNS, METRIC_COLUMNS, NO_CLAMP, ROW_COLUMNS
 
 CELL_COLUMNS = ("family", "dataset", "clamp", "batch", "reset")
 QUARTILE_METRICS = ("train_nll", "val_nll", "clamps", "resets", "recovery_steps")
 RECOVERY_TARGET = 0.8  # the report names the smallest clamp at which mini-batch fits recover this often
 RTOL, ATOL = 1e-3, 1e-4  # --verify across platforms or versions (as the seed report's)
+# the figures of a family: file stem, alt text
+FIGURE_CAPTIONS = (
+    ("val_nll", "validation NLL vs clamp"),
+    ("collapse", "collapse rate vs clamp"),
+    ("recovery", "recovery rate and median recovery steps vs clamp"),
+)
 SETTINGS = (("full", 1), ("full", 0), ("mini", 1), ("mini", 0))  # (batch, reset): the lines of each figure
 
 
@@ -66,7 +75,7 @@ def read_csv(path) -> pd.DataFrame:
         ValueError: unreadable.
     """
     try:
-        return pd.read_csv(path, keep_default_na=False, na_values=[""], **_ROUND_TRIP)
+        return pd.read_csv(path, keep_default_na=False, na_values=[""], **ROUND_TRIP)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ValueError(f"cannot read {path}: {' '.join(str(err).split())}") from None
 
@@ -152,7 +161,7 @@ def family_figures(family: str, summary: pd.DataFrame) -> dict[str, bytes]:
         labelled = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
         if labelled is not None:
             labelled.legend(fontsize=7)
-        figures[f"{name}_{family}.png"] = _png(fig)
+        figures[f"{name}_{family}.png"] = png_bytes(fig)
     return figures
 
 
@@ -224,9 +233,9 @@ def cell_table(summary: pd.DataFrame, family: str, dataset: str) -> tuple[list[s
     return headers, table
 
 
-def build_document(manifest: dict[str, Any], summary: pd.DataFrame, figures: dict[str, bytes]) -> _Document:
+def build_document(manifest: dict[str, Any], summary: pd.DataFrame, figures: dict[str, bytes]) -> Document:
     """report.md / report.html: what was run, per family the finding, tables and figures, the setup."""
-    doc = _Document()
+    doc = Document()
     doc.heading(1, f"Clamp sweep: {manifest['name']}")
     s = manifest["settings"]
     git = manifest["git"]
@@ -250,16 +259,9 @@ def build_document(manifest: dict[str, Any], summary: pd.DataFrame, figures: dic
             doc.heading(3, f"{d['name']} ({d['role']}: {d['cause']}, {d['components']} components)")
             headers, rows = cell_table(summary, family, d["name"])
             doc.table(headers, rows)
-        for file, alt in (
-            (f"val_nll_{family}.png", f"{family}: validation NLL vs clamp"),
-            (f"collapse_{family}.png", f"{family}: collapse rate vs clamp"),
-            (f"recovery_{family}.png", f"{family}: recovery rate and median recovery steps vs clamp"),
-        ):
-            doc.image(f"figures/{file}", alt, figures[file])
+        doc.family_images(figures, family, FIGURE_CAPTIONS)
     doc.heading(2, "Environment")
-    env = [[f"version.{k}", v] for k, v in manifest["versions"].items()]
-    env += [[f"platform.{k}", str(v)] for k, v in manifest["platform"].items()]
-    env += [["sweep.csv sha256", manifest["sweep_csv_sha256"]]]
+    env = environment_rows(manifest) + [["sweep.csv sha256", manifest["sweep_csv_sha256"]]]
     doc.table(["what", "value"], env)
     return doc
 

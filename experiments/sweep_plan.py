@@ -58,6 +58,7 @@ from .datasets import (
     get_spec,
     load_dataset,
 )
+from .metrics import Metric
 
 NO_CLAMP = float(torch.finfo(torch.float32).tiny)  # "no clamp": the smallest positive normal float32
 DEGENERATE_RATIO = 1e-4  # collapsed: a variance below this x the data's smallest per-axis variance (std: 1%)
@@ -69,9 +70,6 @@ ROLES = ("collapse", "control")
 # not reach low floors (README, collapse benchmark)
 STRUCTURAL_CAUSES = ("point_mass", "outliers")
 KEY_COLUMNS = ("family", "dataset", "clamp", "seed", "batch", "reset")
-METRIC_COLUMNS = ("train_nll", "val_nll", "clamps", "resets", "collapsed", "recovered", "recovery_steps")
-COUNT_COLUMNS = ("clamps", "resets", "collapsed")  # integers, compared exactly by --verify
-ROW_COLUMNS = KEY_COLUMNS + METRIC_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -314,28 +312,68 @@ def run_cell(cell: Cell) -> list[dict]:
     return _rows(cell, fits, val, data_floor, batch_size)
 
 
-def fit_measures(model, result, clamp: float, val, data_floor: float, runaway: bool = False) -> dict:
-    """The METRIC_COLUMNS of one finished (or non-finite) fit; see the module docstring."""
-    events = result.events
-    first = next((e for e in events if e.kind == "clamp"), None)
-    recovered, steps = math.nan, math.nan
-    if first is not None:
-        back = next(
-            (e for e in events if e.kind == "recovered" and e.component == first.component and e.step >= first.step), None
-        )
-        recovered = 0.0 if back is None else 1.0
-        steps = math.nan if back is None else float(back.step - first.step)
-    family, smallest = model.family, math.inf
-    if family.trainable:
+@dataclass(frozen=True)
+class SweepFit:
+    """What a sweep fit's metrics are computed from: the fitted model, its record, the cell's clamp, the
+    validation split, the data's degenerate-variance floor and whether the NLL ran away (non-finite)."""
+
+    model: gmm.MixtureModel
+    result: gmm.FitResult
+    clamp: float
+    val: torch.Tensor
+    data_floor: float
+    runaway: bool
+
+    @functools.cached_property
+    def first_clamp(self):
+        return next((e for e in self.result.events if e.kind == "clamp"), None)
+
+    @functools.cached_property
+    def recovery(self):
+        """The "recovered" event of the first clamp's component at or after it (None without one)."""
+        first = self.first_clamp
+        if first is None:
+            return None
+        same = (e for e in self.result.events if e.kind == "recovered" and e.component == first.component)
+        return next((e for e in same if e.step >= first.step), None)
+
+    def smallest_variance(self) -> float:
+        """The smallest variance (L_kk^2 for Cholesky families) of any component; inf with nothing to clamp."""
+        family = self.model.family
+        if not family.trainable:
+            return math.inf
         with torch.no_grad():
-            smallest = float(family.floor_view(model.raw_cov.detach()).amin().mul(1.0 / family.floor_scale).exp())
-    collapsed = runaway or smallest <= max(RECOVERY_FLOOR_FACTOR * clamp, data_floor)
-    return {
-        "train_nll": math.nan if runaway else float(result.final_nll),
-        "val_nll": math.nan if runaway else float(-model.score(val)),
-        "clamps": result.clamp_count,
-        "resets": result.reset_count,
-        "collapsed": int(collapsed),
-        "recovered": recovered,
-        "recovery_steps": steps,
-    }
+            return float(family.floor_view(self.model.raw_cov.detach()).amin().mul(1.0 / family.floor_scale).exp())
+
+    def collapsed(self) -> int:
+        return int(self.runaway or self.smallest_variance() <= max(RECOVERY_FLOOR_FACTOR * self.clamp, self.data_floor))
+
+
+def _recovered(f: SweepFit) -> float:
+    return math.nan if f.first_clamp is None else float(f.recovery is not None)
+
+
+def _recovery_steps(f: SweepFit) -> float:
+    return math.nan if f.recovery is None else float(f.recovery.step - f.first_clamp.step)
+
+
+# The sweep's per-fit metrics (sweep.csv columns, in order), one definition each (experiments.metrics.Metric;
+# the module docstring defines them): a new one is one entry here. Counts are compared exactly by --verify.
+SWEEP_METRICS: tuple[Metric, ...] = (
+    Metric("train_nll", "final train NLL", gd=lambda f: math.nan if f.runaway else float(f.result.final_nll)),
+    Metric("val_nll", "final validation NLL", gd=lambda f: math.nan if f.runaway else float(-f.model.score(f.val))),
+    Metric("clamps", "clamp events", gd=lambda f: f.result.clamp_count, kind="count"),
+    Metric("resets", "reset events", gd=lambda f: f.result.reset_count, kind="count"),
+    Metric("collapsed", "1: a degenerate component at the end, or a runaway NLL", gd=SweepFit.collapsed, kind="count"),
+    Metric("recovered", "1: the first clamp's component recovered (NaN: never clamped)", gd=_recovered),
+    Metric("recovery_steps", "steps from the first clamp to its recovery", gd=_recovery_steps),
+)
+METRIC_COLUMNS = tuple(m.name for m in SWEEP_METRICS)
+COUNT_COLUMNS = tuple(m.name for m in SWEEP_METRICS if m.kind == "count")  # integers, compared exactly by --verify
+ROW_COLUMNS = KEY_COLUMNS + METRIC_COLUMNS
+
+
+def fit_measures(model, result, clamp: float, val, data_floor: float, runaway: bool = False) -> dict:
+    """The SWEEP_METRICS of one finished (or non-finite) fit; see the module docstring."""
+    fit = SweepFit(model, result, clamp, val, data_floor, runaway)
+    return {m.name: m.gd(fit) for m in SWEEP_METRICS}

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments import report
+from experiments import document, report, runs_table
 from experiments.config import ExperimentConfig
 from experiments.report import RUN_COLUMNS, TIMING_COLUMNS, main, read_runs_csv
 
@@ -140,6 +140,30 @@ def test_seeds_are_nested_mlflow_runs_and_the_folder_is_an_artifact(written):
         assert "summary/em_nll_train" in child.data.metrics
 
 
+def test_a_metric_added_in_one_place_reaches_mlflow_runs_csv_the_summary_and_the_glossary(tmp_path, mlflow_uri, monkeypatch):
+    """The registry is the one place: a throwaway metric appended to experiments.metrics.METRICS shows up in
+    each seed's MLflow run, the ExperimentResult, runs.csv (last column, gd and em rows), the summary and the
+    glossary of report.md, with no other edit."""
+    from experiments import metrics
+
+    throwaway = metrics.Metric(
+        "throwaway", "a metric that exists only in this test", gd=lambda m: m.fit.num_iterations + 0.5,
+        em=lambda m: 2.5, em_section="summary", report=True,
+    )  # fmt: skip
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, throwaway))
+    config = report.REPORT_DEFAULTS.replace(samples=200, iterations=20, log_figures=False, log_model=False)
+    made = report.make_report(config, ["full"], 2, tmp_path / "r", tracking_uri=mlflow_uri)
+    runs = read_runs_csv(made.folder / "runs.csv")
+    assert tuple(runs.columns) == (*RUN_COLUMNS, "throwaway")
+    assert runs.set_index("method")["throwaway"].to_dict() == {"gd": 20.5, "em": 2.5}
+    assert set(made.summary[made.summary["metric"] == "throwaway"]["method"]) == {"gd", "em"}
+    assert "| throwaway | a metric that exists only in this test |" in (made.folder / "report.md").read_text()
+    client = MlflowClient(mlflow_uri)
+    for run in made.manifest["runs"]:
+        logged = client.get_run(run["run_id"]).data.metrics
+        assert (logged["summary/throwaway"], logged["summary/em_throwaway"]) == (20.5, 2.5)
+
+
 # -- verification ------------------------------------------------------------------------------------------
 def test_verify_passes(written, mlflow_uri, capsys):
     folder, _ = written
@@ -200,7 +224,7 @@ def test_verify_names_an_edited_file_of_the_report(written, tmp_path, name, old,
     folder = tmp_path / "edited"
     shutil.copytree(written[0], folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    runs = report._normalized(read_runs_csv(folder / "runs.csv"))
+    runs = runs_table.normalized(read_runs_csv(folder / "runs.csv"))
     assert report.compare_files(folder, manifest, runs, [], [], exact=False)[0] is None
     path = folder / name
     if old is None:  # a figure: the HTML embeds the folder's figures, so it no longer matches them
@@ -299,7 +323,7 @@ def test_an_interrupted_write_leaves_no_folder_and_keeps_the_old_report(written,
     def interrupted(self, title):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report._Document, "html", interrupted)
+    monkeypatch.setattr(document.Document, "html", interrupted)
     out = tmp_path / "new"
     with pytest.raises(KeyboardInterrupt):
         report._write_folder(out, manifest, runs, summary, figures)

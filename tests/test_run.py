@@ -94,6 +94,15 @@ def test_final_metrics(finished):
     assert 0.0 <= metrics["summary/ari"] <= 1.0 and metrics["summary/recovery_error"] >= 0
     # each name once: curves under nll/, events/, lr/; single values under summary/ and time/
     assert {k.split("/")[0] for k in metrics} == {"nll", "events", "variance", "lr", "summary", "time"}
+    # the single values are exactly these (experiments.metrics.METRICS; names older runs and reports share)
+    assert {k for k in metrics if k.split("/")[0] in ("summary", "time")} == {
+        *(f"summary/{k}" for k in ("true_nll_train", "true_nll_val", "em_nll_train", "em_nll_val", "gd_em_gap")),
+        *(f"summary/{k}" for k in ("recovery_error", "ari", "em_recovery_error", "em_ari", "em_converged")),
+        "summary/num_iterations", "summary/spike_count",
+        *(f"time/{k}" for k in ("wall_time", "iterations_per_second", "init_time", "compile_time")),
+        *(f"time/{k}" for k in ("tracking_time", "tracking_overhead", "figure_time")),
+    }  # fmt: skip
+    assert result.final_metrics()["ari"] == result.ari == metrics["summary/ari"]
 
 
 def test_events_figures_and_model_artifacts(finished, tmp_path):

@@ -151,7 +151,8 @@ def test_a_seed_report_on_a_file_and_its_verification(files, tmp_path, capsys):
 
 
 def test_report_precision_rule_glossary_and_packages():
-    from experiments.report import GLOSSARY, RUN_COLUMNS, _decimals, _fmt_stat, installed_packages
+    from experiments.report import GLOSSARY, RUN_COLUMNS, installed_packages
+    from experiments.report_doc import _decimals, _fmt_stat
 
     assert set(RUN_COLUMNS) <= set(GLOSSARY)  # every column is explained
     d = _decimals(1.3)  # two significant digits of the spread decide the decimals of every number of the cell

@@ -1,0 +1,272 @@
+"""A run's MLflow record while and after it fits: the buffered logger, the evaluation callback, the curves,
+events.csv, the dataset input and the run's figures (experiments.run calls these; see its docstring).
+
+Metrics are buffered and written with `log_batch` at most every _FLUSH_SECONDS while the fit runs (so a long
+fit's curves grow in the UI) and once at the end; a store that stops answering during the fit only delays them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+import gmm
+from gmm.fit import lr_factor
+
+from .config import ExperimentConfig
+from .datasets import Dataset
+from .redact import redact
+from .tracking import (
+    MAX_METRICS_PER_BATCH,
+    deferred_signals,
+    finite_or_none,
+    history_metrics,
+    log_metrics_batched,
+)
+
+log = logging.getLogger(__name__)
+
+_FLUSH_SECONDS = 5.0  # buffered metrics are written at most this often while a fit runs
+_OUTAGE_RETRY_SECONDS = 10.0  # while the store does not answer, the next write is tried this much later
+EVENT_COLUMNS = ("step", "component", "kind", "detail")
+# MLflow metric names: curves share a prefix so the UI groups them into one section each ("nll", "events",
+# "lr"); single final values go to "summary" and the timings to "time". The UI orders sections by name, so
+# the curves come first; the run's Overview lists every metric's value, and the logged model its final ones.
+TRAIN_CURVE, VAL_CURVE, EM_CURVE = "nll/train", "nll/val", "nll/em"
+CLAMP_CURVE, RESET_CURVE = "events/clamps", "events/resets"
+
+
+# -- buffered logging -----------------------------------------------------------------------------------
+class RunLogger:
+    """Buffers metrics; writes them with log_batch every _FLUSH_SECONDS and on flush(); times every call."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.pending: list[Metric] = []
+        self.seconds = 0.0
+        self.closing = False  # True while a failed run's record is written: signals are then dropped
+        self.last_flush = -math.inf  # the first evaluation is written at once: a killed run keeps a curve
+        self.train_steps: set[int] = set()  # train_nll steps already logged during the fit
+        self.in_fit = False  # while the fit runs, a store that does not answer only delays the metrics
+        self.outage_since: float | None = None  # monotonic time of the first failed write of an outage
+
+    def timed(self, fn: Callable, *args, **kwargs):
+        """Call fn, timed; Ctrl-C / SIGTERM arriving meanwhile waits until the store write is complete."""
+        t0 = time.perf_counter()
+        try:
+            with deferred_signals(reraise=not self.closing):
+                return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def add(self, metrics: Mapping[str, float | None], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items() if finite_or_none(v) is not None)
+        every = _FLUSH_SECONDS if self.outage_since is None else _OUTAGE_RETRY_SECONDS
+        if time.perf_counter() - self.last_flush >= every:
+            self.flush()
+
+    def add_curve(self, key: str, values, steps) -> None:
+        self.pending.extend(history_metrics(key, values, steps))
+
+    def flush(self) -> None:
+        """Write the buffered metrics. While the fit runs, a store that fails (a server that dropped out,
+        after MLflow's bounded retries) does not stop it: the unsent metrics stay buffered, in order, and the
+        next flush tries again. Outside the fit the error propagates (the run then keeps its record locally)."""
+        sent = 0
+        try:
+            while sent < len(self.pending):
+                chunk = self.pending[sent : sent + MAX_METRICS_PER_BATCH]
+                try:
+                    self.timed(log_metrics_batched, self.client, self.run_id, chunk)
+                except KeyboardInterrupt:  # deferred until the write was complete: the chunk is in the store
+                    sent += len(chunk)
+                    raise
+                sent += len(chunk)
+        except MlflowException as err:
+            if not self.in_fit or self.closing:
+                raise
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                log.warning(
+                    "the tracking store does not answer (%s); the fit goes on and its metrics wait to be written",
+                    redact(" ".join(str(err).split()))[:200],
+                )
+        finally:
+            del self.pending[:sent]
+            self.last_flush = time.perf_counter()
+        if sent and self.outage_since is not None:
+            log.warning(
+                "the tracking store answers again after %.0f s; the buffered metrics are written",
+                time.monotonic() - self.outage_since,
+            )
+            self.outage_since = None
+
+
+class Evaluator:
+    """The fit's callback: validation NLL, cumulative counts and learning rates every `eval_every` steps."""
+
+    def __init__(self, model, val, config: ExperimentConfig, logger: RunLogger, on_eval):
+        self.model, self.val, self.config, self.logger, self.on_eval = model, val, config, logger, on_eval
+        self.clamps = self.resets = 0
+        self.last_step = -1
+        self.val_steps: list[int] = []  # the validation curve, for the NLL figure
+        self.val_values: list[float] = []
+        self.steps: list[int] = []  # eval steps, and each covariance's smallest variance there (the figure)
+        self.smallest: list[torch.Tensor] = []
+
+    def __call__(self, step: int, nll: float, new_events: list) -> None:
+        if self.counts(step, new_events):
+            with torch.no_grad():
+                val_nll = self.model.nll(self.val) if self.val.shape[0] else float("nan")
+                smallest = self.model.family.variances_of(self.model.raw_cov.detach()).amin(-1).double().cpu()  # (K',)
+            self.record(step, nll, val_nll, smallest)
+
+    def counts(self, step: int, new_events: list) -> bool:
+        """Count the new events; False when this call repeats the last step (nothing more to record)."""
+        self.clamps += sum(e.kind == "clamp" for e in new_events)
+        self.resets += sum(e.kind == "reset" for e in new_events)
+        if step == self.last_step:  # the fit's closing call repeats the last step when events arrived
+            return False
+        self.last_step = step
+        return True
+
+    def record(self, step: int, nll: float, val_nll: float, smallest: torch.Tensor) -> None:
+        """Log the evaluation at `step`: the NLL the fit reports, the validation NLL, (K',) smallest variances."""
+        cfg = self.config
+        if math.isfinite(nll) and step % cfg.resolved_eval_every == 0 and cfg.tol is None:
+            # a call from inside the fit loop reports history[step - 1] (the NLL before update `step`); the
+            # fit's closing call (another step, or a convergence with tol) is left to the final curve
+            self.logger.train_steps.add(step - 1)
+            self.logger.add({TRAIN_CURVE: nll}, step - 1)
+        factor = lr_factor(cfg.lr_schedule, max(step - 1, 0), cfg.iterations)
+        self.steps.append(step)
+        self.smallest.append(smallest)
+        if self.val.shape[0] and not math.isfinite(val_nll):
+            raise FloatingPointError(
+                f"the validation NLL became non-finite ({val_nll}) at step {step}; lower the learning rates or raise clamp"
+            )
+        if self.val.shape[0]:
+            self.val_steps.append(step)
+            self.val_values.append(val_nll)
+        self.logger.add(
+            {
+                VAL_CURVE: val_nll,
+                CLAMP_CURVE: self.clamps,
+                RESET_CURVE: self.resets,
+                "variance/min": float(smallest.min()),
+                "lr/mixture": cfg.mixture_lr * factor,
+                "lr/component": cfg.component_lr * factor,
+            },
+            step,
+        )
+        if self.on_eval is not None:
+            self.on_eval(step, val_nll if self.val.shape[0] else nll)
+
+
+def log_partial_record(logger: RunLogger, result, config: ExperimentConfig) -> None:
+    """A failed or interrupted fit's record so far; a second Ctrl-C meanwhile must not lose it."""
+    logger.in_fit = False
+    logger.closing = True
+    with deferred_signals(reraise=False):
+        try:
+            log_fit_record(logger, result, config)
+        except Exception:
+            log.exception("could not log the partial record of run %s", logger.run_id)
+
+
+_DATASET_INPUT_TRIES = 5
+
+
+def log_dataset_input(client, run_id: str, data: Dataset, config: ExperimentConfig) -> None:
+    """The data as the run's MLflow dataset input (the runs table's Dataset column): name, fingerprint, source."""
+    from mlflow.entities import Dataset as DatasetEntity
+    from mlflow.entities import DatasetInput, InputTag
+
+    if config.data_file is not None:
+        source_type, source = "local", {"uri": str(Path(config.data_file).resolve())}
+    else:
+        source_type, source = "code", {"generator": "experiments.datasets.load_dataset", **data.spec.as_dict()}
+    entity = DatasetEntity(
+        name=data.name or config.dataset or "generated",
+        digest=data.fingerprint[:12],
+        source_type=source_type,
+        source=json.dumps(source),
+        profile=json.dumps({"num_train": len(data.train), "num_val": len(data.val), "num_dims": data.num_dims}),
+    )
+    inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
+    for attempt in range(_DATASET_INPUT_TRIES):
+        try:
+            client.log_inputs(run_id, inputs)
+            return
+        except MlflowException as error:
+            # Workers that start together race to insert the same dataset row; the store's get-or-create is not
+            # atomic, so the loser sees a unique-constraint error. The row exists now: the next try links it.
+            if "UNIQUE constraint" not in str(error) and "duplicate key" not in str(error):
+                raise
+            if attempt == _DATASET_INPUT_TRIES - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def curve_steps(num_points: int, every: int) -> list[int]:
+    """Steps of the logged training curve: 0, every, 2 every, ... and always the last step."""
+    if num_points <= 0:
+        return []
+    steps = list(range(0, num_points, every))
+    if steps[-1] != num_points - 1:
+        steps.append(num_points - 1)
+    return steps
+
+
+def log_fit_record(logger: RunLogger, result: gmm.FitResult | None, config: ExperimentConfig) -> None:
+    """The training-NLL curve (finite values only; steps not already logged during the fit) and events.csv of a
+    finished or partial fit."""
+    if result is not None and len(result.nll_history):
+        history = result.nll_history
+        steps = [s for s in curve_steps(len(history), config.resolved_log_every) if s not in logger.train_steps]
+        values = history[steps]
+        keep = torch.isfinite(values)
+        logger.add_curve(TRAIN_CURVE, values[keep].tolist(), [s for s, k in zip(steps, keep.tolist(), strict=True) if k])
+    logger.flush()
+    events = result.events if result is not None else ()
+    logger.timed(logger.client.log_text, logger.run_id, events_csv(events), "events.csv")
+
+
+def events_csv(events) -> str:
+    """The events as CSV text with a header (step, component, kind, detail)."""
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(EVENT_COLUMNS)
+    for e in events:
+        writer.writerow([e.step, e.component, e.kind, e.detail])
+    return out.getvalue()
+
+
+def log_figures(client, run_id: str, data: Dataset, model, result, em_result, true_nll: float, validation) -> None:
+    from gmm.plot import plot_data_and_model, plot_nll_curve
+
+    fig = plot_data_and_model(data.train, model, title=f"{model.family.name} fit: train NLL {result.final_nll:.4f}")
+    client.log_figure(run_id, fig, "figures/fit.png")
+    curves = {"gradient descent, train": result}
+    if em_result is not None:
+        curves["EM, train"] = em_result
+    reference = {"true parameters, train": true_nll} if math.isfinite(true_nll) else None
+    fig = plot_nll_curve(curves, log_x=True, reference=reference)
+    steps, values = validation
+    if steps:  # the validation NLL, measured every eval_every steps, over the training curves
+        ax = fig.axes[0]
+        ax.plot(steps, values, "o-", color="tab:red", markersize=3, linewidth=1.2, label="gradient descent, validation")
+        ax.legend(fontsize="small")
+    client.log_figure(run_id, fig, "figures/nll_curve.png")

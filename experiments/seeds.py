@@ -1,0 +1,228 @@
+"""The seeds of a report: the config of every (family, seed), one seed's or one family's fits (tracked with
+experiments.run / experiments.population) and their runs.csv rows, run serially or in a process pool."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import gmm
+
+from .config import ExperimentConfig
+from .runs_table import seed_rows
+
+EXPERIMENT = "reports"  # MLflow experiment of report (and verification) runs
+
+
+class SeedFailed(RuntimeError):
+    """A seed's fit failed (non-finite NLL, failed factorization, ...); the message names the seed."""
+
+
+def check_plan(families: Sequence[str], num_seeds: int, jobs: int) -> list[str]:
+    from gmm.validation import check_choice, check_int
+
+    families = list(families)
+    if not families:
+        raise ValueError(f"give at least one family: one of {', '.join(gmm.FAMILIES)} (or 'all')")
+    for family in families:
+        check_choice(family, gmm.FAMILIES, "family")
+    check_int(num_seeds, "seeds", minimum=1)
+    check_int(jobs, "jobs", minimum=1)
+    return families
+
+
+# -- the plan ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SeedTask:
+    """One seed of one family: what a (possibly spawned) worker needs. Picklable."""
+
+    config: ExperimentConfig
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str | None
+    report_name: str
+
+
+def seed_configs(base: ExperimentConfig, families: Sequence[str], num_seeds: int) -> list[ExperimentConfig]:
+    """The config of every (family, seed), families outer: seed i adds i to `seed` and (for generated data)
+    to `data_seed`; EM is switched on."""
+    configs = []
+    for family in families:
+        for i in range(num_seeds):
+            changes: dict[str, Any] = {"family": family, "seed": base.seed + i, "em": True}
+            if base.dataset is None:
+                changes["data_seed"] = base.data_seed + i
+            configs.append(base.replace(**changes))
+    return configs
+
+
+# -- one seed ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SeedOutcome:
+    """What one seed measured: its runs.csv rows (GD, EM) and what the figures need. Picklable."""
+
+    family: str
+    seed: int
+    data_seed: int
+    rows: tuple[dict[str, Any], ...]
+    gd_history: np.ndarray = field(repr=False)  # (T + 1,) float64
+    em_history: np.ndarray = field(repr=False)
+    reset_steps: tuple[int, ...]
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # the GD model (CPU), for the median seed's figure
+    variance: float
+    fingerprint: str
+    run_id: str
+
+
+def _init_worker() -> None:
+    """The initializer of a pool worker process (spawned for this pool alone, ended with it): the thread
+    count it sets is that process's, never the caller's. The serial path uses `one_thread`, which restores it."""
+    torch.set_num_threads(1)  # one core per seed: the same numbers as a serial run, no oversubscription
+
+
+def run_seed(task: SeedTask) -> SeedOutcome:
+    """Run one seed with `run_experiment` (a nested MLflow run) and measure EM's fit quality too.
+
+    Raises:
+        SeedFailed: the fit failed (the MLflow run is marked FAILED).
+    """
+    from .run import run_experiment  # imports MLflow; kept out of `import experiments.report`
+
+    cfg = task.config
+    try:
+        result = run_experiment(
+            cfg, task.tracking_uri, task.experiment, parent_run_id=task.parent_run_id, run_name=_run_name(cfg),
+            tags=_seed_tags(task),
+        )  # fmt: skip
+    except _FIT_ERRORS as err:
+        raise _failed(cfg, err) from None
+    return _outcome(cfg, result)
+
+
+_FIT_ERRORS = (FloatingPointError, torch.linalg.LinAlgError, gmm.NonFiniteNLLError)
+
+
+def _run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.family} seed {cfg.seed}"
+
+
+def _seed_tags(task: SeedTask) -> dict[str, str]:
+    cfg = task.config
+    return {"report.name": task.report_name, "report.seed": str(cfg.seed), "report.family": cfg.family}
+
+
+def _failed(cfg: ExperimentConfig, err: BaseException) -> SeedFailed:
+    return SeedFailed(f"{cfg.family} seed {cfg.seed} (data_seed {cfg.data_seed}): {' '.join(str(err).split())}")
+
+
+def run_family(tasks: Sequence[SeedTask]) -> list[SeedOutcome]:
+    """Every seed of one family as one population (experiments.population: one batched fit, one MLflow run per
+    seed, the numbers `run_seed` would give up to float rounding, and the same whatever else runs with them);
+    seed by seed with `run_seed` when the config cannot batch (analytic or compiled steps).
+
+    Raises:
+        SeedFailed: a seed's fit failed (its run is marked FAILED; the other seeds' runs are finished).
+    """
+    from .population import population_options, run_population
+
+    configs = [t.config for t in tasks]
+    try:
+        population_options(configs)
+    except ValueError:
+        return [run_seed(t) for t in tasks]
+    first = tasks[0]
+    try:
+        results = run_population(
+            configs, first.tracking_uri, first.experiment, parent_run_ids=first.parent_run_id,
+            run_names=[_run_name(c) for c in configs], tags=[_seed_tags(t) for t in tasks],
+        )  # fmt: skip
+    except _FIT_ERRORS as err:  # a failure of the population itself (e.g. a factorization in a start)
+        raise _failed(configs[0], err) from None
+    for cfg, result in zip(configs, results, strict=True):
+        if isinstance(result, BaseException):
+            raise _failed(cfg, result) from None
+    return [_outcome(cfg, result) for cfg, result in zip(configs, results, strict=True)]
+
+
+def _outcome(cfg: ExperimentConfig, result) -> SeedOutcome:
+    """A seed's runs.csv rows and figure inputs from its ExperimentResult."""
+    key = {"family": cfg.family, "seed": cfg.seed, "data_seed": cfg.data_seed}
+    rows = seed_rows(key, result.metrics)
+    em = result.em
+    return SeedOutcome(
+        family=cfg.family,
+        seed=cfg.seed,
+        data_seed=cfg.data_seed,
+        rows=rows,
+        gd_history=result.fit.nll_history.double().cpu().numpy(),
+        em_history=em.nll_history.double().cpu().numpy(),
+        reset_steps=tuple(e.step for e in result.fit.events if e.kind == "reset"),
+        state_dict={k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()},
+        variance=float(result.model.variance),
+        fingerprint=result.fingerprint,
+        run_id=result.run_id,
+    )
+
+
+# -- many seeds -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread inside the block (the numbers of a pool worker), the caller's count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_one_by_one(tasks: Sequence[SeedTask]) -> list[SeedOutcome]:
+    """The seeds one after the other, each its own fit (`--one-by-one`: the reports of before populations)."""
+    return [run_seed(t) for t in tasks]
+
+
+def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds", population: bool = True) -> list[SeedOutcome]:
+    """Run every task, serially (jobs == 1) or in `jobs` spawned worker processes; results in task order.
+
+    A tqdm bar counts finished seeds when stderr is a terminal. On the first failure the pending seeds
+    are cancelled and the error is re-raised.
+    """
+    from tqdm.auto import tqdm
+
+    outcomes: list[SeedOutcome | None] = [None] * len(tasks)
+    bar = tqdm(total=len(tasks), desc=desc, unit="seed", disable=not sys.stderr.isatty(), dynamic_ncols=True)
+    groups: dict[str, list[int]] = {}  # a family's seeds: one population (or one seed at a time)
+    for i, task in enumerate(tasks):
+        groups.setdefault(task.config.family if population else str(i), []).append(i)
+    run_group = run_family if population else run_one_by_one
+
+    def done(indices: list[int], results: list[SeedOutcome]) -> None:
+        for i, outcome in zip(indices, results, strict=True):
+            outcomes[i] = outcome
+        bar.update(len(indices))
+
+    try:
+        if jobs <= 1 or len(groups) <= 1:
+            with one_thread():
+                for indices in groups.values():
+                    done(indices, run_group([tasks[i] for i in indices]))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
+            pool = ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=ctx, initializer=_init_worker)
+            try:
+                futures = {pool.submit(run_group, [tasks[i] for i in g]): g for g in groups.values()}
+                for future in as_completed(futures):
+                    done(futures[future], future.result())
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+    return [o for o in outcomes if o is not None]
