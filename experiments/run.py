@@ -60,7 +60,7 @@ from mlflow.exceptions import MlflowException
 
 import gmm
 from gmm.cli import OneLineParser
-from gmm.fit import lr_factor
+from gmm.options import lr_factor
 
 from .commands import module
 from .config import ExperimentConfig, add_arguments, from_args

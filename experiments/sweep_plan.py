@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import gmm
-from gmm.fit import RECOVERY_FLOOR_FACTOR
+from gmm.recovery import RECOVERY_FLOOR_FACTOR
 
 from .config import read_mapping_file
 from .datasets import (

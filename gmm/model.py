@@ -352,7 +352,7 @@ class MixtureModel(nn.Module):
             The final mean NLL on `data` (a float; (B,) for a batched model, whose options may be
             sequences of B values, see gmm.population). The whole record is in `self.fit_result_`.
         """
-        from .fit import fit
+        from .fitting import fit
 
         return fit(self, data, **options).final_nll
 

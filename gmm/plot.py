@@ -454,7 +454,7 @@ def plot_nll_curve(
 
 
 def _is_fit_result(obj) -> bool:
-    from .fit import FitResult
+    from .records import FitResult
 
     return isinstance(obj, FitResult)
 

@@ -41,24 +41,13 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from .fit import (
-    _WORST_FRACTION,
-    ConvergenceWarning,
-    FitEvent,
-    FitOptions,
-    FitResult,
-    NonFiniteNLLError,
-    _intra_op_threads,
-    _progress_bar,
-    _Recovery,
-    _warnings,
-    lr_factor,
-    make_options,
-)
 from .init import base_covariance, initialize
-from .model import MixtureModel, check_batch_data, chunk_rows, parameter_tensors
-from .optim import PopulationAdam
+from .model import MixtureModel, check_batch_data, parameter_tensors
+from .options import FitOptions, intra_op_threads, lr_factor, make_options, progress_bar
+from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError, fit_warnings
+from .recovery import Recovery, clamp_events, collapsed_components, copy_, reset_events, worst_rows
 from .standardize import Standardizer
+from .steps import PopulationStep
 from .validation import make_generator
 
 # options that may differ between members (a scalar for all, or a sequence of B values)
@@ -172,7 +161,7 @@ def fit_population(model: MixtureModel, data, options: FitOptions | None = None,
         model.to(device=opts[0].device, dtype=opts[0].dtype)
     x = check_batch_data(data, num_members, model.num_dims, model.dtype, model.device, min_samples=model.num_components)
     n, k, d = x.shape[1], model.num_components, model.num_dims
-    with _intra_op_threads(opts[0], num_members * n * k * d, x.device):
+    with intra_op_threads(opts[0], num_members * n * k * d, x.device):
         result = fit_members(model, x, opts)
     for i, member in enumerate(result.members):
         for message in member.warnings:
@@ -184,69 +173,6 @@ def fit_members(model: MixtureModel, x: Tensor, opts: list[FitOptions]) -> Popul
     """The population loop on checked data x (1 or B, N, D) with one FitOptions per member; no warnings issued
     (gmm.fit's restarts keep only the kept start's)."""
     return _Population(model, x, opts).run()
-
-
-# -- the batched step ---------------------------------------------------------------------------------------
-class PopulationStep:
-    """NLL + autograd + PopulationAdam for B members at once, chunked over N.
-
-    The loss is sum_b NLL_b: member b's gradient is the gradient of its own mean NLL, so Adam's update of each
-    member is the one it would get alone.
-    """
-
-    def __init__(self, model: MixtureModel, z: Tensor):
-        self.model = model
-        self.num_samples = z.shape[1]
-        trainable = [model.raw_cov] if model.family.trainable else []
-        self.optimizer = PopulationAdam([[model.logits], [model.locs, *trainable]], model.num_members)
-        self.params = self.optimizer.params
-        self.chunks = z.split(chunk_rows(model.num_components * model.num_members, model.num_dims), dim=1)
-        self.chunks_t = [c.transpose(1, 2).contiguous() for c in self.chunks]  # (B or 1, D, n): N innermost
-        self.scale = -1.0 / self.num_samples
-        self.logits_before = model.logits.detach().clone()
-        self._floor_view = model.family.floor_view(model.raw_cov.detach())
-
-    def nll(self) -> Tensor:
-        """(B,) float64 mean NLL of every member's current parameters, without gradients."""
-        m = self.model
-        with torch.no_grad():  # the step's own arithmetic: a member's value does not depend on B
-            cov = m.covariance()
-            parts = [likelihood.batched_mixture_nll(c, m.logits, m.locs, cov, self.scale) for c in self.chunks_t]
-        return parts[0].double() if len(parts) == 1 else sum(p.double() for p in parts)
-
-    def step(self, lr_mixture: Tensor, lr_component: Tensor) -> Tensor:
-        """(B,) NLLs of the parameters before the update; updates them with per-member learning rates."""
-        m = self.model
-        for p in self.params:
-            p.grad = None
-        values = None
-        for chunk in self.chunks_t:
-            per = likelihood.batched_mixture_nll(chunk, m.logits, m.locs, m.covariance(), self.scale)  # (B,)
-            per.sum().backward()
-            values = per.detach() if values is None else values.double() + per.detach()
-        self.logits_before.copy_(m.logits.detach())
-        self.optimizer.step([lr_mixture, lr_component])
-        return values
-
-    def clamp(self, floor: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The variance floor after the update: None when no member was below it, else (clamped (B, K') bool,
-        smallest variance / floor (B, K')). `floor` is the raw floor (Family.raw_floor of `clamp`)."""
-        if not bool((self._floor_view < floor).any()):
-            return None
-        return self.model.family.clamp_(self.model.raw_cov, clamp)
-
-    def mass(self, member: int) -> Tensor:
-        """(K,) sum_n p(k | x_n) of `member` at the parameters of the last step, from the logit gradient."""
-        grad = self.model.logits.grad.detach()[member]
-        return (torch.softmax(self.logits_before[member], -1) - grad) * self.num_samples
-
-    def restart(self, member: int) -> None:
-        self.optimizer.restart(member)
-
-    def reset_moments(self, member: int, components: Tensor) -> None:
-        m = self.model
-        per_component = [m.logits, m.locs] + ([m.raw_cov] if m.family.trainable and not m.family.shared else [])
-        self.optimizer.reset_rows(per_component, member, components)
 
 
 # -- one member's bookkeeping -------------------------------------------------------------------------------
@@ -263,7 +189,7 @@ class _Member:
     clamp: float | Tensor  # the floor in z
     reset_raw: Tensor
     min_mass: float
-    recovery: _Recovery
+    recovery: Recovery
     history: list[float] = field(default_factory=list)
     events: list[FitEvent] = field(default_factory=list)
     best_nll: float = math.inf
@@ -316,16 +242,15 @@ class _Population:
         coords.to_standard_(one)
         one.family.clamp_(one.raw_cov, clamp)  # written into the batch once every member is set up (run)
         min_mass = float(d + 1) if opts.reset_min_mass is None else opts.reset_min_mass
-        recovery = _Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det, member=i)
+        recovery = Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det, member=i)
         return _Member(i, opts, x, z, coords, g, clamp, reset_raw, min_mass, recovery), one
 
-    def _floors(self, members: list[_Member]) -> tuple[Tensor, Tensor]:
-        """(B, 1, D) variance floors in z and their raw floors, broadcasting against the floored entries."""
+    def _floor(self, members: list[_Member]) -> Tensor:
+        """(B, 1, D) variance floors in z, broadcasting against the floored entries."""
         d = self.model.num_dims
-        clamp = torch.stack(
+        return torch.stack(
             [torch.as_tensor(m.clamp, dtype=self.model.dtype, device=self.model.device).expand(d) for m in members]
         ).unsqueeze(1)
-        return clamp, self.model.family.raw_floor(clamp)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> PopulationResult:
@@ -337,7 +262,7 @@ class _Population:
             model.set_member(i, one)
         same = all(m.z is self.members[0].z or torch.equal(m.z, self.members[0].z) for m in self.members)
         z = self.members[0].z[None] if same else torch.stack([m.z for m in self.members])
-        self.clamp, self.raw_floor = self._floors(self.members)
+        self.clamp = self._floor(self.members)
         self.init_time = time.perf_counter() - t0
         self.stepper = PopulationStep(model, z)
         self.z = z
@@ -350,7 +275,7 @@ class _Population:
         self.best = [p.clone() for p in self.params]
         self.cur, self.prev = 0, 1
         self.frozen: dict[int, list[Tensor]] = {}  # failed members' parameters
-        bar = _progress_bar(self.opts[0], self.total)
+        bar = progress_bar(self.opts[0], self.total)
         start = time.perf_counter()
         step = 0
         try:
@@ -383,7 +308,8 @@ class _Population:
         """Step `step` for every running member; False once none runs."""
         members = self.members
         self.cur, self.prev = self.prev, self.cur
-        torch._foreach_copy_(self.buffers[self.cur], self.params)  # theta_(step-1): the parameters this step scores
+        # theta_(step-1), the parameters this step scores; hot (every step): one dispatch (gmm.recovery.Iterates.save)
+        torch._foreach_copy_(self.buffers[self.cur], self.params)
         for m in members:
             if m.running:
                 m.recovery.look()
@@ -415,7 +341,7 @@ class _Population:
             for best, current in zip(self.best, self.buffers[self.cur], strict=True):
                 best[rows] = current[rows]
         seen = [len(m.events) for m in members]
-        hit = self.stepper.clamp(self.raw_floor, self.clamp)
+        hit = self.stepper.clamp(self.clamp)
         if hit is not None:
             clamped, smallest = hit
             for i in clamped.any(-1).nonzero()[:, 0].tolist():
@@ -490,35 +416,28 @@ class _Population:
         m.events.append(FitEvent(step, -1, "spike", jump, member=m.index))
 
     def _on_clamp(self, m: _Member, step: int, clamped: Tensor, smallest: Tensor) -> bool:
-        """Clamp events of member m's touched components and resets of its collapsed ones (gmm.fit._on_clamp)."""
+        """Clamp events of member m's touched components and resets of its collapsed ones (gmm.recovery.on_clamp)."""
         model, opts = self.model, m.opts
         shared = model.family.shared
-        for c in clamped.nonzero()[:, 0].tolist():
-            variance = float(smallest[c]) * opts.clamp
-            detail = f"variance {variance:.3g} raised to {opts.clamp:.3g}"
-            m.events.append(FitEvent(step, -1 if shared else c, "clamp", detail, member=m.index))
+        m.events += clamp_events(step, clamped, smallest, opts.clamp, shared, member=m.index)
         if not opts.reset:
             return False
-        mass = self.stepper.mass(m.index)
-        touched = clamped.expand(model.num_components) if shared else clamped
-        collapsed = (touched & (mass < m.min_mass)).nonzero()[:, 0].tolist()
+        mass = self.stepper.mass()[m.index]
+        collapsed = collapsed_components(clamped, mass, m.min_mass, shared)
         if not collapsed:
             return False
         rows = self._reset(m, collapsed)
-        self.stepper.reset_moments(m.index, torch.tensor(collapsed, device=model.device))
-        for c, row in zip(collapsed, rows, strict=True):
-            detail = f"mass {float(mass[c]):.3g} < {m.min_mass:.3g} on the floor; mean -> sample {row}"
-            m.events.append(FitEvent(step, c, "reset", detail, member=m.index))
+        self.stepper.reset_moments(torch.tensor(collapsed, device=model.device), m.index)
+        m.events += reset_events(step, collapsed, rows, mass, m.min_mass, member=m.index)
         return True
 
     @torch.no_grad()
     def _reset(self, m: _Member, components: list[int]) -> list[int]:
-        """gmm.fit._reset for member m: means to points drawn from its worst-explained 10%."""
+        """gmm.recovery.reset for member m: means to points drawn from its worst-explained 10%."""
         model, i, z = self.model, m.index, m.z
         cov = model.family.covariance(model.raw_cov[i : i + 1])
         lp = likelihood.batched_log_prob(z[None], model.logits[i : i + 1], model.locs[i : i + 1], cov)[0]
-        worst = lp.topk(max(len(components), math.ceil(_WORST_FRACTION * z.shape[0])), largest=False).indices
-        rows = worst[torch.randperm(worst.shape[0], generator=m.g)[: len(components)].to(worst.device)]
+        rows = worst_rows(lp, len(components), m.g)
         idx = torch.tensor(components, device=z.device)
         model.locs[i, idx] = z[rows]
         model.logits[i, idx] = model.logits[i].mean()
@@ -548,7 +467,7 @@ class _Population:
             shown = [v + m.shift for v, m in zip(nlls, self.members, strict=True)]
             stop = self.callback(step, shown, new)
         finally:
-            torch._foreach_copy_(self.params, saved)
+            copy_(self.params, saved)
         for i in stop or ():
             m = self.members[int(i)]
             if m.running:
@@ -568,7 +487,7 @@ class _Population:
                 final = last if m.coords.identity and m.kept_step == len(m.history) - 1 else one.nll(m.x)
                 kept[m.kept_step] = final  # computed on the data itself, after the map back
                 first = m.history[0] + m.shift
-                notes = _warnings(first, last, final, m.kept_step, m.rollbacks, m.lr_scale, m.opts, m.converged)
+                notes = fit_warnings(first, last, final, m.kept_step, m.rollbacks, m.lr_scale, m.opts, m.converged)
             elif len(kept):
                 final = float(kept[-1])
             result = FitResult(

@@ -10,7 +10,8 @@ from sklearn.mixture import GaussianMixture
 
 import gmm
 from gmm.em import fit_em
-from gmm.fit import FitOptions, lr_factor, make_options, make_step
+from gmm.options import FitOptions, lr_factor, make_options
+from gmm.steps import make_step
 
 SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
 
