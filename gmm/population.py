@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from .init import base_covariance, initialize
+from .loop import make_start
 from .model import MixtureModel, check_batch_data, parameter_tensors
 from .options import FitOptions, intra_op_threads, lr_factor, make_options, progress_bar
 from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError, fit_warnings
@@ -228,22 +228,17 @@ class _Population:
         """Member i's start, coordinates and floors, exactly as gmm.fit makes them for one model."""
         opts, model = self.opts[i], self.model
         x = self.x[i if self.x.shape[0] > 1 else 0]
-        k, d = model.num_components, model.num_dims
         one = model.member(i)
         g = make_generator(opts.seed)
-        initialize(one, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
-        one.family.clamp_(one.raw_cov, opts.clamp)
-        coords = Standardizer.of(x, one, opts.standardize)
-        z = coords.data(x)
-        clamp = coords.clamp(opts.clamp)
-        reset_raw = one.family.from_covariances(base_covariance(x, k, opts.clamp).to(one.device, one.dtype).expand(k, d, d))
-        if not coords.identity and one.family.trainable:
-            one.family.rescale_(reset_raw, coords.scale)
-        coords.to_standard_(one)
-        one.family.clamp_(one.raw_cov, clamp)  # written into the batch once every member is set up (run)
-        min_mass = float(d + 1) if opts.reset_min_mass is None else opts.reset_min_mass
-        recovery = Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det, member=i)
-        return _Member(i, opts, x, z, coords, g, clamp, reset_raw, min_mass, recovery), one
+        start = make_start(one, x, opts, g)
+        start.coords.to_standard_(one)
+        one.family.clamp_(one.raw_cov, start.clamp)  # written into the batch once every member is set up (run)
+        recovery = Recovery(model.family, model.raw_cov.detach()[i], start.clamp, start.coords.log_det, member=i)
+        member = _Member(
+            index=i, opts=opts, x=x, z=start.z, coords=start.coords, g=g, clamp=start.clamp, reset_raw=start.reset_raw,
+            min_mass=start.min_mass, recovery=recovery,
+        )  # fmt: skip
+        return member, one
 
     def _floor(self, members: list[_Member]) -> Tensor:
         """(B, 1, D) variance floors in z, broadcasting against the floored entries."""
@@ -413,7 +408,7 @@ class _Population:
             m.lr_scale *= 0.5
             m.rollbacks += 1
             jump += f"; rolled back to step {m.best_step} (NLL {m.best_nll + shift:.6g}), learning rates x{m.lr_scale:g}"
-        m.events.append(FitEvent(step, -1, "spike", jump, member=m.index))
+        m.events.append(FitEvent(step=step, component=-1, kind="spike", detail=jump, member=m.index))
 
     def _on_clamp(self, m: _Member, step: int, clamped: Tensor, smallest: Tensor) -> bool:
         """Clamp events of member m's touched components and resets of its collapsed ones (gmm.recovery.on_clamp)."""
@@ -491,15 +486,17 @@ class _Population:
             elif len(kept):
                 final = float(kept[-1])
             result = FitResult(
-                kept, tuple(m.events), max(0, len(m.history) - 1), self.wall, self.init_time, 0.0, m.converged, final,
-                m.opts, finished, None, best_step=m.best_step,
+                nll_history=kept, events=tuple(m.events), num_iterations=max(0, len(m.history) - 1),
+                wall_time=self.wall, init_time=self.init_time, compile_time=0.0, converged=m.converged,
+                final_nll=final, options=m.opts, completed=finished, batch_size=None, best_step=m.best_step,
                 best_nll=float(kept[m.best_step]) if len(kept) > m.best_step else float("nan"),
                 warnings=notes, scale=m.coords.scale.detach().cpu(), seed=m.opts.seed, stop_reason=m.stop_reason,
             )  # fmt: skip
             one.fit_result_ = result
             self.model.set_member(m.index, one)
             results.append(result)
-        out = PopulationResult(tuple(results), self.wall, self.init_time, tuple(m.error for m in self.members))
+        errors = tuple(m.error for m in self.members)
+        out = PopulationResult(members=tuple(results), wall_time=self.wall, init_time=self.init_time, errors=errors)
         self.model.fit_result_ = out
         return out
 

@@ -31,7 +31,7 @@ def clamp_events(step: int, clamped: Tensor, smallest: Tensor, clamp: float, sha
     for c in clamped.nonzero()[:, 0].tolist():
         variance = float(smallest[c]) * clamp
         detail = f"variance {variance:.3g} raised to {clamp:.3g}"
-        events.append(FitEvent(step, -1 if shared else c, "clamp", detail, member=member))
+        events.append(FitEvent(step=step, component=-1 if shared else c, kind="clamp", detail=detail, member=member))
     return events
 
 
@@ -44,8 +44,9 @@ def collapsed_components(clamped: Tensor, mass: Tensor, min_mass: float, shared:
 
 def reset_events(step: int, components: list[int], rows: list[int], mass: Tensor, min_mass: float, member=None):
     """One "reset" event per collapsed component, naming the data row its mean moved to."""
+    detail = "mass {:.3g} < {:.3g} on the floor; mean -> sample {}"
     return [
-        FitEvent(step, c, "reset", f"mass {float(mass[c]):.3g} < {min_mass:.3g} on the floor; mean -> sample {row}", member)
+        FitEvent(step=step, component=c, kind="reset", detail=detail.format(float(mass[c]), min_mass, row), member=member)
         for c, row in zip(components, rows, strict=True)
     ]
 
@@ -159,5 +160,5 @@ class Recovery:
                 del self.watched[c]
                 detail = f"off the floor, NLL {nll + self.shift:.6g} <= {before + self.shift:.6g} + "
                 detail += f"{RECOVERY_MARGIN:g}; {index - first} steps after its clamp at step {first}"
-                events.append(FitEvent(index, c, "recovered", detail, member=self.member))
+                events.append(FitEvent(step=index, component=c, kind="recovered", detail=detail, member=self.member))
         self.newest = nll
