@@ -60,7 +60,8 @@ from torch import Tensor
 
 from .loop import SingleFit
 from .model import MixtureModel, parameter_tensors
-from .options import FitOptions, intra_op_threads, make_options
+from .options import FitOptions, intra_op_threads, make_options, same_options_as
+from .population import fit_members, fit_population, start_population
 from .records import ConvergenceWarning, FitResult, NonFiniteNLLError
 from .recovery import copy_
 from .validation import check_data, check_dtype_device, make_generator
@@ -68,8 +69,12 @@ from .validation import check_data, check_dtype_device, make_generator
 log = logging.getLogger(__name__)
 
 
+@same_options_as(MixtureModel.fit)
 def fit(model: MixtureModel, data, options: FitOptions | None = None, **overrides) -> FitResult:
     """Fit `model` to `data` (N, D) by Adam on the mean NLL. See `FitOptions` and the module docstring.
+
+    Takes the keyword options of `MixtureModel.fit` (every field of FitOptions, with its default); those given
+    override `options`. An unknown keyword raises TypeError naming the closest option.
 
     A batched model (`batch_shape=(B,)`) is fit as a population by `gmm.population.fit_population`, which
     returns a `PopulationResult` (one FitResult per member).
@@ -87,8 +92,6 @@ def fit(model: MixtureModel, data, options: FitOptions | None = None, **override
             given and not reached (the messages are also in `FitResult.warnings`).
     """
     if model.batch_shape:  # B mixtures: one batched loop (gmm.population), options may be per member
-        from .population import fit_population  # noqa: PLC0415  (population imports this module)
-
         return fit_population(model, data, options, **overrides)
     opts = make_options(options, **overrides)
     if opts.device is not None or opts.dtype is not None:
@@ -132,8 +135,6 @@ def _fit_starts_population(model: MixtureModel, x: Tensor, opts: FitOptions) -> 
     records as `_fit_starts` up to rounding, in about the time of one start at small sizes. The model keeps the
     parameters of the start with the lowest final NLL; a start whose NLL became non-finite is recorded and
     skipped (all of them failing raises the first error). Interrupted, the model keeps its parameters."""
-    from .population import fit_members, start_population  # noqa: PLC0415  (population imports this module)
-
     seeds = start_seeds(opts)
     population = start_population(model, len(seeds))
     shared = dataclasses.replace(opts, generator=None, n_init=1, seed=seeds[0])

@@ -1,24 +1,63 @@
-"""The options of `gmm.fit`: the `FitOptions` record, their checks, and what they decide (learning-rate schedule,
-the quadratic path, the intra-op thread count, the progress bar)."""
+"""The options of `gmm.fit`: the `FitOptions` record (their one list of defaults), their checks, the options a
+population takes per member, and what they decide (learning-rate schedule, the quadratic path, the intra-op
+thread count, the progress bar).
+
+`MixtureModel.fit` lists every option as a keyword with its type and `FitOptions`' default; `gmm.fit` takes
+the same keywords (`same_options_as`); tests/test_fit.py checks both signatures against `FitOptions`."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar, Union
 
+import numpy as np
 import torch
+from torch import Tensor
 
-from .init import INITS
 from .validation import check_choice, check_dtype_device, check_float, check_int, suggest
 
 SCHEDULES = ("cosine", "constant")
 GRADIENTS = ("autograd", "analytic")
 _ONE_THREAD_MAX_ELEMENTS = 1 << 19  # auto num_threads: below this N * K * D one thread beats two (bench)
 _QUADRATIC_MIN_ELEMENTS = 1 << 20  # auto: quadratic path once N * K * D reaches this (float32 caveat: likelihood.py)
+T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+PerMember = Union[T, Sequence[T]]  # noqa: UP007  (a generic alias: X | Y cannot take a TypeVar at runtime here)
+# one value, or (a batched model, options in PER_MEMBER) a sequence of B values, one per member
+
+
+# options that may differ between members (a scalar for all, or a sequence of B values)
+PER_MEMBER = (
+    "mixture_lr",
+    "component_lr",
+    "clamp",
+    "seed",
+    "init",
+    "radius",
+    "reset",
+    "reset_min_mass",
+    "lr_schedule",
+    "tol",
+    "standardize",
+    "keep_best",
+    "spike_threshold",
+    "spike_rollback",
+)
+_UNSUPPORTED = {  # option: (value that is fine, what to do instead)
+    "batch_size": (None, "mini-batches are not batched yet: fit the members one by one (model.member(i).fit)"),
+    "gradients": ("autograd", "analytic gradients are not batched yet: use gradients='autograd'"),
+    "compile": (False, "compiled steps are not batched yet: drop compile=True"),
+    "quadratic": (None, "the quadratic path is not batched: drop quadratic=True"),
+    "n_init": (1, "a population already holds the starts: use one member per start (seed=[s, s + 1, ...])"),
+    "generator": (None, "pass per-member seeds (seed=[...]) instead of a generator"),
+}
 
 
 @dataclass(frozen=True)
@@ -74,6 +113,8 @@ def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
     check_float(opts.mixture_lr, "mixture_lr", nonnegative=True)
     check_float(opts.component_lr, "component_lr", nonnegative=True)
     check_float(opts.clamp, "clamp", positive=True)
+    from .init import INITS  # noqa: PLC0415  (gmm.init imports gmm.model, which imports this module)
+
     check_choice(opts.init, INITS, "init")
     check_choice(opts.lr_schedule, SCHEDULES, "lr_schedule")
     check_choice(opts.gradients, GRADIENTS, "gradients")
@@ -97,6 +138,63 @@ def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
     if opts.callback is not None and not callable(opts.callback):
         raise TypeError(f"callback must be callable; got {type(opts.callback).__name__}")
     return opts
+
+
+def member_options(num_members: int, options: FitOptions | None, overrides: dict) -> list[FitOptions]:
+    """One validated FitOptions per member: `PER_MEMBER` overrides may be sequences of `num_members` values."""
+    per: dict[str, list] = {}
+    for name, value in overrides.items():
+        if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 1 or isinstance(value, (list, tuple)):
+            if name in _UNSUPPORTED:
+                raise ValueError(f"{name} is not supported for a batched model; {_UNSUPPORTED[name][1]}")
+            if name not in PER_MEMBER:
+                raise ValueError(
+                    f"{name} is shared by every member of a population; pass one value (options that may differ "
+                    f"per member: {', '.join(PER_MEMBER)})"
+                )
+            values = value.tolist() if isinstance(value, (Tensor, np.ndarray)) else list(value)
+            if len(values) != num_members:
+                raise ValueError(
+                    f"{name} has {len(values)} values but the model has {num_members} members; pass one or {num_members}"
+                )
+            per[name] = values
+    out = []
+    for i in range(num_members):
+        opts = make_options(options, **{**overrides, **{k: v[i] for k, v in per.items()}})
+        out.append(opts)
+    for name, (fine, fix) in _UNSUPPORTED.items():
+        value = getattr(out[0], name)
+        if value != fine and not (name == "quadratic" and value is False):  # False: the exact path, as batched
+            shown = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+            raise ValueError(f"{name}={shown} is not supported for a batched model; {fix}")
+    return out
+
+
+def given_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The options among `values` (a fit's keyword arguments by name) that differ from FitOptions' defaults: the
+    ones to pass on as overrides (an option left at its default keeps the value of `options`, if given)."""
+    given = {}
+    for f in dataclasses.fields(FitOptions):
+        value = values[f.name]
+        plain = type(value) is type(f.default) and isinstance(value, (int, float, str))  # not a tensor, list, ...
+        if not (value is f.default or (plain and value == f.default)):
+            given[f.name] = value
+    return given
+
+
+def same_options_as(method: Callable[Concatenate[Any, Any, Any, P], Any]):
+    """Decorator: the wrapped `fit(model, data, options=None, **overrides)` takes the keywords of `method`
+    (MixtureModel.fit), for type checkers (ParamSpec) and at runtime (`inspect.signature`, `help`)."""
+
+    def decorate(function: Callable[..., R]) -> Callable[Concatenate[Any, Any, Any, P], R]:
+        own = inspect.signature(function)
+        keywords = [p for p in inspect.signature(method).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        first = [p for p in own.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        unknown = inspect.Parameter("unknown", inspect.Parameter.VAR_KEYWORD)
+        function.__signature__ = own.replace(parameters=[*first, *keywords, unknown])
+        return function
+
+    return decorate
 
 
 def lr_factor(schedule: str, step: int, num_iterations: int) -> float:

@@ -9,7 +9,7 @@ At small sizes a step is bound by per-op overhead, not arithmetic (PERFORMANCE.m
 same-shaped mixtures costs about what one costs, so studies, restarts, seed reports and sweeps that fit many
 same-shaped models gain nearly a factor B.
 
-Each member follows the rules of `gmm.fit` (its module docstring) exactly, on its own: its own start from its
+Each member follows the rules of `gmm.fit` (gmm.fitting's module docstring) exactly, on its own: its own start from its
 own seed, standardized coordinates of its own data, Adam moments and step count, clamp floor, clamp events,
 collapse resets drawn with its own generator, recovery watch, best iterate, spike rollback with its own
 learning-rate halving, and `tol`. Member i's record equals the record of `gmm.fit` on `model.member(i)` with
@@ -36,45 +36,20 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import likelihood
 from .loop import make_start
 from .model import MixtureModel, check_batch_data, parameter_tensors
-from .options import FitOptions, intra_op_threads, lr_factor, make_options, progress_bar
+from .options import PER_MEMBER, FitOptions, intra_op_threads, lr_factor, member_options, progress_bar
 from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError, fit_warnings
 from .recovery import Recovery, clamp_events, collapsed_components, copy_, reset_events, worst_rows
 from .standardize import Standardizer
 from .steps import PopulationStep
 from .validation import make_generator
 
-# options that may differ between members (a scalar for all, or a sequence of B values)
-PER_MEMBER = (
-    "mixture_lr",
-    "component_lr",
-    "clamp",
-    "seed",
-    "init",
-    "radius",
-    "reset",
-    "reset_min_mass",
-    "lr_schedule",
-    "tol",
-    "standardize",
-    "keep_best",
-    "spike_threshold",
-    "spike_rollback",
-)
-_UNSUPPORTED = {  # option: (value that is fine, what to do instead)
-    "batch_size": (None, "mini-batches are not batched yet: fit the members one by one (model.member(i).fit)"),
-    "gradients": ("autograd", "analytic gradients are not batched yet: use gradients='autograd'"),
-    "compile": (False, "compiled steps are not batched yet: drop compile=True"),
-    "quadratic": (None, "the quadratic path is not batched: drop quadratic=True"),
-    "n_init": (1, "a population already holds the starts: use one member per start (seed=[s, s + 1, ...])"),
-    "generator": (None, "pass per-member seeds (seed=[...]) instead of a generator"),
-}
+__all__ = ["PER_MEMBER", "PopulationResult", "fit_members", "fit_population", "start_population"]
 
 
 @dataclass(frozen=True)
@@ -108,36 +83,6 @@ class PopulationResult:
 
     def __iter__(self):
         return iter(self.members)
-
-
-def member_options(num_members: int, options: FitOptions | None, overrides: dict) -> list[FitOptions]:
-    """One validated FitOptions per member: `PER_MEMBER` overrides may be sequences of `num_members` values."""
-    per: dict[str, list] = {}
-    for name, value in overrides.items():
-        if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 1 or isinstance(value, (list, tuple)):
-            if name in _UNSUPPORTED:
-                raise ValueError(f"{name} is not supported for a batched model; {_UNSUPPORTED[name][1]}")
-            if name not in PER_MEMBER:
-                raise ValueError(
-                    f"{name} is shared by every member of a population; pass one value (options that may differ "
-                    f"per member: {', '.join(PER_MEMBER)})"
-                )
-            values = value.tolist() if isinstance(value, (Tensor, np.ndarray)) else list(value)
-            if len(values) != num_members:
-                raise ValueError(
-                    f"{name} has {len(values)} values but the model has {num_members} members; pass one or {num_members}"
-                )
-            per[name] = values
-    out = []
-    for i in range(num_members):
-        opts = make_options(options, **{**overrides, **{k: v[i] for k, v in per.items()}})
-        out.append(opts)
-    for name, (fine, fix) in _UNSUPPORTED.items():
-        value = getattr(out[0], name)
-        if value != fine and not (name == "quadratic" and value is False):  # False: the exact path, as batched
-            shown = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
-            raise ValueError(f"{name}={shown} is not supported for a batched model; {fix}")
-    return out
 
 
 def fit_population(model: MixtureModel, data, options: FitOptions | None = None, **overrides) -> PopulationResult:

@@ -120,7 +120,7 @@ class Iterates:
 
 
 class Recovery:
-    """Watches clamped components until they recover (module docstring, item 4) and records "recovered" events.
+    """Watches clamped components until they recover (gmm.fitting's module docstring, item 4) and records "recovered" events.
 
     `clamped(step, new_events)` starts a watch for the components of this step's clamp events (one already
     watched keeps its first clamp). For every exact NLL, `look()` reads which watched components are off the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -10,8 +12,8 @@ from sklearn.mixture import GaussianMixture
 
 import gmm
 from gmm.em import fit_em
-from gmm.options import FitOptions, lr_factor, make_options
-from gmm.steps import make_step
+from gmm.options import PER_MEMBER, FitOptions, lr_factor, make_options
+from gmm.steps import AutogradStep, PopulationStep, Step, make_step
 
 SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
 
@@ -193,6 +195,59 @@ def test_unknown_option_suggests():
     with pytest.raises(TypeError, match="did you mean 'num_iterations'"):
         make_options(num_iteration=10)
     assert make_options(FitOptions(clamp=1e-3)).clamp == 1e-3
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    for call in (lambda: gmm.GmmFull(2, 2).fit(x, num_iteration=10), lambda: gmm.fit(gmm.GmmFull(2, 2), x, clmap=1e-3)):
+        with pytest.raises(TypeError, match="did you mean '(num_iterations|clamp)'"):
+            call()
+
+
+@pytest.mark.parametrize("function", [gmm.fit, gmm.MixtureModel.fit], ids=["gmm.fit", "MixtureModel.fit"])
+def test_fit_signatures_list_every_option_with_the_default_of_fit_options(function):
+    """The keyword-only parameters are FitOptions' fields, in order, with its defaults: they cannot drift."""
+    keywords = [p for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    fields = dataclasses.fields(FitOptions)
+    assert [p.name for p in keywords] == [f.name for f in fields]
+    for p, f in zip(keywords, fields, strict=True):
+        assert p.default is f.default or p.default == f.default, p.name
+    per_member = [p.name for p in keywords if str(p.annotation).startswith("PerMember")]
+    assert sorted(per_member) == sorted(PER_MEMBER)  # typed per member exactly where a population takes B values
+
+
+def test_options_override_only_where_given(demo_data):
+    x = demo_data["full"].data
+    model = gmm.GmmFull(5, 2)
+    model.fit(x, FitOptions(num_iterations=7, clamp=1e-3), component_lr=0.02)
+    opts = model.fit_result_.options
+    assert (opts.num_iterations, opts.clamp, opts.component_lr) == (7, 1e-3, 0.02)
+
+
+def _steps(x: torch.Tensor) -> list:
+    model = gmm.GmmFull(3, 2)
+    out = [make_step(model, x, make_options(), False), make_step(model, x, make_options(batch_size=10), False)]
+    out.append(make_step(gmm.GmmFull(3, 2), x, make_options(gradients="analytic"), False))
+    out.append(PopulationStep(gmm.make_model("full", 3, 2, batch_shape=(2,)), x[None]))
+    return out
+
+
+def test_every_step_follows_the_step_protocol():
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    steps = _steps(x)
+    assert all(isinstance(s, Step) for s in steps)
+    assert [s.batch_size for s in steps] == [None, 10, None, None]
+    assert isinstance(steps[0], AutogradStep) and isinstance(steps[1], AutogradStep)
+
+
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_clamp_returns_none_when_nothing_is_below_the_floor_and_takes_a_new_floor(gradients):
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    model = gmm.GmmDiagonal(3, 2)
+    opts = make_options(gradients=gradients, clamp=1e-3)
+    stepper = make_step(model, x, opts, False)
+    stepper.step(1e-2, 1e-2)
+    assert stepper.clamp(opts.clamp) is None  # unit variances: far above the floor
+    clamped, smallest = stepper.clamp(torch.tensor([10.0, 10.0]))  # a new, higher floor: applied and reported
+    assert clamped.all() and bool((smallest < 1).all())
+    assert bool((model.covariances.diagonal(dim1=-2, dim2=-1) >= 10.0 * (1 - 1e-6)).all())
 
 
 @pytest.mark.parametrize(
