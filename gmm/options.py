@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar, Union
+from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -29,8 +29,7 @@ _QUADRATIC_MIN_ELEMENTS = 1 << 20  # auto: quadratic path once N * K * D reaches
 T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
-PerMember = Union[T, Sequence[T]]  # noqa: UP007  (a generic alias: X | Y cannot take a TypeVar at runtime here)
-# one value, or (a batched model, options in PER_MEMBER) a sequence of B values, one per member
+PerMember: TypeAlias = T | Sequence[T]  # one value, or (a batched model, PER_MEMBER options) B values, one per member
 
 
 # options that may differ between members (a scalar for all, or a sequence of B values)

@@ -469,11 +469,10 @@ class ScratchStep:
         return nll
 
     def clamp(self, clamp: float | Tensor) -> tuple[Tensor, Tensor] | None:
-        """What the floor fused into the last step did: None when nothing was below it, else (clamped (K',) bool,
-        smallest variance / floor (K',)). A `clamp` other than the fused floor is applied as well, by
-        Family.clamp_ (its components join `clamped`, its ratios `smallest`)."""
+        """The fused floor's work in the last step (gmm.steps.Step.clamp); another `clamp` is applied by clamp_ too."""
         _, clamped, smallest = self._last
-        if not _same_floor(clamp, self.clamp_value):
+        floats = not isinstance(clamp, Tensor) and not isinstance(self.clamp_value, Tensor)
+        if clamp is not self.clamp_value and not (floats and clamp == self.clamp_value):  # (a tensor: clamp_ again)
             again = self.family.clamp_(self.model.raw_cov, clamp)
             if again is not None:
                 return clamped | again[0], torch.minimum(smallest, again[1])
@@ -497,16 +496,6 @@ class ScratchStep:
         for m, v in zip(self.exp_avg[:per_component], self.exp_avg_sq[:per_component], strict=True):
             m[components] = 0
             v[components] = 0
-
-
-def _same_floor(a: float | Tensor, b: float | Tensor) -> bool:
-    """Whether two variance floors (floats or (D,) tensors) are the same floor."""
-    if a is b:
-        return True
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        a, b = torch.as_tensor(a), torch.as_tensor(b)
-        return a.shape == b.shape and torch.equal(a, b.to(a.device, a.dtype))
-    return a == b
 
 
 def make_step(model, x: Tensor, opts, quadratic: bool = False, clamp: float | Tensor | None = None) -> ScratchStep:
