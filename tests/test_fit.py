@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +201,12 @@ def test_unknown_option_suggests():
     for call in (lambda: gmm.GmmFull(2, 2).fit(x, num_iteration=10), lambda: gmm.fit(gmm.GmmFull(2, 2), x, clmap=1e-3)):
         with pytest.raises(TypeError, match="did you mean '(num_iterations|clamp)'"):
             call()
+
+
+def test_gmm_fit_is_the_function_and_every_module_imports_by_its_name():
+    assert inspect.isfunction(gmm.fit) and not Path(gmm.__file__).with_name("fit.py").exists()  # no module behind it
+    for name in ("fitting", "loop", "options", "records", "recovery", "steps", "population", "optim"):
+        importlib.import_module(f"gmm.{name}")
 
 
 @pytest.mark.parametrize("function", [gmm.fit, gmm.MixtureModel.fit], ids=["gmm.fit", "MixtureModel.fit"])
