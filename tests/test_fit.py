@@ -291,6 +291,13 @@ def test_small_fits_run_in_one_thread_and_restore_the_setting():
         gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=20, log_freq=10, num_threads=2,
                 callback=lambda step, nll, ev: seen.append(torch.get_num_threads()))  # fmt: skip
         assert seen == [2, 2]
+
+        def interrupt(step, nll, ev):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):  # a fit that raises restores the setting too
+            gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=20, log_freq=10, callback=interrupt)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads"):
