@@ -257,40 +257,13 @@ class _Population:
         values = self.stepper.step(*self._lrs()).tolist()
         for i, frozen in self.frozen.items():  # a failed member's gradient may be NaN: its parameters stay put
             self._restore(i, frozen)
-        improved = []
-        for m in members:
-            if not m.running:
-                continue
-            value = values[m.index]
-            if not math.isfinite(value):
-                self._restore(m.index, self.buffers[self.prev])  # theta_(step-2): the last finite one
-                m.failed = True
-                self.frozen[m.index] = [p.clone() for p in self.params]
-                m.error = NonFiniteNLLError(step - 1, value)
-                self._stop(m, str(m.error))
-                continue
-            m.history.append(value)
-            m.recovery.measured(step - 1, value, m.events)
-            if value < m.best_nll:
-                improved.append(m.index)
-                m.best_nll, m.best_step, m.has_best = value, step - 1, True
-            elif step >= 2 and value - m.history[-2] > _spikes(m.opts) and m.last_reset != step - 1:
-                self._on_spike(m, step - 1, m.history[-2], value)
+        improved = [m.index for m in members if m.running and self._track(m, step, values[m.index])]
         if improved:
             rows = torch.tensor(improved, device=self.model.device)
             for best, current in zip(self.best, self.buffers[self.cur], strict=True):
                 best[rows] = current[rows]
-        seen = [len(m.events) for m in members]
-        hit = self.stepper.clamp(self.clamp)
-        if hit is not None:
-            clamped, smallest = hit
-            for i in clamped.any(-1).nonzero()[:, 0].tolist():
-                m = members[i]
-                if m.running and self._on_clamp(m, step, clamped[i], smallest[i]):
-                    m.last_reset, m.best_nll, m.has_best = step, math.inf, False
+        self._clamp(step)
         for m in members:
-            if len(m.events) > seen[m.index]:
-                m.recovery.clamped(step, m.events[seen[m.index] :])
             tol = m.opts.tol
             if m.running and tol is not None and step >= 2 and abs(m.history[-1] - m.history[-2]) < tol:
                 m.converged = True
@@ -302,6 +275,40 @@ class _Population:
             if self.callback is not None:
                 self._show(step, [m.history[-1] if m.running else math.nan for m in members])
         return any(m.running for m in members)
+
+    def _track(self, m: _Member, step: int, value: float) -> bool:
+        """Member m's NLL at update `step` (of theta_(step-1)): a non-finite one stops it; else its history,
+        recovery watch, best iterate and spike rule. True when it is m's best so far."""
+        if not math.isfinite(value):
+            self._restore(m.index, self.buffers[self.prev])  # theta_(step-2): the last finite one
+            m.failed = True
+            self.frozen[m.index] = [p.clone() for p in self.params]
+            m.error = NonFiniteNLLError(step - 1, value)
+            self._stop(m, str(m.error))
+            return False
+        m.history.append(value)
+        m.recovery.measured(step - 1, value, m.events)
+        if value < m.best_nll:
+            m.best_nll, m.best_step, m.has_best = value, step - 1, True
+            return True
+        if step >= 2 and value - m.history[-2] > _spikes(m.opts) and m.last_reset != step - 1:
+            self._on_spike(m, step - 1, m.history[-2], value)
+        return False
+
+    def _clamp(self, step: int) -> None:
+        """The variance floor after update `step`: every member's clamp events, resets and recovery watches."""
+        members = self.members
+        seen = [len(m.events) for m in members]
+        hit = self.stepper.clamp(self.clamp)
+        if hit is not None:
+            clamped, smallest = hit
+            for i in clamped.any(-1).nonzero()[:, 0].tolist():
+                m = members[i]
+                if m.running and self._on_clamp(m, step, clamped[i], smallest[i]):
+                    m.last_reset, m.best_nll, m.has_best = step, math.inf, False
+        for m in members:
+            if len(m.events) > seen[m.index]:
+                m.recovery.clamped(step, m.events[seen[m.index] :])
 
     def _finish(self, step: int) -> None:
         """The exact NLL after the last update for every member that did not fail; keep_best; the last callback."""
