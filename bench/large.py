@@ -39,7 +39,8 @@ def _child(variant: str, n: int, k: int, d: int, iters: int) -> dict:
             step()
             times.append(time.perf_counter() - t0)
     else:
-        from gmm.fit import AutogradStep, make_options
+        from gmm.options import make_options
+        from gmm.steps import AutogradStep
 
         model = gmm.GmmFull(k, d)
         model.fit(x[: max(k, 10_000)], num_iterations=1, init="random")  # parameters at a sensible start

@@ -3,6 +3,7 @@
 python -m bench.run            # small (N=1000, K=5, D=2) and large (N up to 1e6, K=16, D=16) problems
 python -m bench.run --quick    # smaller sizes, a smoke run of a minute or two
 python -m bench.run --only minibatch   # peak memory of a mini-batch fit at N = 2,000,000, D = 16
+python -m bench.run --only adam        # the private fused Adam call against torch.optim.Adam(fused=True)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("small", "population", "harness", "large", "minibatch")  # bench.<name>.main(argv) -> exit status
+BENCHMARKS = ("small", "adam", "population", "harness", "large", "minibatch")  # bench.<name>.main(argv) -> exit status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,7 @@ class ExperimentConfig:
     clamp: float = 1e-6  # variance floor, in variance units (not std)
     init: str = "kmeans++"  # "kmeans++", "random", "radius" or "keep"
     init_radius: float | None = None  # half-width of init="radius"; None: max |x|
-    reset: bool = True  # reset collapsed components (gmm.fit module docstring)
+    reset: bool = True  # reset collapsed components (gmm.fitting module docstring)
     reset_min_mass: float | None = None  # collapse threshold on responsibility mass; None: D + 1
     lr_schedule: str = "cosine"  # "cosine" (annealed to 0 over the fit) or "constant"
     seed: int = 42  # seed of the fit: init and resets

@@ -21,7 +21,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 import gmm
-from gmm.fit import lr_factor
+from gmm.options import lr_factor
 
 from .config import ExperimentConfig
 from .datasets import Dataset

@@ -54,7 +54,7 @@ import torch
 
 import gmm
 from gmm.cli import OneLineParser
-from gmm.fit import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
+from gmm.recovery import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 
 from . import sweep_outputs as outputs
 from .environment import environment, same_environment

@@ -13,15 +13,15 @@ and, inside a cell, every fit seed. `run_cell` fits one cell's seeds and returns
 `run_group` fits the full-batch cells of one family, dataset and reset setting (every clamp x seed) as one
 population (gmm.population: one batched Adam step for all of them; the same fits up to rounding).
 
-Definitions (per fit; see gmm.fit's module docstring for the clamp, reset and "recovered" events):
+Definitions (per fit; see gmm.fitting's module docstring for the clamp, reset and "recovered" events):
 - clamps, resets: the numbers of clamp and reset events.
 - collapsed (0/1): at the end of the fit (the parameters `fit` keeps, the best iterate) a component is
   degenerate, i.e. its smallest variance (L_kk^2 for
-  Cholesky families) is on the floor (<= gmm.fit.RECOVERY_FLOOR_FACTOR x clamp) or below DEGENERATE_RATIO x
+  Cholesky families) is on the floor (<= gmm.recovery.RECOVERY_FLOOR_FACTOR x clamp) or below DEGENERATE_RATIO x
   the training data's smallest per-axis variance (a collapse the floor did not stop, as without a clamp),
   or the train NLL ran away (non-finite: the fit stopped with NonFiniteNLLError).
 - recovered: NaN when the fit never clamped; else 1 when the component of the first clamp event got a
-  "recovered" event (it left the floor and the NLL came back within gmm.fit.RECOVERY_MARGIN of its level
+  "recovered" event (it left the floor and the NLL came back within gmm.recovery.RECOVERY_MARGIN of its level
   before that clamp; a reset can do both at the clamp's own step), 0 otherwise. recovery_steps: the steps
   between the two events (0: at the clamp's step, through its reset; NaN if not recovered).
 - train_nll, val_nll: final mean NLL on the training and validation splits (NaN after a non-finite fit).
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import gmm
-from gmm.fit import RECOVERY_FLOOR_FACTOR
+from gmm.recovery import RECOVERY_FLOOR_FACTOR
 
 from .config import read_mapping_file
 from .datasets import (

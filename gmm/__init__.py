@@ -9,7 +9,7 @@ model.fit_result_                                     # the whole record: histor
 
 from .data import MockData, fingerprint, generate_data
 from .families import FAMILIES
-from .fit import ConvergenceWarning, FitEvent, FitOptions, FitResult, NonFiniteNLLError, fit
+from .fitting import fit
 from .init import INITS
 from .model import (
     GmmConstant,
@@ -21,6 +21,8 @@ from .model import (
     MixtureModel,
     make_model,
 )
+from .options import FitOptions
+from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError
 
 __all__ = [
     "FAMILIES",

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import gmm
 from gmm.cli import OneLineParser
-from gmm.fit import GRADIENTS, FitOptions
+from gmm.options import GRADIENTS, FitOptions
 from gmm.validation import check_choice
 
 DEFAULT_FIGURE = "demo.png"

@@ -39,9 +39,10 @@ import torch
 from torch import Tensor
 
 from . import likelihood
-from .fit import ConvergenceWarning, FitEvent, FitOptions, FitResult, NonFiniteNLLError, make_options
 from .init import initialize
 from .model import MixtureModel, chunk_rows
+from .options import make_options
+from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError
 from .validation import check_data, check_float, check_int, make_generator
 
 log = logging.getLogger(__name__)

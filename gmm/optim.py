@@ -1,5 +1,10 @@
 """Adam with torch's fused kernel, called directly: the same arithmetic as `torch.optim.Adam(fused=True)`
-without the optimizer's per-step Python bookkeeping, which dominates a step at small sizes."""
+without the optimizer's per-step Python bookkeeping, which dominates a step at small sizes.
+
+`torch._fused_adam_` is a private op: kept because no public API runs the fused kernel without that
+bookkeeping, and `bench/adam.py` measures the gain against `torch.optim.Adam(fused=True)` in the same run;
+tests/test_optim.py fails loudly if the op disappears or changes its signature (FusedAdam would otherwise
+fall back quietly to the slower foreach path)."""
 
 from __future__ import annotations
 
@@ -45,8 +50,9 @@ class FusedAdam:
     def step(self, lrs: list[float]) -> None:
         if self._counter is not None:
             self._counter.add_(1.0)
-        elif self._fused:
-            torch._foreach_add_(self._all_steps, 1.0)
+        elif self._fused:  # parameters on several devices (rare): one counter each
+            for s in self._all_steps:
+                s.add_(1.0)
         for group, (avgs, sqs, steps), lr in zip(self.groups, self._lists, lrs, strict=True):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
             if self._fused:
@@ -60,7 +66,8 @@ class FusedAdam:
     def restart(self) -> None:
         """Zero every moment and step count: the next step is Adam's first from the current parameters."""
         counters = {id(s): s for s in self.steps.values()}  # the fused kernel's one shared counter, once
-        torch._foreach_zero_([*self.exp_avg.values(), *self.exp_avg_sq.values(), *counters.values()])
+        for t in (*self.exp_avg.values(), *self.exp_avg_sq.values(), *counters.values()):  # rare: spike rollbacks
+            t.zero_()
 
     @torch.no_grad()
     def reset_rows(self, params: list[Tensor], rows: Tensor) -> None:
@@ -111,16 +118,18 @@ class PopulationAdam:
                 p.addcdiv_(m, denom, value=-1.0)
 
     @torch.no_grad()
-    def restart(self, member: int) -> None:
-        """Zero member's moments and step count: its next step is Adam's first from its current parameters."""
+    def restart(self, member: int | slice) -> None:
+        """Zero member's moments and step count (every member's for `slice(None)`): its next step is Adam's first
+        from its current parameters."""
         for p in self.params:
             self.exp_avg[p][member] = 0
             self.exp_avg_sq[p][member] = 0
         self.steps[member] = 0
 
     @torch.no_grad()
-    def reset_rows(self, params: list[Tensor], member: int, rows: Tensor) -> None:
-        """Zero the moments of `rows` (the component dimension) of `member` in each of `params`."""
+    def reset_rows(self, params: list[Tensor], member: int | slice, rows: Tensor) -> None:
+        """Zero the moments of `rows` (the component dimension) of `member` (or a slice of members) in each of
+        `params`."""
         for p in params:
             self.exp_avg[p][member, rows] = 0
             self.exp_avg_sq[p][member, rows] = 0

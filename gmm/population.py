@@ -9,7 +9,7 @@ At small sizes a step is bound by per-op overhead, not arithmetic (PERFORMANCE.m
 same-shaped mixtures costs about what one costs, so studies, restarts, seed reports and sweeps that fit many
 same-shaped models gain nearly a factor B.
 
-Each member follows the rules of `gmm.fit` (its module docstring) exactly, on its own: its own start from its
+Each member follows the rules of `gmm.fit` (gmm.fitting's module docstring) exactly, on its own: its own start from its
 own seed, standardized coordinates of its own data, Adam moments and step count, clamp floor, clamp events,
 collapse resets drawn with its own generator, recovery watch, best iterate, spike rollback with its own
 learning-rate halving, and `tol`. Member i's record equals the record of `gmm.fit` on `model.member(i)` with
@@ -36,56 +36,20 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from . import likelihood
-from .fit import (
-    _WORST_FRACTION,
-    ConvergenceWarning,
-    FitEvent,
-    FitOptions,
-    FitResult,
-    NonFiniteNLLError,
-    _intra_op_threads,
-    _progress_bar,
-    _Recovery,
-    _warnings,
-    lr_factor,
-    make_options,
-)
-from .init import base_covariance, initialize
-from .model import MixtureModel, check_batch_data, chunk_rows, parameter_tensors
-from .optim import PopulationAdam
+from .loop import make_start
+from .model import MixtureModel, check_batch_data, parameter_tensors
+from .options import PER_MEMBER, FitOptions, intra_op_threads, lr_factor, member_options, progress_bar
+from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError, fit_warnings
+from .recovery import Recovery, clamp_events, collapsed_components, copy_, reset_events, worst_rows
 from .standardize import Standardizer
+from .steps import PopulationStep
 from .validation import make_generator
 
-# options that may differ between members (a scalar for all, or a sequence of B values)
-PER_MEMBER = (
-    "mixture_lr",
-    "component_lr",
-    "clamp",
-    "seed",
-    "init",
-    "radius",
-    "reset",
-    "reset_min_mass",
-    "lr_schedule",
-    "tol",
-    "standardize",
-    "keep_best",
-    "spike_threshold",
-    "spike_rollback",
-)
-_UNSUPPORTED = {  # option: (value that is fine, what to do instead)
-    "batch_size": (None, "mini-batches are not batched yet: fit the members one by one (model.member(i).fit)"),
-    "gradients": ("autograd", "analytic gradients are not batched yet: use gradients='autograd'"),
-    "compile": (False, "compiled steps are not batched yet: drop compile=True"),
-    "quadratic": (None, "the quadratic path is not batched: drop quadratic=True"),
-    "n_init": (1, "a population already holds the starts: use one member per start (seed=[s, s + 1, ...])"),
-    "generator": (None, "pass per-member seeds (seed=[...]) instead of a generator"),
-}
+__all__ = ["PER_MEMBER", "PopulationResult", "fit_members", "fit_population", "start_population"]
 
 
 @dataclass(frozen=True)
@@ -121,36 +85,6 @@ class PopulationResult:
         return iter(self.members)
 
 
-def member_options(num_members: int, options: FitOptions | None, overrides: dict) -> list[FitOptions]:
-    """One validated FitOptions per member: `PER_MEMBER` overrides may be sequences of `num_members` values."""
-    per: dict[str, list] = {}
-    for name, value in overrides.items():
-        if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 1 or isinstance(value, (list, tuple)):
-            if name in _UNSUPPORTED:
-                raise ValueError(f"{name} is not supported for a batched model; {_UNSUPPORTED[name][1]}")
-            if name not in PER_MEMBER:
-                raise ValueError(
-                    f"{name} is shared by every member of a population; pass one value (options that may differ "
-                    f"per member: {', '.join(PER_MEMBER)})"
-                )
-            values = value.tolist() if isinstance(value, (Tensor, np.ndarray)) else list(value)
-            if len(values) != num_members:
-                raise ValueError(
-                    f"{name} has {len(values)} values but the model has {num_members} members; pass one or {num_members}"
-                )
-            per[name] = values
-    out = []
-    for i in range(num_members):
-        opts = make_options(options, **{**overrides, **{k: v[i] for k, v in per.items()}})
-        out.append(opts)
-    for name, (fine, fix) in _UNSUPPORTED.items():
-        value = getattr(out[0], name)
-        if value != fine and not (name == "quadratic" and value is False):  # False: the exact path, as batched
-            shown = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
-            raise ValueError(f"{name}={shown} is not supported for a batched model; {fix}")
-    return out
-
-
 def fit_population(model: MixtureModel, data, options: FitOptions | None = None, **overrides) -> PopulationResult:
     """Fit every member of a batched `model` (batch_shape (B,)) by one batched Adam loop; see the module docstring.
 
@@ -172,7 +106,7 @@ def fit_population(model: MixtureModel, data, options: FitOptions | None = None,
         model.to(device=opts[0].device, dtype=opts[0].dtype)
     x = check_batch_data(data, num_members, model.num_dims, model.dtype, model.device, min_samples=model.num_components)
     n, k, d = x.shape[1], model.num_components, model.num_dims
-    with _intra_op_threads(opts[0], num_members * n * k * d, x.device):
+    with intra_op_threads(opts[0], num_members * n * k * d, x.device):
         result = fit_members(model, x, opts)
     for i, member in enumerate(result.members):
         for message in member.warnings:
@@ -184,69 +118,6 @@ def fit_members(model: MixtureModel, x: Tensor, opts: list[FitOptions]) -> Popul
     """The population loop on checked data x (1 or B, N, D) with one FitOptions per member; no warnings issued
     (gmm.fit's restarts keep only the kept start's)."""
     return _Population(model, x, opts).run()
-
-
-# -- the batched step ---------------------------------------------------------------------------------------
-class PopulationStep:
-    """NLL + autograd + PopulationAdam for B members at once, chunked over N.
-
-    The loss is sum_b NLL_b: member b's gradient is the gradient of its own mean NLL, so Adam's update of each
-    member is the one it would get alone.
-    """
-
-    def __init__(self, model: MixtureModel, z: Tensor):
-        self.model = model
-        self.num_samples = z.shape[1]
-        trainable = [model.raw_cov] if model.family.trainable else []
-        self.optimizer = PopulationAdam([[model.logits], [model.locs, *trainable]], model.num_members)
-        self.params = self.optimizer.params
-        self.chunks = z.split(chunk_rows(model.num_components * model.num_members, model.num_dims), dim=1)
-        self.chunks_t = [c.transpose(1, 2).contiguous() for c in self.chunks]  # (B or 1, D, n): N innermost
-        self.scale = -1.0 / self.num_samples
-        self.logits_before = model.logits.detach().clone()
-        self._floor_view = model.family.floor_view(model.raw_cov.detach())
-
-    def nll(self) -> Tensor:
-        """(B,) float64 mean NLL of every member's current parameters, without gradients."""
-        m = self.model
-        with torch.no_grad():  # the step's own arithmetic: a member's value does not depend on B
-            cov = m.covariance()
-            parts = [likelihood.batched_mixture_nll(c, m.logits, m.locs, cov, self.scale) for c in self.chunks_t]
-        return parts[0].double() if len(parts) == 1 else sum(p.double() for p in parts)
-
-    def step(self, lr_mixture: Tensor, lr_component: Tensor) -> Tensor:
-        """(B,) NLLs of the parameters before the update; updates them with per-member learning rates."""
-        m = self.model
-        for p in self.params:
-            p.grad = None
-        values = None
-        for chunk in self.chunks_t:
-            per = likelihood.batched_mixture_nll(chunk, m.logits, m.locs, m.covariance(), self.scale)  # (B,)
-            per.sum().backward()
-            values = per.detach() if values is None else values.double() + per.detach()
-        self.logits_before.copy_(m.logits.detach())
-        self.optimizer.step([lr_mixture, lr_component])
-        return values
-
-    def clamp(self, floor: Tensor, clamp: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The variance floor after the update: None when no member was below it, else (clamped (B, K') bool,
-        smallest variance / floor (B, K')). `floor` is the raw floor (Family.raw_floor of `clamp`)."""
-        if not bool((self._floor_view < floor).any()):
-            return None
-        return self.model.family.clamp_(self.model.raw_cov, clamp)
-
-    def mass(self, member: int) -> Tensor:
-        """(K,) sum_n p(k | x_n) of `member` at the parameters of the last step, from the logit gradient."""
-        grad = self.model.logits.grad.detach()[member]
-        return (torch.softmax(self.logits_before[member], -1) - grad) * self.num_samples
-
-    def restart(self, member: int) -> None:
-        self.optimizer.restart(member)
-
-    def reset_moments(self, member: int, components: Tensor) -> None:
-        m = self.model
-        per_component = [m.logits, m.locs] + ([m.raw_cov] if m.family.trainable and not m.family.shared else [])
-        self.optimizer.reset_rows(per_component, member, components)
 
 
 # -- one member's bookkeeping -------------------------------------------------------------------------------
@@ -263,7 +134,7 @@ class _Member:
     clamp: float | Tensor  # the floor in z
     reset_raw: Tensor
     min_mass: float
-    recovery: _Recovery
+    recovery: Recovery
     history: list[float] = field(default_factory=list)
     events: list[FitEvent] = field(default_factory=list)
     best_nll: float = math.inf
@@ -302,30 +173,24 @@ class _Population:
         """Member i's start, coordinates and floors, exactly as gmm.fit makes them for one model."""
         opts, model = self.opts[i], self.model
         x = self.x[i if self.x.shape[0] > 1 else 0]
-        k, d = model.num_components, model.num_dims
         one = model.member(i)
         g = make_generator(opts.seed)
-        initialize(one, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
-        one.family.clamp_(one.raw_cov, opts.clamp)
-        coords = Standardizer.of(x, one, opts.standardize)
-        z = coords.data(x)
-        clamp = coords.clamp(opts.clamp)
-        reset_raw = one.family.from_covariances(base_covariance(x, k, opts.clamp).to(one.device, one.dtype).expand(k, d, d))
-        if not coords.identity and one.family.trainable:
-            one.family.rescale_(reset_raw, coords.scale)
-        coords.to_standard_(one)
-        one.family.clamp_(one.raw_cov, clamp)  # written into the batch once every member is set up (run)
-        min_mass = float(d + 1) if opts.reset_min_mass is None else opts.reset_min_mass
-        recovery = _Recovery(model.family, model.raw_cov.detach()[i], clamp, coords.log_det, member=i)
-        return _Member(i, opts, x, z, coords, g, clamp, reset_raw, min_mass, recovery), one
+        start = make_start(one, x, opts, g)
+        start.coords.to_standard_(one)
+        one.family.clamp_(one.raw_cov, start.clamp)  # written into the batch once every member is set up (run)
+        recovery = Recovery(model.family, model.raw_cov.detach()[i], start.clamp, start.coords.log_det, member=i)
+        member = _Member(
+            index=i, opts=opts, x=x, z=start.z, coords=start.coords, g=g, clamp=start.clamp, reset_raw=start.reset_raw,
+            min_mass=start.min_mass, recovery=recovery,
+        )  # fmt: skip
+        return member, one
 
-    def _floors(self, members: list[_Member]) -> tuple[Tensor, Tensor]:
-        """(B, 1, D) variance floors in z and their raw floors, broadcasting against the floored entries."""
+    def _floor(self, members: list[_Member]) -> Tensor:
+        """(B, 1, D) variance floors in z, broadcasting against the floored entries."""
         d = self.model.num_dims
-        clamp = torch.stack(
+        return torch.stack(
             [torch.as_tensor(m.clamp, dtype=self.model.dtype, device=self.model.device).expand(d) for m in members]
         ).unsqueeze(1)
-        return clamp, self.model.family.raw_floor(clamp)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> PopulationResult:
@@ -337,7 +202,7 @@ class _Population:
             model.set_member(i, one)
         same = all(m.z is self.members[0].z or torch.equal(m.z, self.members[0].z) for m in self.members)
         z = self.members[0].z[None] if same else torch.stack([m.z for m in self.members])
-        self.clamp, self.raw_floor = self._floors(self.members)
+        self.clamp = self._floor(self.members)
         self.init_time = time.perf_counter() - t0
         self.stepper = PopulationStep(model, z)
         self.z = z
@@ -350,7 +215,7 @@ class _Population:
         self.best = [p.clone() for p in self.params]
         self.cur, self.prev = 0, 1
         self.frozen: dict[int, list[Tensor]] = {}  # failed members' parameters
-        bar = _progress_bar(self.opts[0], self.total)
+        bar = progress_bar(self.opts[0], self.total)
         start = time.perf_counter()
         step = 0
         try:
@@ -383,7 +248,8 @@ class _Population:
         """Step `step` for every running member; False once none runs."""
         members = self.members
         self.cur, self.prev = self.prev, self.cur
-        torch._foreach_copy_(self.buffers[self.cur], self.params)  # theta_(step-1): the parameters this step scores
+        # theta_(step-1), the parameters this step scores; hot (every step): one dispatch (gmm.recovery.Iterates.save)
+        torch._foreach_copy_(self.buffers[self.cur], self.params)
         for m in members:
             if m.running:
                 m.recovery.look()
@@ -391,40 +257,13 @@ class _Population:
         values = self.stepper.step(*self._lrs()).tolist()
         for i, frozen in self.frozen.items():  # a failed member's gradient may be NaN: its parameters stay put
             self._restore(i, frozen)
-        improved = []
-        for m in members:
-            if not m.running:
-                continue
-            value = values[m.index]
-            if not math.isfinite(value):
-                self._restore(m.index, self.buffers[self.prev])  # theta_(step-2): the last finite one
-                m.failed = True
-                self.frozen[m.index] = [p.clone() for p in self.params]
-                m.error = NonFiniteNLLError(step - 1, value)
-                self._stop(m, str(m.error))
-                continue
-            m.history.append(value)
-            m.recovery.measured(step - 1, value, m.events)
-            if value < m.best_nll:
-                improved.append(m.index)
-                m.best_nll, m.best_step, m.has_best = value, step - 1, True
-            elif step >= 2 and value - m.history[-2] > _spikes(m.opts) and m.last_reset != step - 1:
-                self._on_spike(m, step - 1, m.history[-2], value)
+        improved = [m.index for m in members if m.running and self._track(m, step, values[m.index])]
         if improved:
             rows = torch.tensor(improved, device=self.model.device)
             for best, current in zip(self.best, self.buffers[self.cur], strict=True):
                 best[rows] = current[rows]
-        seen = [len(m.events) for m in members]
-        hit = self.stepper.clamp(self.raw_floor, self.clamp)
-        if hit is not None:
-            clamped, smallest = hit
-            for i in clamped.any(-1).nonzero()[:, 0].tolist():
-                m = members[i]
-                if m.running and self._on_clamp(m, step, clamped[i], smallest[i]):
-                    m.last_reset, m.best_nll, m.has_best = step, math.inf, False
+        self._clamp(step)
         for m in members:
-            if len(m.events) > seen[m.index]:
-                m.recovery.clamped(step, m.events[seen[m.index] :])
             tol = m.opts.tol
             if m.running and tol is not None and step >= 2 and abs(m.history[-1] - m.history[-2]) < tol:
                 m.converged = True
@@ -436,6 +275,40 @@ class _Population:
             if self.callback is not None:
                 self._show(step, [m.history[-1] if m.running else math.nan for m in members])
         return any(m.running for m in members)
+
+    def _track(self, m: _Member, step: int, value: float) -> bool:
+        """Member m's NLL at update `step` (of theta_(step-1)): a non-finite one stops it; else its history,
+        recovery watch, best iterate and spike rule. True when it is m's best so far."""
+        if not math.isfinite(value):
+            self._restore(m.index, self.buffers[self.prev])  # theta_(step-2): the last finite one
+            m.failed = True
+            self.frozen[m.index] = [p.clone() for p in self.params]
+            m.error = NonFiniteNLLError(step - 1, value)
+            self._stop(m, str(m.error))
+            return False
+        m.history.append(value)
+        m.recovery.measured(step - 1, value, m.events)
+        if value < m.best_nll:
+            m.best_nll, m.best_step, m.has_best = value, step - 1, True
+            return True
+        if step >= 2 and value - m.history[-2] > _spikes(m.opts) and m.last_reset != step - 1:
+            self._on_spike(m, step - 1, m.history[-2], value)
+        return False
+
+    def _clamp(self, step: int) -> None:
+        """The variance floor after update `step`: every member's clamp events, resets and recovery watches."""
+        members = self.members
+        seen = [len(m.events) for m in members]
+        hit = self.stepper.clamp(self.clamp)
+        if hit is not None:
+            clamped, smallest = hit
+            for i in clamped.any(-1).nonzero()[:, 0].tolist():
+                m = members[i]
+                if m.running and self._on_clamp(m, step, clamped[i], smallest[i]):
+                    m.last_reset, m.best_nll, m.has_best = step, math.inf, False
+        for m in members:
+            if len(m.events) > seen[m.index]:
+                m.recovery.clamped(step, m.events[seen[m.index] :])
 
     def _finish(self, step: int) -> None:
         """The exact NLL after the last update for every member that did not fail; keep_best; the last callback."""
@@ -487,38 +360,31 @@ class _Population:
             m.lr_scale *= 0.5
             m.rollbacks += 1
             jump += f"; rolled back to step {m.best_step} (NLL {m.best_nll + shift:.6g}), learning rates x{m.lr_scale:g}"
-        m.events.append(FitEvent(step, -1, "spike", jump, member=m.index))
+        m.events.append(FitEvent(step=step, component=-1, kind="spike", detail=jump, member=m.index))
 
     def _on_clamp(self, m: _Member, step: int, clamped: Tensor, smallest: Tensor) -> bool:
-        """Clamp events of member m's touched components and resets of its collapsed ones (gmm.fit._on_clamp)."""
+        """Clamp events of member m's touched components and resets of its collapsed ones (gmm.recovery.on_clamp)."""
         model, opts = self.model, m.opts
         shared = model.family.shared
-        for c in clamped.nonzero()[:, 0].tolist():
-            variance = float(smallest[c]) * opts.clamp
-            detail = f"variance {variance:.3g} raised to {opts.clamp:.3g}"
-            m.events.append(FitEvent(step, -1 if shared else c, "clamp", detail, member=m.index))
+        m.events += clamp_events(step, clamped, smallest, opts.clamp, shared, member=m.index)
         if not opts.reset:
             return False
-        mass = self.stepper.mass(m.index)
-        touched = clamped.expand(model.num_components) if shared else clamped
-        collapsed = (touched & (mass < m.min_mass)).nonzero()[:, 0].tolist()
+        mass = self.stepper.mass()[m.index]
+        collapsed = collapsed_components(clamped, mass, m.min_mass, shared)
         if not collapsed:
             return False
         rows = self._reset(m, collapsed)
-        self.stepper.reset_moments(m.index, torch.tensor(collapsed, device=model.device))
-        for c, row in zip(collapsed, rows, strict=True):
-            detail = f"mass {float(mass[c]):.3g} < {m.min_mass:.3g} on the floor; mean -> sample {row}"
-            m.events.append(FitEvent(step, c, "reset", detail, member=m.index))
+        self.stepper.reset_moments(torch.tensor(collapsed, device=model.device), m.index)
+        m.events += reset_events(step, collapsed, rows, mass, m.min_mass, member=m.index)
         return True
 
     @torch.no_grad()
     def _reset(self, m: _Member, components: list[int]) -> list[int]:
-        """gmm.fit._reset for member m: means to points drawn from its worst-explained 10%."""
+        """gmm.recovery.reset for member m: means to points drawn from its worst-explained 10%."""
         model, i, z = self.model, m.index, m.z
         cov = model.family.covariance(model.raw_cov[i : i + 1])
         lp = likelihood.batched_log_prob(z[None], model.logits[i : i + 1], model.locs[i : i + 1], cov)[0]
-        worst = lp.topk(max(len(components), math.ceil(_WORST_FRACTION * z.shape[0])), largest=False).indices
-        rows = worst[torch.randperm(worst.shape[0], generator=m.g)[: len(components)].to(worst.device)]
+        rows = worst_rows(lp, len(components), m.g)
         idx = torch.tensor(components, device=z.device)
         model.locs[i, idx] = z[rows]
         model.logits[i, idx] = model.logits[i].mean()
@@ -548,7 +414,7 @@ class _Population:
             shown = [v + m.shift for v, m in zip(nlls, self.members, strict=True)]
             stop = self.callback(step, shown, new)
         finally:
-            torch._foreach_copy_(self.params, saved)
+            copy_(self.params, saved)
         for i in stop or ():
             m = self.members[int(i)]
             if m.running:
@@ -568,19 +434,21 @@ class _Population:
                 final = last if m.coords.identity and m.kept_step == len(m.history) - 1 else one.nll(m.x)
                 kept[m.kept_step] = final  # computed on the data itself, after the map back
                 first = m.history[0] + m.shift
-                notes = _warnings(first, last, final, m.kept_step, m.rollbacks, m.lr_scale, m.opts, m.converged)
+                notes = fit_warnings(first, last, final, m.kept_step, m.rollbacks, m.lr_scale, m.opts, m.converged)
             elif len(kept):
                 final = float(kept[-1])
             result = FitResult(
-                kept, tuple(m.events), max(0, len(m.history) - 1), self.wall, self.init_time, 0.0, m.converged, final,
-                m.opts, finished, None, best_step=m.best_step,
+                nll_history=kept, events=tuple(m.events), num_iterations=max(0, len(m.history) - 1),
+                wall_time=self.wall, init_time=self.init_time, compile_time=0.0, converged=m.converged,
+                final_nll=final, options=m.opts, completed=finished, batch_size=None, best_step=m.best_step,
                 best_nll=float(kept[m.best_step]) if len(kept) > m.best_step else float("nan"),
                 warnings=notes, scale=m.coords.scale.detach().cpu(), seed=m.opts.seed, stop_reason=m.stop_reason,
             )  # fmt: skip
             one.fit_result_ = result
             self.model.set_member(m.index, one)
             results.append(result)
-        out = PopulationResult(tuple(results), self.wall, self.init_time, tuple(m.error for m in self.members))
+        errors = tuple(m.error for m in self.members)
+        out = PopulationResult(members=tuple(results), wall_time=self.wall, init_time=self.init_time, errors=errors)
         self.model.fit_result_ = out
         return out
 

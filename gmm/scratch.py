@@ -376,13 +376,15 @@ def _meta(t: Tensor) -> tuple:
 
 
 class ScratchStep:
-    """Step function of `gmm.fit` on hand-derived gradients; the interface of `gmm.fit.AutogradStep`.
+    """Step function of `gmm.fit` on hand-derived gradients; the `gmm.steps.Step` protocol, full batch only.
 
     The variance floor `clamp` (default `opts.clamp`; a float or (D,) per-axis floors) is applied inside
     `step`; `clamp` returns what it did.
     Attributes: `compile_time` (seconds; 0 when eager or when this configuration was already compiled in this
     process), `compiled` (whether the step runs compiled).
     """
+
+    batch_size = None  # full batch only (make_step refuses batch_size)
 
     def __init__(self, model, x: Tensor, opts, quadratic: bool = False, clamp: float | Tensor | None = None):
         self.model = model
@@ -475,15 +477,15 @@ class ScratchStep:
         self._last = (counts, clamped, smallest)
         return nll
 
-    def clamp(self, clamp: float) -> tuple[Tensor, Tensor]:
-        """(clamped (K',) bool, smallest variance (K',)) of the floor applied by the last step."""
+    def clamp(self, clamp: float | Tensor) -> tuple[Tensor, Tensor] | None:
+        """The fused floor's work in the last step (gmm.steps.Step.clamp); another `clamp` is applied by clamp_ too."""
         _, clamped, smallest = self._last
-        if clamp is not self.clamp_value and (isinstance(clamp, Tensor) or clamp != self.clamp_value):
-            # a different floor than the one fused into the step
+        floats = not isinstance(clamp, Tensor) and not isinstance(self.clamp_value, Tensor)
+        if clamp is not self.clamp_value and not (floats and clamp == self.clamp_value):  # (a tensor: clamp_ again)
             again = self.family.clamp_(self.model.raw_cov, clamp)
             if again is not None:
                 return clamped | again[0], torch.minimum(smallest, again[1])
-        return clamped, smallest
+        return (clamped, smallest) if bool(clamped.any()) else None
 
     def mass(self) -> Tensor:
         """(K,) responsibility mass sum_n p(k | x_n) at the parameters of the last step."""
@@ -492,7 +494,8 @@ class ScratchStep:
     @torch.no_grad()
     def restart(self) -> None:
         """Zero every moment and the step count: the next step is Adam's first from the current parameters."""
-        torch._foreach_zero_([*self.exp_avg, *self.exp_avg_sq])
+        for t in (*self.exp_avg, *self.exp_avg_sq):  # rare (spike rollbacks): a plain loop is fast enough
+            t.zero_()
         self.num_steps = 0
 
     @torch.no_grad()

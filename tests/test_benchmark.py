@@ -31,7 +31,7 @@ from experiments.datasets import (
     measure_collapse,
     relative_min_variance,
 )
-from gmm.fit import lr_factor
+from gmm.options import lr_factor
 
 ALL_COLLAPSE = [name for family in gmm.FAMILIES for name in collapse_datasets(family)]
 ALL_CONTROLS = [name for family in gmm.FAMILIES for name in control_datasets(family)]
@@ -72,7 +72,7 @@ def test_structural_collapse_datasets_collapse_under_the_protocol(name):
     assert all(step <= bound for step in measure.first_clamp)
 
 
-@pytest.mark.filterwarnings("ignore::gmm.fit.ConvergenceWarning")  # NLL spikes rolled back: part of running away
+@pytest.mark.filterwarnings("ignore::gmm.ConvergenceWarning")  # NLL spikes rolled back: part of running away
 @pytest.mark.parametrize("name", RUNS_AWAY)
 def test_the_other_collapse_datasets_run_away_under_the_protocol(name):
     # whole fits (no stop at the first runaway), so the margin below the criterion is measured too
@@ -83,7 +83,7 @@ def test_the_other_collapse_datasets_run_away_under_the_protocol(name):
     assert all(step < protocol.iterations for step in measure.first_runaway), measure
 
 
-@pytest.mark.filterwarnings("ignore::gmm.fit.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::gmm.ConvergenceWarning")
 def test_a_fit_can_stop_at_its_first_runaway():
     protocol = datasets.CollapseProtocol(seeds=(0,))
     whole = measure_collapse("full-subspace", protocol)

@@ -27,7 +27,7 @@ import torch
 
 import gmm
 from gmm import likelihood
-from gmm.fit import FitEvent
+from gmm.records import FitEvent
 
 NOT_SHARED = ["full", "diagonal", "isotropic"]  # per-component covariances: the reset applies to them
 CLAMP = 1e-4

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.config import ExperimentConfig, add_arguments, from_args
 from experiments.datasets import DATASETS
-from gmm.fit import make_options
+from gmm.options import make_options
 
 
 def parse(*argv: str) -> ExperimentConfig:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +14,8 @@ from sklearn.mixture import GaussianMixture
 
 import gmm
 from gmm.em import fit_em
-from gmm.fit import FitOptions, lr_factor, make_options, make_step
+from gmm.options import PER_MEMBER, FitOptions, lr_factor, make_options
+from gmm.steps import AutogradStep, PopulationStep, Step, make_step
 
 SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
 
@@ -192,6 +197,65 @@ def test_unknown_option_suggests():
     with pytest.raises(TypeError, match="did you mean 'num_iterations'"):
         make_options(num_iteration=10)
     assert make_options(FitOptions(clamp=1e-3)).clamp == 1e-3
+    x = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    for call in (lambda: gmm.GmmFull(2, 2).fit(x, num_iteration=10), lambda: gmm.fit(gmm.GmmFull(2, 2), x, clmap=1e-3)):
+        with pytest.raises(TypeError, match="did you mean '(num_iterations|clamp)'"):
+            call()
+
+
+def test_gmm_fit_is_the_function_and_every_module_imports_by_its_name():
+    assert inspect.isfunction(gmm.fit) and not Path(gmm.__file__).with_name("fit.py").exists()  # no module behind it
+    for name in ("fitting", "loop", "options", "records", "recovery", "steps", "population", "optim"):
+        importlib.import_module(f"gmm.{name}")
+
+
+@pytest.mark.parametrize("function", [gmm.fit, gmm.MixtureModel.fit], ids=["gmm.fit", "MixtureModel.fit"])
+def test_fit_signatures_list_every_option_with_the_default_of_fit_options(function):
+    """The keyword-only parameters are FitOptions' fields, in order, with its defaults: they cannot drift."""
+    keywords = [p for p in inspect.signature(function).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    fields = dataclasses.fields(FitOptions)
+    assert [p.name for p in keywords] == [f.name for f in fields]
+    for p, f in zip(keywords, fields, strict=True):
+        assert p.default is f.default or p.default == f.default, p.name
+    per_member = [p.name for p in keywords if str(p.annotation).startswith("PerMember")]
+    assert sorted(per_member) == sorted(PER_MEMBER)  # typed per member exactly where a population takes B values
+
+
+def test_options_override_only_where_given(demo_data):
+    x = demo_data["full"].data
+    model = gmm.GmmFull(5, 2)
+    model.fit(x, FitOptions(num_iterations=7, clamp=1e-3), component_lr=0.02)
+    opts = model.fit_result_.options
+    assert (opts.num_iterations, opts.clamp, opts.component_lr) == (7, 1e-3, 0.02)
+
+
+def _steps(x: torch.Tensor) -> list:
+    model = gmm.GmmFull(3, 2)
+    out = [make_step(model, x, make_options(), False), make_step(model, x, make_options(batch_size=10), False)]
+    out.append(make_step(gmm.GmmFull(3, 2), x, make_options(gradients="analytic"), False))
+    out.append(PopulationStep(gmm.make_model("full", 3, 2, batch_shape=(2,)), x[None]))
+    return out
+
+
+def test_every_step_follows_the_step_protocol():
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    steps = _steps(x)
+    assert all(isinstance(s, Step) for s in steps)
+    assert [s.batch_size for s in steps] == [None, 10, None, None]
+    assert isinstance(steps[0], AutogradStep) and isinstance(steps[1], AutogradStep)
+
+
+@pytest.mark.parametrize("gradients", ["autograd", "analytic"])
+def test_clamp_returns_none_when_nothing_is_below_the_floor_and_takes_a_new_floor(gradients):
+    x = torch.randn(40, 2, generator=torch.Generator().manual_seed(0))
+    model = gmm.GmmDiagonal(3, 2)
+    opts = make_options(gradients=gradients, clamp=1e-3)
+    stepper = make_step(model, x, opts, False)
+    stepper.step(1e-2, 1e-2)
+    assert stepper.clamp(opts.clamp) is None  # unit variances: far above the floor
+    clamped, smallest = stepper.clamp(torch.tensor([10.0, 10.0]))  # a new, higher floor: applied and reported
+    assert clamped.all() and bool((smallest < 1).all())
+    assert bool((model.covariances.diagonal(dim1=-2, dim2=-1) >= 10.0 * (1 - 1e-6)).all())
 
 
 @pytest.mark.parametrize(
@@ -227,6 +291,13 @@ def test_small_fits_run_in_one_thread_and_restore_the_setting():
         gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=20, log_freq=10, num_threads=2,
                 callback=lambda step, nll, ev: seen.append(torch.get_num_threads()))  # fmt: skip
         assert seen == [2, 2]
+
+        def interrupt(step, nll, ev):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):  # a fit that raises restores the setting too
+            gmm.fit(gmm.GmmFull(3, 2), mock.data, num_iterations=20, log_freq=10, callback=interrupt)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads"):

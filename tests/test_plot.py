@@ -14,7 +14,6 @@ from matplotlib.patches import Ellipse
 from sklearn.decomposition import PCA
 
 import gmm
-from gmm.fit import FitEvent
 from gmm.plot import (
     check_figure_path,
     component_colors,
@@ -23,6 +22,7 @@ from gmm.plot import (
     plot_nll_curve,
     save_figure,
 )
+from gmm.records import FitEvent
 
 MIN_PNG_BYTES = 10_000
 

@@ -1,4 +1,4 @@
-"""The clamp sweep (experiments.sweep*) and the "recovered" event it measures (gmm.fit._Recovery).
+"""The clamp sweep (experiments.sweep*) and the "recovered" event it measures (gmm.recovery.Recovery).
 
 Recovery is checked on built states: a component put on the floor by hand, then lifted off it, with NLL
 values chosen on either side of the margin, or on one to seven steps from a built state; never on where a
@@ -21,10 +21,12 @@ from mlflow.tracking import MlflowClient
 import gmm
 from experiments import datasets, sweep, sweep_outputs, sweep_plan
 from experiments.sweep_plan import NO_CLAMP, ROW_COLUMNS
-from gmm.fit import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN, FitEvent, _Recovery
+from gmm.records import FitEvent
+from gmm.recovery import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
+from gmm.recovery import Recovery as _Recovery
 
 CLAMP = 1e-3
-fit_module = importlib.import_module("gmm.fit")  # the module (gmm.fit is also the function)
+fit_module = importlib.import_module("gmm.recovery")  # where the recovery rule reads RECOVERY_MARGIN
 
 
 # -- recovery on built states ------------------------------------------------------------------------------

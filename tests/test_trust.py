@@ -13,7 +13,9 @@ from sklearn import datasets
 from sklearn.mixture import GaussianMixture
 
 import gmm
-from gmm.fit import ConvergenceWarning, make_options, start_seeds
+from gmm.fitting import start_seeds
+from gmm.options import make_options
+from gmm.records import ConvergenceWarning
 
 SK = {"full": "full", "tied": "tied", "diagonal": "diag", "isotropic": "spherical"}
 
