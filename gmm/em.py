@@ -41,7 +41,7 @@ from torch import Tensor
 from . import likelihood
 from .init import initialize
 from .model import MixtureModel, chunk_rows
-from .options import make_options
+from .options import FitOptions, make_options
 from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError
 from .validation import check_data, check_float, check_int, make_generator
 
