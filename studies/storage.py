@@ -30,6 +30,12 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+
+# Private Optuna API, needed: Optuna's public heartbeat machinery (`study.optimize`'s heartbeat thread and
+# `optuna.storages.fail_stale_trials`) works only on a storage that subclasses `_heartbeat.BaseHeartbeat` and
+# asks it `_get_stale_trial_ids(study_id)`; no public class or hook adds heartbeats to JournalStorage or
+# dead-process detection to RDBStorage. tests/test_studies.py::test_optuna_private_heartbeat_api fails with
+# a message naming these when an Optuna release changes them.
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -110,7 +116,9 @@ class _OwnedTrials:
                 continue
             owner_host, pid = owner.rsplit(":", 1)
             if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
-                dead[trial._trial_id] = f"worker process {pid} died while the trial was running"
+                dead[self.get_trial_id_from_study_id_trial_number(study_id, trial.number)] = (
+                    f"worker process {pid} died while the trial was running"
+                )
         return dead
 
     def _mark_stale(self, reasons: dict[int, str]) -> list[int]:
@@ -150,7 +158,7 @@ class HeartbeatJournalStorage(_OwnedTrials, JournalStorage, BaseHeartbeat):
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # failed as stale by another process meanwhile: nothing left to keep alive
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's private hook (see the imports)
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
         now = time.time()
         reasons = self._dead_owner_trial_ids(study_id)
@@ -158,8 +166,9 @@ class HeartbeatJournalStorage(_OwnedTrials, JournalStorage, BaseHeartbeat):
             beat = trial.system_attrs.get(BEAT_KEY)
             if beat is None and trial.datetime_start is not None:
                 beat = trial.datetime_start.timestamp()  # killed before its first heartbeat
-            if beat is not None and now - beat > grace and trial._trial_id not in reasons:
-                reasons[trial._trial_id] = f"no heartbeat for {now - beat:.0f} s (grace period {grace} s)"
+            if beat is not None and now - beat > grace:
+                tid = self.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                reasons.setdefault(tid, f"no heartbeat for {now - beat:.0f} s (grace period {grace} s)")
         return self._mark_stale(reasons)
 
 
@@ -173,11 +182,17 @@ class HeartbeatRDBStorage(_OwnedTrials, RDBStorage):
             return
         super().record_heartbeat(trial_id)
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's private hook (see the imports)
         reasons = self._dead_owner_trial_ids(study_id)
-        for trial_id in super()._get_stale_trial_ids(study_id):
-            reasons.setdefault(trial_id, f"no heartbeat within the grace period ({self.grace_period} s)")
+        for tid in super()._get_stale_trial_ids(study_id):
+            reasons.setdefault(tid, f"no heartbeat within the grace period ({self.grace_period} s)")
         return self._mark_stale(reasons)
+
+
+def trial_id(storage: BaseStorage, trial: optuna.Trial) -> int:
+    """The storage's id of `trial` (what `record_heartbeat` and the other storage calls take), by public calls."""
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
 
 
 def open_storage(

@@ -25,6 +25,7 @@ from studies.storage import (
     HeartbeatRDBStorage,
     fail_stale_trials,
     open_storage,
+    trial_id,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,13 +133,12 @@ def test_stale_trials_of_dead_or_silent_workers_fail(tmp_path, kind):
     study = optuna.create_study(study_name="s", storage=storage)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer exists (reaped)
-    trials = [study.ask() for _ in range(3)]
-    backend = storage
-    backend.set_trial_system_attr(trials[0]._trial_id, OWNER_KEY, f"{os.uname().nodename}:{dead.pid}")
-    backend.record_heartbeat(trials[1]._trial_id)  # this live process: not stale
+    ids = [trial_id(storage, study.ask()) for _ in range(3)]
+    storage.set_trial_system_attr(ids[0], OWNER_KEY, f"{os.uname().nodename}:{dead.pid}")
+    storage.record_heartbeat(ids[1])  # this live process: not stale
     if kind == "journal":  # another host, silent for longer than the grace period
-        backend.set_trial_system_attr(trials[2]._trial_id, OWNER_KEY, "elsewhere:1")
-        backend.set_trial_system_attr(trials[2]._trial_id, BEAT_KEY, time.time() - 100)
+        storage.set_trial_system_attr(ids[2], OWNER_KEY, "elsewhere:1")
+        storage.set_trial_system_attr(ids[2], BEAT_KEY, time.time() - 100)
     fail_stale_trials(study)
     states = {t.number: t for t in study.get_trials()}
     assert states[0].state == optuna.trial.TrialState.FAIL
@@ -147,6 +147,32 @@ def test_stale_trials_of_dead_or_silent_workers_fail(tmp_path, kind):
     if kind == "journal":
         assert states[2].state == optuna.trial.TrialState.FAIL
         assert "no heartbeat" in states[2].user_attrs["fail_reason"]
+
+
+def test_optuna_private_heartbeat_api():
+    """studies.storage subclasses Optuna's private `optuna.storages._heartbeat.BaseHeartbeat` and overrides its
+    `_get_stale_trial_ids` (no public API adds heartbeats to a storage): say so loudly when Optuna changes them."""
+    import inspect
+
+    try:
+        from optuna.storages._heartbeat import BaseHeartbeat
+        from optuna.storages._heartbeat import fail_stale_trials as optuna_fail_stale_trials
+    except ImportError as err:
+        pytest.fail(
+            f"Optuna {optuna.__version__} moved or removed optuna.storages._heartbeat.BaseHeartbeat ({err}); "
+            "studies/storage.py subclasses it to give JournalStorage heartbeats: port HeartbeatJournalStorage"
+        )
+    hooks = {"record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+    assert BaseHeartbeat.__abstractmethods__ == hooks, (
+        f"Optuna {optuna.__version__} changed the abstract methods of optuna.storages._heartbeat.BaseHeartbeat "
+        f"to {sorted(BaseHeartbeat.__abstractmethods__)}; studies/storage.py implements {sorted(hooks)}: port it"
+    )
+    assert "_get_stale_trial_ids" in inspect.getsource(optuna_fail_stale_trials), (
+        f"Optuna {optuna.__version__}'s fail_stale_trials no longer calls BaseHeartbeat._get_stale_trial_ids, which "
+        "studies/storage.py overrides to fail dead workers' trials: port HeartbeatJournalStorage/HeartbeatRDBStorage"
+    )
+    assert optuna.storages.fail_stale_trials is optuna_fail_stale_trials
+    assert issubclass(HeartbeatJournalStorage, BaseHeartbeat) and issubclass(HeartbeatRDBStorage, BaseHeartbeat)
 
 
 # -- command line: bad input --------------------------------------------------------------------------------
@@ -210,7 +236,7 @@ def _finished(study: optuna.Study, values: dict[int, float], state=optuna.trial.
 
 
 def test_margin_pruner_compares_trials_at_the_same_step_and_ignores_small_differences():
-    from studies.run import MarginPruner
+    from studies.sampling import MarginPruner
 
     study = optuna.create_study(pruner=MarginPruner(margin=0.05, min_trials=3, warmup_steps=2))
     for offset in (0.0, 0.01, 0.02):
@@ -225,7 +251,7 @@ def test_margin_pruner_compares_trials_at_the_same_step_and_ignores_small_differ
 
 
 def test_trials_csv_keeps_pruned_values_apart_as_partial():
-    from studies.run import trials_csv
+    from studies.artifacts import trials_csv
 
     study = optuna.create_study()
     _finished(study, {1: 3.0, 2: 2.5})
