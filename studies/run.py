@@ -247,8 +247,11 @@ def _settings_for(args: argparse.Namespace, family: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from experiments.tracking import configure_mlflow
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_mlflow()
     configure_logging(args.verbose)
     if args.progress is None and not sys.stderr.isatty():
         logging.getLogger("studies").setLevel(logging.INFO)  # no bar: one line per trial instead

@@ -160,7 +160,7 @@ def _heartbeats(storage, trials: list, interval: int) -> Iterator[None]:
 
 
 def worker_main(job: WorkerJob) -> None:
-    """Entry point of a spawned worker process."""
+    """Entry point of a spawned worker process (it inherits the parent's environment: MLflow telemetry is off)."""
     configure_logging(job.verbose)
     try:
         optimize(job)

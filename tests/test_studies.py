@@ -263,3 +263,32 @@ def test_trials_csv_keeps_pruned_values_apart_as_partial():
     assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED"]
     assert float(rows[0]["value"]) == 2.5 and rows[0]["partial_value"] == ""
     assert rows[1]["value"] == "" and float(rows[1]["partial_value"]) == 1.0
+
+
+# -- process-wide state ------------------------------------------------------------------------------------
+def test_imports_change_no_process_state_and_get_client_turns_telemetry_off(tmp_path):
+    """Importing the tracking and study modules sets no environment variable, warning filter or logger level;
+    the first get_client turns MLflow telemetry off (MLflow reads the variable at import and before each report)
+    and restores the logger levels it lowered while the store opened."""
+    code = f"""
+import logging, os, warnings
+theirs = lambda: {{k: v for k, v in os.environ.items() if not k.startswith("_MLFLOW_TELEMETRY")}}  # MLflow's own
+import mlflow  # sets levels and variables of its own at import
+env = theirs()
+levels = {{n: logging.getLogger(n).level for n in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")}}
+ours = lambda: [f for f in warnings.filters if f[1] is not None and "noload" in f[1].pattern]
+import experiments.tracking, experiments.stores, studies.run, studies.worker
+assert theirs() == env, set(theirs()) ^ set(env)
+assert not ours() and {{n: logging.getLogger(n).level for n in levels}} == levels
+from mlflow.telemetry import get_telemetry_client
+experiments.tracking.get_client("sqlite:///{tmp_path / "m.db"}")
+assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and get_telemetry_client() is None
+assert "_MLFLOW_TELEMETRY_SESSION_ID" not in os.environ  # the client MLflow made at import is gone
+assert not ours() and {{n: logging.getLogger(n).level for n in levels}} == levels
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "Creating initial MLflow database tables" not in proc.stderr and "noload" not in proc.stderr, proc.stderr
