@@ -435,7 +435,7 @@ def environment() -> dict[str, Any]:
     """Versions, platform and git state, as the manifest records them."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .tracking import _static_tags
+    from .tracking import static_tags as _static_tags
 
     versions = {"python": platform.python_version()}
     for package in ("torch", "numpy", "pandas", "scipy", "matplotlib", "mlflow"):

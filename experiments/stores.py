@@ -119,6 +119,7 @@ def _move_away(db: Path, why: str) -> str:
     return f"move it away (mv {db} {db}.{why}) and rerun to start a new store, or give another --tracking-uri"
 
 
+# one check after the other, in the order a broken store shows itself, each with its own fix: one list to read
 def check_sqlite(db: Path) -> bool:
     """Raise StoreError unless `db` is absent/empty (returns False: to be created) or a complete, writable
     MLflow store (returns True)."""

@@ -227,7 +227,8 @@ def _git(*args: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _static_tags() -> dict[str, str]:
+def static_tags() -> dict[str, str]:
+    """The tags every run of this process gets: git commit and dirty state, versions, platform, user (cached)."""
     import torch
 
     commit = _git("rev-parse", "HEAD")
@@ -260,7 +261,7 @@ def repro_tags() -> dict[str, str]:
     """
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     return {
-        **_static_tags(),
+        **static_tags(),
         "command": redact(shlex.join(argv))[:_MAX_TAG_CHARS],
         "mlflow.source.name": sys.argv[0] or "-",
     }

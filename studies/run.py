@@ -49,9 +49,9 @@ from gmm.validation import suggest
 from . import STUDY_VERSION
 from .logs import configure_logging
 from .sampling import PRUNERS
-from .storage import PROJECT_ROOT, open_storage
+from .storage import open_storage
 from .study import run_study
-from .summary import fit_best_hint, format_table
+from .summary import BEST_DIR, fit_best_hint, format_table
 
 DEFAULT_TRIALS = 40
 DEFAULT_BATCH = 8  # trials per population (--batch); see the README's study timings for the measurement
@@ -59,7 +59,6 @@ DEFAULT_ITERATIONS = 1000
 DEFAULT_EVAL_EVERY = 50
 DEFAULT_TIMEOUT = 480.0  # seconds per family: with start-up and the closing plots, one family stays under 10 minutes
 DEFAULT_STUDY = "{family}-" + STUDY_VERSION
-BEST_DIR = PROJECT_ROOT / "studies" / "best"
 SETTINGS_OPTIONS = ("iterations", "eval_every", "seed", "space", "datasets", "data")  # a worker takes the study's
 
 

@@ -195,6 +195,26 @@ def trial_id(storage: BaseStorage, trial: optuna.Trial) -> int:
     return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
 
 
+def _open_journal(url: str, path: Path, heartbeat_interval: int, grace_period: int, stale_callback) -> BaseStorage:
+    """The journal-file storage at `path` (`url` names it in messages); ValueError as `open_storage` says."""
+    if not path.parent.is_dir():
+        raise ValueError(f"storage {url!r}: folder {str(path.parent)!r} does not exist; create it or fix the path")
+    try:
+        backend = JournalFileBackend(str(path))
+    except OSError as e:
+        raise ValueError(
+            f"storage {url!r}: cannot open the journal file: {e.strerror or e}; check its permissions and "
+            "those of its folder, or give another --storage"
+        ) from None
+    try:  # replays the whole journal: a corrupt record fails here, not mid-study
+        return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, stale_callback)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(
+            f"study journal {str(path)!r} is corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            f"restore it from a backup, or move it away (mv {path} {path}.corrupt) to start a new one"
+        ) from None
+
+
 def open_storage(
     url: str | None = None,
     *,
@@ -210,22 +230,7 @@ def open_storage(
     url = resolve_storage_url(url)
     path = journal_path(url)
     if path is not None:
-        if not path.parent.is_dir():
-            raise ValueError(f"storage {url!r}: folder {str(path.parent)!r} does not exist; create it or fix the path")
-        try:
-            backend = JournalFileBackend(str(path))
-        except OSError as e:
-            raise ValueError(
-                f"storage {url!r}: cannot open the journal file: {e.strerror or e}; check its permissions and "
-                "those of its folder, or give another --storage"
-            ) from None
-        try:  # replays the whole journal: a corrupt record fails here, not mid-study
-            return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, stale_callback)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise ValueError(
-                f"study journal {str(path)!r} is corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                f"restore it from a backup, or move it away (mv {path} {path}.corrupt) to start a new one"
-            ) from None
+        return _open_journal(url, path, heartbeat_interval, grace_period, stale_callback)
     if "://" not in url:
         raise ValueError(
             f"unknown storage {redact(url)!r}; use a journal file (PATH.log or journal:PATH), sqlite:///FILE.db, "

@@ -10,7 +10,11 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from .storage import PROJECT_ROOT
+
 log = logging.getLogger(__name__)
+
+BEST_DIR = PROJECT_ROOT / "studies" / "best"  # where studies.run writes <study>.json
 
 
 @dataclass(frozen=True)
