@@ -79,12 +79,9 @@ def trials_csv(study: optuna.Study) -> str:
 
 def plot_nll_vs_clamp(study: optuna.Study):
     """Validation NLL (the objective) against clamp of the complete trials, colored by component_lr; None
-    when fewer than two complete trials searched clamp."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    when fewer than two complete trials searched clamp. A Figure without pyplot (no backend, no global state)."""
     from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
 
     trials = [
         t
@@ -93,7 +90,8 @@ def plot_nll_vs_clamp(study: optuna.Study):
     ]
     if len(trials) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     lrs = [t.params.get("component_lr", float("nan")) for t in trials]
     points = ax.scatter(
         [t.params["clamp"] for t in trials],
@@ -111,10 +109,8 @@ def plot_nll_vs_clamp(study: optuna.Study):
 
 
 def study_figures(study: optuna.Study):
-    """(name, matplotlib Figure) for each of Optuna's plots the study has enough trials for."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """(name, matplotlib Figure) for each of Optuna's plots the study has enough trials for. Optuna draws
+    with pyplot, in its current backend: the study command selects Agg (off-screen) at its start."""
     from optuna.visualization import matplotlib as vm
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_mlflow()
     configure_logging(args.verbose)
+    if args.plots:  # Optuna's plots draw with pyplot: off-screen, whatever display the session has
+        import matplotlib
+
+        matplotlib.use("Agg")
     if args.progress is None and not sys.stderr.isatty():
         logging.getLogger("studies").setLevel(logging.INFO)  # no bar: one line per trial instead
     try:
