@@ -14,7 +14,7 @@ fails a RUNNING trial whose worker is a dead process on this host, or whose hear
 `grace_period` seconds (a worker on another host). Optuna 5's JournalStorage has no heartbeat of its own, so
 `HeartbeatJournalStorage` adds one (timestamps in trial system attributes).
 
-`retry_stale_trial` (run by the studies.run stale-trial handler with `--retries N`) puts a failed stale trial
+`retry_stale_trial` (run by studies.stale.StaleTrialHandler with `--retries N`) puts a failed stale trial
 back in the queue as a WAITING copy of its parameters, which the next free worker of any host picks up.
 """
 
