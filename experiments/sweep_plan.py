@@ -47,9 +47,9 @@ import torch
 import gmm
 from gmm.fit import RECOVERY_FLOOR_FACTOR
 
+from .collapse import COLLAPSE_PROTOCOL
 from .config import read_mapping_file
 from .datasets import (
-    COLLAPSE_PROTOCOL,
     Dataset,
     collapse_datasets,
     control_datasets,
