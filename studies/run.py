@@ -246,6 +246,8 @@ def _settings_for(args: argparse.Namespace, family: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command (see the module docstring); returns its exit status. Sets up the process first: MLflow
+    (experiments.tracking.configure_mlflow), logging, the plots' backend."""
     from experiments.tracking import configure_mlflow
 
     parser = build_parser()
