@@ -35,7 +35,8 @@ import torch
 import gmm
 from gmm.validation import check_choice, check_float, check_int, suggest
 
-from .datasets import PERTURBATIONS, DataSpec, get_spec
+from .datasets import DataSpec, check_generated, get_spec
+from .mapping_files import read_mapping_file  # re-exported: studies.space and the sweep plans read theirs
 
 if TYPE_CHECKING:
     from .userdata import FileSpec
@@ -100,20 +101,20 @@ class ExperimentConfig:
     log_model: bool = True  # log the fitted state_dict + config, for experiments.load_model(run_id)
 
     def __post_init__(self):
+        self._check_values()
+        self._check_data_source()
+
+    def _check_values(self) -> None:
+        """Each field on its own: its type and range (ValueError / TypeError naming it)."""
         if self.dataset is not None:
             get_spec(self.dataset)  # ValueError with close names
         check_int(self.samples, "samples", minimum=1)
         check_int(self.components, "components", minimum=1)
         check_int(self.dims, "dims", minimum=1)
-        check_float(self.radius, "radius", positive=True)
         if self.data_family is not None:
             check_choice(self.data_family, gmm.FAMILIES, "data_family")
         check_int(self.data_seed, "data_seed", minimum=0)
-        if self.perturbation is not None:
-            check_choice(self.perturbation, PERTURBATIONS, "perturbation")
-        vf = check_float(self.val_fraction, "val_fraction", nonnegative=True)
-        if vf >= 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1); got {vf}. Use e.g. 0.2 to hold out 20%")
+        check_generated(self.radius, self.perturbation, self.val_fraction)
         check_choice(self.family, gmm.FAMILIES, "family")
         if self.num_components is not None:
             check_int(self.num_components, "num_components", minimum=1)
@@ -148,6 +149,9 @@ class ExperimentConfig:
         check_float(self.em_tol, "em_tol", nonnegative=True)
         for name in ("compile", "em", "log_figures", "log_model", "standardize"):
             _check_bool(getattr(self, name), name)
+
+    def _check_data_source(self) -> None:
+        """The data fields together: a named dataset, a data file or generated data, and a model K they allow."""
         if self.dataset is not None:
             clash = [name for name in _DATA_FIELDS if getattr(self, name) != _DATA_DEFAULTS[name]]
             if self.data_file is not None:
@@ -225,34 +229,11 @@ class ExperimentConfig:
 
     def fit_options(self) -> dict[str, Any]:
         """Keyword options of `model.fit` / `gmm.fit` (callback and log_freq are the runner's to add)."""
-        return {
-            "num_iterations": self.iterations,
-            "mixture_lr": self.mixture_lr,
-            "component_lr": self.component_lr,
-            "clamp": self.clamp,
-            "init": self.init,
-            "radius": self.init_radius,
-            "reset": self.reset,
-            "reset_min_mass": self.reset_min_mass,
-            "lr_schedule": self.lr_schedule,
-            "seed": self.seed,
-            "tol": self.tol,
-            "gradients": self.gradients,
-            "compile": self.compile,
-            "device": self.device,
-            "dtype": self.torch_dtype,
-        }
+        return {option: getattr(self, name) for option, name in _FIT_OPTIONS.items()}
 
     def em_options(self) -> dict[str, Any]:
         """Keyword options of `gmm.em.fit_em`: the same start (init, seed, clamp) as the gradient fit."""
-        return {
-            "max_iter": self.em_iterations,
-            "tol": self.em_tol,
-            "clamp": self.clamp,
-            "init": self.init,
-            "seed": self.seed,
-            "radius": self.init_radius,
-        }
+        return {option: getattr(self, name) for option, name in _EM_OPTIONS.items()}
 
     # -- conversions ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -341,6 +322,33 @@ class ExperimentConfig:
         return path
 
 
+# option of gmm's fit -> the field (or property) that holds it
+_FIT_OPTIONS = {
+    "num_iterations": "iterations",
+    "mixture_lr": "mixture_lr",
+    "component_lr": "component_lr",
+    "clamp": "clamp",
+    "init": "init",
+    "radius": "init_radius",
+    "reset": "reset",
+    "reset_min_mass": "reset_min_mass",
+    "lr_schedule": "lr_schedule",
+    "seed": "seed",
+    "tol": "tol",
+    "gradients": "gradients",
+    "compile": "compile",
+    "device": "device",
+    "dtype": "torch_dtype",
+}
+# option of gmm.em.fit_em -> the field that holds it
+_EM_OPTIONS = {
+    "max_iter": "em_iterations",
+    "tol": "em_tol",
+    "clamp": "clamp",
+    "init": "init",
+    "seed": "seed",
+    "radius": "init_radius",
+}
 _DATA_FIELDS = ("samples", "components", "dims", "radius", "data_family", "data_seed", "perturbation")
 _GENERATION_FIELDS = ("samples", "dims", "radius", "data_family", "perturbation")  # meaningless for a data file
 _DATA_DEFAULTS = {f.name: f.default for f in fields(ExperimentConfig) if f.name in _DATA_FIELDS}
@@ -487,33 +495,3 @@ def _check_device_available(device: torch.device) -> None:
             f"device {str(device)!r} is not available in this torch build ({torch.__version__}); use device 'cpu'"
             + (" or install a CUDA build of torch" if device.type == "cuda" else "")
         )
-
-
-def read_mapping_file(path: str | Path, what: str, shape: str) -> dict:
-    """The mapping held by a YAML (or, by its .json suffix, JSON) file; an empty file gives {}.
-
-    Raises ValueError naming `what` and the file when it cannot be read, does not parse, or holds something
-    other than a mapping (`shape` says what it must hold, e.g. "hold a mapping of field: value").
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as err:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}") from None
-    except Exception as err:  # yaml.YAMLError and its subclasses
-        first = " ".join(str(err).split())
-        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {first}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {str(path)!r} must {shape}; got a {type(data).__name__}")
-    return data

@@ -14,7 +14,7 @@ def environment() -> dict[str, Any]:
     """Versions, platform and git state, as the manifest records them."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .tracking import _static_tags
+    from .tracking import static_tags
 
     versions = {"python": platform.python_version()}
     for package in ("torch", "numpy", "pandas", "scipy", "matplotlib", "mlflow"):
@@ -24,7 +24,7 @@ def environment() -> dict[str, Any]:
             versions[package] = "unknown"
     versions["torch"] = torch.__version__
     versions["numpy"] = np.__version__
-    static = _static_tags()
+    static = static_tags()
     dirty = static.get("git.dirty", "unknown")
     return {
         "git": {"commit": static.get("git.commit", "unknown"), "dirty": {"true": True, "false": False}.get(dirty)},

@@ -19,8 +19,7 @@
    `stop_reason` saying why.
 
 MLflow's own HTTP retries (7 tries with back-off, 120 s timeouts: minutes against a dead server) are bounded
-for the process when a remote store is opened (MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT, unless set), so a
-server that drops out during a long run gets a few tries and then a clear error.
+by experiments.tracking.configure_mlflow, not here: this module sets nothing process-wide.
 """
 
 from __future__ import annotations
@@ -41,8 +40,6 @@ from .redact import redact
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 5.0  # seconds a tracking server or database gets to answer the first check
-HTTP_RETRIES = "3"  # MLflow's HTTP retries during a run (its default 7 with back-off takes minutes)
-HTTP_TIMEOUT = "20"  # seconds per MLflow HTTP request during a run (default 120)
 HEARTBEAT_SECONDS = 15.0  # an open run refreshes its heartbeat tag this often
 STALE_SECONDS = 600.0  # a RUNNING run of another host without a heartbeat this long is ended KILLED
 HOST_TAG, PID_TAG, BEAT_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.time"
@@ -104,8 +101,6 @@ def check_server(uri: str, timeout: float = CHECK_TIMEOUT) -> None:
             f"{shown} answered HTTP {response.status_code} to /health: it is not an MLflow tracking server "
             "(mlflow server) or the URI's path is wrong; check --tracking-uri"
         )
-    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES), ("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT)):
-        os.environ.setdefault(name, value)
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,6 +119,7 @@ def _move_away(db: Path, why: str) -> str:
     return f"move it away (mv {db} {db}.{why}) and rerun to start a new store, or give another --tracking-uri"
 
 
+# one check after the other, in the order a broken store shows itself, each with its own fix: one list to read
 def check_sqlite(db: Path) -> bool:
     """Raise StoreError unless `db` is absent/empty (returns False: to be created) or a complete, writable
     MLflow store (returns True)."""
@@ -200,24 +196,20 @@ def check_store(uri: str) -> bool:
 # -- 2. creation ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _folder_lock(db: Path) -> Iterator[None]:
-    """An exclusive lock on the store's folder while a new store may be created.
+    """An exclusive cross-process lock on the store's folder while a new store may be created.
 
-    flock on the folder itself: no lock file is left next to the store (filelock's lock file where flock is
-    missing, e.g. on Windows).
+    filelock's lock on the folder's own descriptor (flock): no lock file is left next to the store. Where a
+    folder cannot be locked that way (Windows, filelock < 3.30), a FileLock on `.<store>.lock` beside it.
     """
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is None:
-        from filelock import FileLock
+    import filelock
 
-        with FileLock(str(db.parent / f".{db.name}.lock")):
+    if os.name == "nt" or not hasattr(filelock, "lock_descriptor"):
+        with filelock.FileLock(str(db.parent / f".{db.name}.lock")):
             yield
         return
     fd = os.open(db.parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        filelock.lock_descriptor(fd)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -47,9 +47,9 @@ import torch
 import gmm
 from gmm.recovery import RECOVERY_FLOOR_FACTOR
 
+from .collapse import COLLAPSE_PROTOCOL
 from .config import read_mapping_file
 from .datasets import (
-    COLLAPSE_PROTOCOL,
     Dataset,
     collapse_datasets,
     control_datasets,
@@ -156,7 +156,7 @@ def clamp_grid(family: str, num_clamps: int = 10, space_file: str | Path | None 
 class SweepSettings:
     """The fit options every cell shares (recorded in the manifest).
 
-    The learning rates of the collapse benchmark's protocol (experiments.datasets.COLLAPSE_PROTOCOL):
+    The learning rates of the collapse benchmark's protocol (experiments.collapse.COLLAPSE_PROTOCOL):
     component_lr 0.1 rather than the runner's 1e-2, at which a log variance moves by at most ~0.01 per Adam
     step, too slow to reach the floor in a few hundred steps. 300 steps (the protocol has 1000): the
     structural collapse datasets of `full` reach the lowest clamp (1e-8) by step ~110, those of diagonal and

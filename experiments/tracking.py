@@ -16,9 +16,11 @@ Metrics go through `MlflowClient.log_batch`, at most 1000 per call (the store's 
 writes about 4,000-5,000 metric values per second, so the runner keeps curves to a few hundred points by
 default (see experiments.config `log_every`).
 
-MLflow is imported only here and in experiments.run (never in gmm/). Telemetry is turned off (no network),
-and the store's INFO chatter ("Creating initial MLflow database tables...") and a SQLAlchemy deprecation
-warning raised inside MLflow's own models are silenced; everything else MLflow says is left alone.
+MLflow is imported only here and in experiments.run (never in gmm/). Importing this module changes nothing
+in the process. `configure_mlflow()` (called by the command-line entry points and by the first `get_client`)
+turns MLflow's telemetry off (no network) and bounds its HTTP retries; while `get_client` opens a store, the
+store's INFO chatter ("Creating initial MLflow database tables...") and a SQLAlchemy deprecation warning
+raised inside MLflow's own models are silenced, and restored after; everything else MLflow says is left alone.
 """
 
 from __future__ import annotations
@@ -42,19 +44,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports: runs are often offline
-warnings.filterwarnings("ignore", message=r".*``noload`` loader strategy is deprecated.*")
-for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+import mlflow
+import numpy as np
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-import mlflow  # noqa: E402  (after the environment and logging setup above)
-import numpy as np  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from .redact import redact, redact_mapping  # noqa: E402
-from .stores import (  # noqa: E402
+from .redact import redact, redact_mapping
+from .stores import (
     BEAT_TAG,
     HEARTBEAT_SECONDS,
     StoreError,  # noqa: F401  (re-exported: what get_client raises)
@@ -114,6 +111,50 @@ def add_tracking_arguments(parser, experiment: str) -> None:
     parser.add_argument("--experiment", default=experiment, help=f"MLflow experiment [default: {experiment}]")
 
 
+HTTP_RETRIES = "3"  # MLflow's HTTP retries during a run (its default 7 with back-off takes minutes)
+HTTP_TIMEOUT = "20"  # seconds per MLflow HTTP request during a run (default 120)
+_STORE_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")  # INFO while a store opens
+
+
+def configure_mlflow() -> None:
+    """Process-wide MLflow settings of this project's commands, each unless its variable is set already:
+
+    - $MLFLOW_DISABLE_TELEMETRY=true: no usage reports (runs are often offline). MLflow reads it when it is
+      imported, to make its telemetry client, and before each report; `set_telemetry_client` makes it read
+      the variable again, which drops a client made at import before any report was sent.
+    - $MLFLOW_HTTP_REQUEST_MAX_RETRIES / _TIMEOUT (HTTP_RETRIES, HTTP_TIMEOUT): a tracking server that drops
+      out during a long run gets a few tries and then a clear error, not minutes of back-off.
+
+    Called by the command-line entry points at their start and by the first `get_client` (every tracked
+    command opens its store through it); idempotent.
+    """
+    from mlflow.telemetry import set_telemetry_client
+
+    if "MLFLOW_DISABLE_TELEMETRY" not in os.environ:
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        set_telemetry_client()
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES), ("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT)):
+        os.environ.setdefault(name, value)
+
+
+@contextmanager
+def _quiet_store_opening() -> Iterator[None]:
+    """The block without MLflow's and Alembic's INFO lines of a store's creation or upgrade, nor the SQLAlchemy
+    deprecation warning MLflow's models raise when they are first mapped; logger levels and warning filters
+    are restored after."""
+    loggers = [logging.getLogger(name) for name in _STORE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*``noload`` loader strategy is deprecated.*")
+        for logger in loggers:
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
 @functools.lru_cache(maxsize=16)
 def get_client(uri: str) -> MlflowClient:
     """One MlflowClient per URI and process, for a store checked, created if new, and swept of dead runs.
@@ -121,9 +162,11 @@ def get_client(uri: str) -> MlflowClient:
     The first call per URI runs experiments.stores.open_store: a dead or silent tracking server, a corrupt,
     half-built or read-only SQLite store raise StoreError (a ValueError, one line) within seconds; a new
     SQLite store is built atomically, safe against signals and against concurrent first use; RUNNING runs of
-    dead processes are ended KILLED.
+    dead processes are ended KILLED. Runs `configure_mlflow` first.
     """
-    return open_store(uri, lambda u: MlflowClient(tracking_uri=u))
+    configure_mlflow()
+    with _quiet_store_opening():
+        return open_store(uri, lambda u: MlflowClient(tracking_uri=u))
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None) -> str:
@@ -184,7 +227,8 @@ def _git(*args: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _static_tags() -> dict[str, str]:
+def static_tags() -> dict[str, str]:
+    """The tags every run of this process gets: git commit and dirty state, versions, platform, user (cached)."""
     import torch
 
     commit = _git("rev-parse", "HEAD")
@@ -217,7 +261,7 @@ def repro_tags() -> dict[str, str]:
     """
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     return {
-        **_static_tags(),
+        **static_tags(),
         "command": redact(shlex.join(argv))[:_MAX_TAG_CHARS],
         "mlflow.source.name": sys.argv[0] or "-",
     }

@@ -14,6 +14,7 @@ best and worst clamp of the grid. Takes about a second per fit (7 datasets x 5 c
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -79,27 +80,13 @@ def format_profile(points: list[ClampPoint]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _read_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, dict, tuple[float, ...]]:
+    """The best-parameter file (its path, and its parameters with --set applied) and the clamps; a bad value
+    ends the command through `parser.error` (one line, exit 2)."""
     import yaml
 
-    from experiments.datasets import DATASETS
+    from .summary import BEST_DIR
 
-    from .datasets import study_datasets
-    from .run import BEST_DIR
-
-    parser = OneLineParser(prog="python -m studies.clamp_profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="full", help="the study's family (default full)")
-    default_best = f"{BEST_DIR}/<family>-{STUDY_VERSION}.json"
-    parser.add_argument("--best", default=None, help=f"best-parameter file [default: {default_best}]")
-    parser.add_argument("--clamps", default=",".join(f"{c:g}" for c in DEFAULT_CLAMPS), help="comma-separated clamps")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a parameter of the best file, e.g. --set component_lr=0.1 --set reset=false (repeatable)",
-    )
-    args = parser.parse_args(argv)
     path = Path(args.best) if args.best else BEST_DIR / f"{args.family}-{STUDY_VERSION}.json"
     try:
         best = json.loads(path.read_text())
@@ -123,6 +110,29 @@ def main(argv: list[str] | None = None) -> int:
             best[key.strip()] = yaml.safe_load(value)  # numbers, true/false as in the config files
         except yaml.YAMLError:
             parser.error(f"--set {item}: the value is not a number, true/false or a word; e.g. --set component_lr=0.1")
+    return path, best, clamps
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments.datasets import DATASETS
+
+    from .datasets import study_datasets
+    from .summary import BEST_DIR
+
+    parser = OneLineParser(prog="python -m studies.clamp_profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="full", help="the study's family (default full)")
+    default_best = f"{BEST_DIR}/<family>-{STUDY_VERSION}.json"
+    parser.add_argument("--best", default=None, help=f"best-parameter file [default: {default_best}]")
+    parser.add_argument("--clamps", default=",".join(f"{c:g}" for c in DEFAULT_CLAMPS), help="comma-separated clamps")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter of the best file, e.g. --set component_lr=0.1 --set reset=false (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    path, best, clamps = _read_args(parser, args)
     family = best.get("family", args.family)
     if best.get("data_file") is not None:
         parser.error(f"{path} is a study of your own data; this command profiles the named datasets' studies")

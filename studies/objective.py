@@ -21,6 +21,7 @@ attribute "fail_reason".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -163,12 +164,7 @@ class Objective:
         s = self.settings
         overrides = s.space.suggest(trial)
         configs = [s.config(name, overrides) for name in s.datasets]  # fails fast on a bad override
-        tags = {
-            "study": self.study_name or "",
-            "trial": str(trial.number),
-            "family": s.family,
-            WORKER_TAG: worker_tag(),
-        }
+        tags = self._tags(trial)
         state = _TrialState(trial, s.iterations, len(s.datasets))
         start = time.perf_counter()
         try:
@@ -207,6 +203,15 @@ class Objective:
             raise TrialFailed(reason)
         return state.value
 
+    def _tags(self, trial: optuna.Trial) -> dict[str, str]:
+        """The MLflow tags of a trial's runs (its trial run and its fits add "kind" and "dataset")."""
+        return {
+            "study": self.study_name or "",
+            "trial": str(trial.number),
+            "family": self.settings.family,
+            WORKER_TAG: worker_tag(),
+        }
+
     def _fit(self, config: ExperimentConfig, parent: str, name: str, tags: dict, state: _TrialState):
         """One trial's fit of one dataset, as a population of one when the config batches: the arithmetic of
         `run_batch`, so a trial's value does not depend on `--batch` (a member's numbers do not depend on B,
@@ -226,6 +231,7 @@ class Objective:
             raise outcome
         return outcome
 
+    # opens the batch's trial runs by hand and ends each with its own outcome, on success and on an interrupt
     def run_batch(self, trials: list[optuna.Trial]) -> list[tuple[TrialState, float | None]]:
         """Run `trials` together (`--batch`): per dataset, the trials still running are fit as one population
         (experiments.population: one batched fit, one MLflow run per trial and dataset, as `__call__` logs
@@ -237,7 +243,7 @@ class Objective:
         """
         import sys
 
-        from experiments.population import population_options, run_population
+        from experiments.population import population_options
 
         s = self.settings
         overrides = [s.space.suggest(t) for t in trials]
@@ -247,10 +253,7 @@ class Objective:
                 population_options([c[i] for c in configs])
         except ValueError:  # the space searches an option a population shares: one trial after the other
             return [_told(lambda t=t: self(t)) for t in trials]
-        tags = [
-            {"study": self.study_name or "", "trial": str(t.number), "family": s.family, WORKER_TAG: worker_tag()}
-            for t in trials
-        ]
+        tags = [self._tags(t) for t in trials]
         states = [_TrialState(t, s.iterations, len(s.datasets)) for t in trials]
         contexts = [
             tracked_run(
@@ -272,31 +275,8 @@ class Objective:
             for i, name in enumerate(s.datasets):
                 if not alive:  # every trial of the batch was pruned or failed
                     break
-                for k in alive:
-                    states[k].begin(i, name)
-                outcomes = run_population(
-                    [configs[k][i] for k in alive],
-                    self.tracking_uri,
-                    self.experiment_name,
-                    parent_run_ids=[opened[k][1] for k in alive],
-                    run_names=[f"trial {trials[k].number} {name}" for k in alive],
-                    tags=[{**tags[k], "kind": "fit", "dataset": name} for k in alive],
-                    on_eval=lambda m, step, value, alive=alive: states[alive[m]].on_eval(step, value),
-                )
-                for k, out in zip(alive, outcomes, strict=True):
-                    if isinstance(out, StopRun):
-                        ends[k] = out
-                    elif isinstance(out, (FloatingPointError, torch.linalg.LinAlgError)):
-                        ends[k] = StopRun(f"{name}: {out}", status="FAILED")
-                    elif isinstance(out, BaseException):
-                        raise out
-                    else:
-                        states[k].end(name, out)
-                        try:
-                            states[k].report(i + 1)
-                        except StopRun as e:
-                            ends[k] = e
-                alive = [k for k in alive if k not in ends]
+                batch = _Batch(trials, states, [c[i] for c in configs], [run_id for _, run_id in opened], tags, ends)
+                alive = self._fit_dataset(batch, i, name, alive)
         except BaseException as err:
             info = sys.exc_info()
             ended = {}  # trials pruned or failed before the interrupt keep that outcome (told by optimize_batched)
@@ -306,25 +286,70 @@ class Objective:
                 try:
                     state.record(client, run_id)
                 finally:
-                    cm.__exit__(*((type(own), own, own.__traceback__) if own is not None else info))
+                    _exit(cm, own, info)
                 if own is not None:
                     ended[trials[k].number] = _told(lambda state=state, own=own: _outcome_of(state, own))
-            try:
+            with contextlib.suppress(AttributeError):
                 err.batch_outcomes = ended
-            except AttributeError:
-                pass
             raise
         told = []
         for k, (state, (client, run_id), cm) in enumerate(zip(states, opened, contexts, strict=True)):
             state.wall_time = time.perf_counter() - start
             state.record(client, run_id)
             end = ends.get(k)
-            if end is not None:
-                cm.__exit__(type(end), end, end.__traceback__)
-            else:
-                cm.__exit__(None, None, None)
+            _exit(cm, end)
             told.append(_told(lambda state=state, end=end: _outcome_of(state, end)))
         return told
+
+    def _fit_dataset(self, batch: _Batch, i: int, name: str, alive: list[int]) -> list[int]:
+        """Fit dataset `name` (the `i`-th) for the batch's trials `alive` as one population, record each trial's
+        result or its end (`batch.ends`: pruned, failed), and report; returns the trials still alive."""
+        from experiments.population import run_population
+
+        for k in alive:
+            batch.states[k].begin(i, name)
+        outcomes = run_population(
+            [batch.configs[k] for k in alive],
+            self.tracking_uri,
+            self.experiment_name,
+            parent_run_ids=[batch.run_ids[k] for k in alive],
+            run_names=[f"trial {batch.trials[k].number} {name}" for k in alive],
+            tags=[{**batch.tags[k], "kind": "fit", "dataset": name} for k in alive],
+            on_eval=lambda m, step, value: batch.states[alive[m]].on_eval(step, value),
+        )
+        for k, out in zip(alive, outcomes, strict=True):
+            if isinstance(out, StopRun):
+                batch.ends[k] = out
+            elif isinstance(out, (FloatingPointError, torch.linalg.LinAlgError)):
+                batch.ends[k] = StopRun(f"{name}: {out}", status="FAILED")
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                batch.states[k].end(name, out)
+                try:
+                    batch.states[k].report(i + 1)
+                except StopRun as e:
+                    batch.ends[k] = e
+        return [k for k in alive if k not in batch.ends]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A batch's trials for one dataset, by position k: state, config, trial run id, tags; `ends` (shared with
+    run_batch) gets the StopRun of each trial pruned or failed so far."""
+
+    trials: list[optuna.Trial]
+    states: list[_TrialState]
+    configs: list[ExperimentConfig]
+    run_ids: list[str]
+    tags: list[dict[str, str]]
+    ends: dict[int, StopRun]
+
+
+def _exit(run, end: BaseException | None, info: tuple = (None, None, None)) -> None:
+    """End a trial's `tracked_run` (entered by hand: a batch holds several open) with its own StopRun `end`,
+    else with the exception being handled (`info`, from sys.exc_info()) or none."""
+    run.__exit__(*((type(end), end, end.__traceback__) if end is not None else info))
 
 
 def _outcome_of(state: _TrialState, end: StopRun | None) -> float:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.config import read_mapping_file
+from experiments.config import ExperimentConfig
+from experiments.mapping_files import read_mapping_file
 from gmm import FAMILIES
 from gmm.validation import suggest
 
@@ -127,15 +128,6 @@ def read_space_file(path: str | Path) -> dict:
     return raw
 
 
-def _config_fields() -> tuple[str, ...] | None:
-    """ExperimentConfig field names, or None while experiments.config is unavailable."""
-    try:
-        from experiments.config import ExperimentConfig
-    except ImportError:
-        return None
-    return tuple(f.name for f in dataclasses.fields(ExperimentConfig))
-
-
 def _check_number(value, what: str) -> float:
     if isinstance(value, str):  # YAML 1.1 reads 1e-1 (no dot) as a string; config files accept it as a number
         try:
@@ -192,11 +184,11 @@ def load_space(family: str, path: str | Path | None = None, *, base: str | Path 
         raw = read_space_file(source)
         for section in ("default", family):
             entries.update(raw.get(section) or {})
-    fields = _config_fields()
+    fields = [f.name for f in dataclasses.fields(ExperimentConfig)]
     params: list[Param] = []
     fixed: dict[str, Any] = {}
     for name, entry in entries.items():
-        if fields is not None and name not in fields:
+        if name not in fields:
             raise ValueError(
                 f"unknown parameter {name!r} in the search space; use ExperimentConfig fields{suggest(name, fields)}"
             )

@@ -14,7 +14,7 @@ fails a RUNNING trial whose worker is a dead process on this host, or whose hear
 `grace_period` seconds (a worker on another host). Optuna 5's JournalStorage has no heartbeat of its own, so
 `HeartbeatJournalStorage` adds one (timestamps in trial system attributes).
 
-`retry_stale_trial` (run by the studies.run stale-trial handler with `--retries N`) puts a failed stale trial
+`retry_stale_trial` (run by studies.stale.StaleTrialHandler with `--retries N`) puts a failed stale trial
 back in the queue as a WAITING copy of its parameters, which the next free worker of any host picks up.
 """
 
@@ -30,6 +30,12 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+
+# Private Optuna API, needed: Optuna's public heartbeat machinery (`study.optimize`'s heartbeat thread and
+# `optuna.storages.fail_stale_trials`) works only on a storage that subclasses `_heartbeat.BaseHeartbeat` and
+# asks it `_get_stale_trial_ids(study_id)`; no public class or hook adds heartbeats to JournalStorage or
+# dead-process detection to RDBStorage. tests/test_studies.py::test_optuna_private_heartbeat_api fails with
+# a message naming these when an Optuna release changes them.
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
@@ -110,7 +116,9 @@ class _OwnedTrials:
                 continue
             owner_host, pid = owner.rsplit(":", 1)
             if owner_host == host and pid.isdigit() and not process_alive(int(pid)):
-                dead[trial._trial_id] = f"worker process {pid} died while the trial was running"
+                dead[self.get_trial_id_from_study_id_trial_number(study_id, trial.number)] = (
+                    f"worker process {pid} died while the trial was running"
+                )
         return dead
 
     def _mark_stale(self, reasons: dict[int, str]) -> list[int]:
@@ -150,7 +158,7 @@ class HeartbeatJournalStorage(_OwnedTrials, JournalStorage, BaseHeartbeat):
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # failed as stale by another process meanwhile: nothing left to keep alive
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's private hook (see the imports)
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
         now = time.time()
         reasons = self._dead_owner_trial_ids(study_id)
@@ -158,8 +166,9 @@ class HeartbeatJournalStorage(_OwnedTrials, JournalStorage, BaseHeartbeat):
             beat = trial.system_attrs.get(BEAT_KEY)
             if beat is None and trial.datetime_start is not None:
                 beat = trial.datetime_start.timestamp()  # killed before its first heartbeat
-            if beat is not None and now - beat > grace and trial._trial_id not in reasons:
-                reasons[trial._trial_id] = f"no heartbeat for {now - beat:.0f} s (grace period {grace} s)"
+            if beat is not None and now - beat > grace:
+                tid = self.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                reasons.setdefault(tid, f"no heartbeat for {now - beat:.0f} s (grace period {grace} s)")
         return self._mark_stale(reasons)
 
 
@@ -173,11 +182,37 @@ class HeartbeatRDBStorage(_OwnedTrials, RDBStorage):
             return
         super().record_heartbeat(trial_id)
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's private hook (see the imports)
         reasons = self._dead_owner_trial_ids(study_id)
-        for trial_id in super()._get_stale_trial_ids(study_id):
-            reasons.setdefault(trial_id, f"no heartbeat within the grace period ({self.grace_period} s)")
+        for tid in super()._get_stale_trial_ids(study_id):
+            reasons.setdefault(tid, f"no heartbeat within the grace period ({self.grace_period} s)")
         return self._mark_stale(reasons)
+
+
+def trial_id(storage: BaseStorage, trial: optuna.Trial) -> int:
+    """The storage's id of `trial` (what `record_heartbeat` and the other storage calls take), by public calls."""
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+
+
+def _open_journal(url: str, path: Path, heartbeat_interval: int, grace_period: int, stale_callback) -> BaseStorage:
+    """The journal-file storage at `path` (`url` names it in messages); ValueError as `open_storage` says."""
+    if not path.parent.is_dir():
+        raise ValueError(f"storage {url!r}: folder {str(path.parent)!r} does not exist; create it or fix the path")
+    try:
+        backend = JournalFileBackend(str(path))
+    except OSError as e:
+        raise ValueError(
+            f"storage {url!r}: cannot open the journal file: {e.strerror or e}; check its permissions and "
+            "those of its folder, or give another --storage"
+        ) from None
+    try:  # replays the whole journal: a corrupt record fails here, not mid-study
+        return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, stale_callback)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(
+            f"study journal {str(path)!r} is corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            f"restore it from a backup, or move it away (mv {path} {path}.corrupt) to start a new one"
+        ) from None
 
 
 def open_storage(
@@ -195,22 +230,7 @@ def open_storage(
     url = resolve_storage_url(url)
     path = journal_path(url)
     if path is not None:
-        if not path.parent.is_dir():
-            raise ValueError(f"storage {url!r}: folder {str(path.parent)!r} does not exist; create it or fix the path")
-        try:
-            backend = JournalFileBackend(str(path))
-        except OSError as e:
-            raise ValueError(
-                f"storage {url!r}: cannot open the journal file: {e.strerror or e}; check its permissions and "
-                "those of its folder, or give another --storage"
-            ) from None
-        try:  # replays the whole journal: a corrupt record fails here, not mid-study
-            return HeartbeatJournalStorage(backend, heartbeat_interval, grace_period, stale_callback)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise ValueError(
-                f"study journal {str(path)!r} is corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                f"restore it from a backup, or move it away (mv {path} {path}.corrupt) to start a new one"
-            ) from None
+        return _open_journal(url, path, heartbeat_interval, grace_period, stale_callback)
     if "://" not in url:
         raise ValueError(
             f"unknown storage {redact(url)!r}; use a journal file (PATH.log or journal:PATH), sqlite:///FILE.db, "

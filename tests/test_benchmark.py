@@ -20,17 +20,9 @@ import pytest
 import torch
 
 import gmm
-from experiments import datasets
-from experiments.datasets import (
-    COLLAPSE_PROTOCOL,
-    RUNAWAY,
-    CollapseMeasure,
-    collapse_datasets,
-    control_datasets,
-    load_dataset,
-    measure_collapse,
-    relative_min_variance,
-)
+from experiments import collapse, datasets
+from experiments.collapse import COLLAPSE_PROTOCOL, RUNAWAY, CollapseMeasure, measure_collapse, relative_min_variance
+from experiments.datasets import collapse_datasets, control_datasets, load_dataset
 from gmm.options import lr_factor
 
 ALL_COLLAPSE = [name for family in gmm.FAMILIES for name in collapse_datasets(family)]
@@ -62,7 +54,7 @@ def test_every_collapse_dataset_is_checked_under_the_protocol():
 
 @pytest.mark.parametrize("name", STRUCTURAL)
 def test_structural_collapse_datasets_collapse_under_the_protocol(name):
-    protocol = datasets.CollapseProtocol(seeds=(0, 1, 2))
+    protocol = collapse.CollapseProtocol(seeds=(0, 1, 2))
     measure = measure_collapse(name, protocol)
     assert measure.clamp_rate == 1.0 and measure.rate == 1.0, measure
     # the start variance is below the data's (k-means shrinks it to the base covariance, ~1), so the first
@@ -76,7 +68,7 @@ def test_structural_collapse_datasets_collapse_under_the_protocol(name):
 @pytest.mark.parametrize("name", RUNS_AWAY)
 def test_the_other_collapse_datasets_run_away_under_the_protocol(name):
     # whole fits (no stop at the first runaway), so the margin below the criterion is measured too
-    protocol = datasets.CollapseProtocol(seeds=(0, 1, 2))
+    protocol = collapse.CollapseProtocol(seeds=(0, 1, 2))
     measure = measure_collapse(name, protocol)
     assert measure.runaway_rate == 1.0 and measure.rate == 1.0, measure
     assert max(measure.min_variance) < RUNAWAY / RUNAWAY_MARGIN, measure
@@ -85,7 +77,7 @@ def test_the_other_collapse_datasets_run_away_under_the_protocol(name):
 
 @pytest.mark.filterwarnings("ignore::gmm.ConvergenceWarning")
 def test_a_fit_can_stop_at_its_first_runaway():
-    protocol = datasets.CollapseProtocol(seeds=(0,))
+    protocol = collapse.CollapseProtocol(seeds=(0,))
     whole = measure_collapse("full-subspace", protocol)
     stopped = measure_collapse("full-subspace", protocol, stop_at_runaway=True)
     assert stopped.first_runaway == whole.first_runaway and stopped.runaway_rate == 1.0
@@ -97,7 +89,7 @@ def test_a_fit_can_stop_at_its_first_runaway():
 def test_controls_neither_clamp_nor_run_away_under_the_protocol(name):
     # a well-posed fit settles near the true covariances: its smallest variance stays >= 3e-2 x the data's
     # (README), 300x above the criterion, so a wide margin of 10x is asserted
-    measure = measure_collapse(name, datasets.CollapseProtocol(seeds=(0,)))
+    measure = measure_collapse(name, collapse.CollapseProtocol(seeds=(0,)))
     assert measure.rate == 0.0 and measure.clamp_rate == 0.0, measure
     assert min(measure.min_variance) > 10 * RUNAWAY, measure
 

@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from studies.clamp_profile import format_profile, profile
-from studies.run import clamp_importance
+from studies.summary import clamp_importance
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -319,8 +319,8 @@ def test_postgresql_urls_use_psycopg3_when_psycopg2_is_missing():
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_stale_trial_is_retried_without_the_dead_owner(tmp_path, mlflow_uri):
-    from studies.run import StaleTrialHandler
-    from studies.storage import OWNER_KEY, fail_stale_trials, open_storage
+    from studies.stale import StaleTrialHandler
+    from studies.storage import OWNER_KEY, fail_stale_trials, open_storage, trial_id
 
     storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=1, grace_period=5)
     storage.heartbeat_stale_trial_callback = StaleTrialHandler(mlflow_uri, "study-s", retries=1)
@@ -330,7 +330,7 @@ def test_stale_trial_is_retried_without_the_dead_owner(tmp_path, mlflow_uri):
     trial = study.ask()
     trial.suggest_float("x", 0, 1)
     trial.set_user_attr("mlflow_run_id", "")
-    storage.set_trial_system_attr(trial._trial_id, OWNER_KEY, f"{socket.gethostname()}:{dead.pid}")
+    storage.set_trial_system_attr(trial_id(storage, trial), OWNER_KEY, f"{socket.gethostname()}:{dead.pid}")
     fail_stale_trials(study)
     first, copy = study.get_trials()
     assert first.state == TrialState.FAIL and copy.state == TrialState.WAITING
@@ -338,7 +338,7 @@ def test_stale_trial_is_retried_without_the_dead_owner(tmp_path, mlflow_uri):
     assert retried_trial_number(copy) == 0
     again = study.ask()  # the worker picks the queued copy; it dies too: no second retry (--retries 1)
     assert again.number == 1
-    storage.set_trial_system_attr(again._trial_id, OWNER_KEY, f"{socket.gethostname()}:{dead.pid}")
+    storage.set_trial_system_attr(trial_id(storage, again), OWNER_KEY, f"{socket.gethostname()}:{dead.pid}")
     fail_stale_trials(study)
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
 

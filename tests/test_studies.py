@@ -25,6 +25,7 @@ from studies.storage import (
     HeartbeatRDBStorage,
     fail_stale_trials,
     open_storage,
+    trial_id,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,13 +133,12 @@ def test_stale_trials_of_dead_or_silent_workers_fail(tmp_path, kind):
     study = optuna.create_study(study_name="s", storage=storage)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer exists (reaped)
-    trials = [study.ask() for _ in range(3)]
-    backend = storage
-    backend.set_trial_system_attr(trials[0]._trial_id, OWNER_KEY, f"{os.uname().nodename}:{dead.pid}")
-    backend.record_heartbeat(trials[1]._trial_id)  # this live process: not stale
+    ids = [trial_id(storage, study.ask()) for _ in range(3)]
+    storage.set_trial_system_attr(ids[0], OWNER_KEY, f"{os.uname().nodename}:{dead.pid}")
+    storage.record_heartbeat(ids[1])  # this live process: not stale
     if kind == "journal":  # another host, silent for longer than the grace period
-        backend.set_trial_system_attr(trials[2]._trial_id, OWNER_KEY, "elsewhere:1")
-        backend.set_trial_system_attr(trials[2]._trial_id, BEAT_KEY, time.time() - 100)
+        storage.set_trial_system_attr(ids[2], OWNER_KEY, "elsewhere:1")
+        storage.set_trial_system_attr(ids[2], BEAT_KEY, time.time() - 100)
     fail_stale_trials(study)
     states = {t.number: t for t in study.get_trials()}
     assert states[0].state == optuna.trial.TrialState.FAIL
@@ -147,6 +147,32 @@ def test_stale_trials_of_dead_or_silent_workers_fail(tmp_path, kind):
     if kind == "journal":
         assert states[2].state == optuna.trial.TrialState.FAIL
         assert "no heartbeat" in states[2].user_attrs["fail_reason"]
+
+
+def test_optuna_private_heartbeat_api():
+    """studies.storage subclasses Optuna's private `optuna.storages._heartbeat.BaseHeartbeat` and overrides its
+    `_get_stale_trial_ids` (no public API adds heartbeats to a storage): say so loudly when Optuna changes them."""
+    import inspect
+
+    try:
+        from optuna.storages._heartbeat import BaseHeartbeat
+        from optuna.storages._heartbeat import fail_stale_trials as optuna_fail_stale_trials
+    except ImportError as err:
+        pytest.fail(
+            f"Optuna {optuna.__version__} moved or removed optuna.storages._heartbeat.BaseHeartbeat ({err}); "
+            "studies/storage.py subclasses it to give JournalStorage heartbeats: port HeartbeatJournalStorage"
+        )
+    hooks = {"record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+    assert BaseHeartbeat.__abstractmethods__ == hooks, (
+        f"Optuna {optuna.__version__} changed the abstract methods of optuna.storages._heartbeat.BaseHeartbeat "
+        f"to {sorted(BaseHeartbeat.__abstractmethods__)}; studies/storage.py implements {sorted(hooks)}: port it"
+    )
+    assert "_get_stale_trial_ids" in inspect.getsource(optuna_fail_stale_trials), (
+        f"Optuna {optuna.__version__}'s fail_stale_trials no longer calls BaseHeartbeat._get_stale_trial_ids, which "
+        "studies/storage.py overrides to fail dead workers' trials: port HeartbeatJournalStorage/HeartbeatRDBStorage"
+    )
+    assert optuna.storages.fail_stale_trials is optuna_fail_stale_trials
+    assert issubclass(HeartbeatJournalStorage, BaseHeartbeat) and issubclass(HeartbeatRDBStorage, BaseHeartbeat)
 
 
 # -- command line: bad input --------------------------------------------------------------------------------
@@ -210,7 +236,7 @@ def _finished(study: optuna.Study, values: dict[int, float], state=optuna.trial.
 
 
 def test_margin_pruner_compares_trials_at_the_same_step_and_ignores_small_differences():
-    from studies.run import MarginPruner
+    from studies.sampling import MarginPruner
 
     study = optuna.create_study(pruner=MarginPruner(margin=0.05, min_trials=3, warmup_steps=2))
     for offset in (0.0, 0.01, 0.02):
@@ -225,7 +251,7 @@ def test_margin_pruner_compares_trials_at_the_same_step_and_ignores_small_differ
 
 
 def test_trials_csv_keeps_pruned_values_apart_as_partial():
-    from studies.run import trials_csv
+    from studies.artifacts import trials_csv
 
     study = optuna.create_study()
     _finished(study, {1: 3.0, 2: 2.5})
@@ -237,3 +263,32 @@ def test_trials_csv_keeps_pruned_values_apart_as_partial():
     assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED"]
     assert float(rows[0]["value"]) == 2.5 and rows[0]["partial_value"] == ""
     assert rows[1]["value"] == "" and float(rows[1]["partial_value"]) == 1.0
+
+
+# -- process-wide state ------------------------------------------------------------------------------------
+def test_imports_change_no_process_state_and_get_client_turns_telemetry_off(tmp_path):
+    """Importing the tracking and study modules sets no environment variable, warning filter or logger level;
+    the first get_client turns MLflow telemetry off (MLflow reads the variable at import and before each report)
+    and restores the logger levels it lowered while the store opened."""
+    code = f"""
+import logging, os, warnings
+theirs = lambda: {{k: v for k, v in os.environ.items() if not k.startswith("_MLFLOW_TELEMETRY")}}  # MLflow's own
+import mlflow  # sets levels and variables of its own at import
+env = theirs()
+levels = {{n: logging.getLogger(n).level for n in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")}}
+ours = lambda: [f for f in warnings.filters if f[1] is not None and "noload" in f[1].pattern]
+import experiments.tracking, experiments.stores, studies.run, studies.worker
+assert theirs() == env, set(theirs()) ^ set(env)
+assert not ours() and {{n: logging.getLogger(n).level for n in levels}} == levels
+from mlflow.telemetry import get_telemetry_client
+experiments.tracking.get_client("sqlite:///{tmp_path / "m.db"}")
+assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true" and get_telemetry_client() is None
+assert "_MLFLOW_TELEMETRY_SESSION_ID" not in os.environ  # the client MLflow made at import is gone
+assert not ours() and {{n: logging.getLogger(n).level for n in levels}} == levels
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    assert "Creating initial MLflow database tables" not in proc.stderr and "noload" not in proc.stderr, proc.stderr

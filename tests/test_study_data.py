@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from experiments import ExperimentConfig, load_dataset
-from studies.run import _time_left, main
+from studies.progress import time_left
+from studies.run import main
 
 
 @pytest.mark.slow
@@ -46,7 +47,7 @@ def test_bad_data_options_are_one_line(tmp_path, capsys):
     assert "pass --data too" in capsys.readouterr().err
 
 
-def test_time_left():
-    assert _time_left(10.0, 2, 6) == ", about 20 s left"
-    assert _time_left(100.0, 1, 5) == ", about 7 min left"
-    assert _time_left(10.0, 5, 5) == ""
+def testtime_left():
+    assert time_left(10.0, 2, 6) == ", about 20 s left"
+    assert time_left(100.0, 1, 5) == ", about 7 min left"
+    assert time_left(10.0, 5, 5) == ""
