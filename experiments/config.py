@@ -95,7 +95,7 @@ class ExperimentConfig:
     eval_every: int | None = None  # steps between validation NLLs (and on_eval calls); None: iterations // 20
     log_every: int | None = None  # step of the logged train-NLL curve; None: ceil(iterations / 500)
     em: bool = False  # also fit EM from the same start and log its NLL (gmm.em)
-    em_iterations: int = 1000  # EM max_iter
+    em_iterations: int = 1000  # EM iterations at most (fit_em num_iterations)
     em_tol: float = 1e-8  # EM tolerance, nats per iteration
     log_figures: bool = True  # log the fit and NLL-curve figures (matplotlib; slower than the logging)
     log_model: bool = True  # log the fitted state_dict + config, for experiments.load_model(run_id)
@@ -329,7 +329,7 @@ _FIT_OPTIONS = {
     "component_lr": "component_lr",
     "clamp": "clamp",
     "init": "init",
-    "radius": "init_radius",
+    "init_radius": "init_radius",
     "reset": "reset",
     "reset_min_mass": "reset_min_mass",
     "lr_schedule": "lr_schedule",
@@ -342,12 +342,12 @@ _FIT_OPTIONS = {
 }
 # option of gmm.em.fit_em -> the field that holds it
 _EM_OPTIONS = {
-    "max_iter": "em_iterations",
+    "num_iterations": "em_iterations",
     "tol": "em_tol",
     "clamp": "clamp",
     "init": "init",
     "seed": "seed",
-    "radius": "init_radius",
+    "init_radius": "init_radius",
 }
 _DATA_FIELDS = ("samples", "components", "dims", "radius", "data_family", "data_seed", "perturbation")
 _GENERATION_FIELDS = ("samples", "dims", "radius", "data_family", "perturbation")  # meaningless for a data file

@@ -167,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-# the flags passed on to gmm.fit under the same name
-_FIT_FLAGS = ("mixture_lr", "component_lr", "clamp", "init", "radius", "seed", "log_freq", "gradients", "compile", "n_init")
+# the flags passed on to gmm.fit under the same name (and --radius, the original's one radius for data and init)
+_FIT_FLAGS = ("mixture_lr", "component_lr", "clamp", "init", "seed", "log_freq", "gradients", "compile", "n_init")
 
 
 def _run(args: argparse.Namespace, out: str | None) -> int:
@@ -188,6 +188,7 @@ def _run(args: argparse.Namespace, out: str | None) -> int:
         num_iterations=args.iterations,
         progress=False,  # the progress lines below take its place
         callback=_progress(len(str(args.iterations))),
+        init_radius=args.radius,
         **{name: getattr(args, name) for name in _FIT_FLAGS},
     )
     true_nll = mock.true_model().nll(mock.data)
@@ -211,7 +212,9 @@ def _run(args: argparse.Namespace, out: str | None) -> int:
         em_model = gmm.make_model(args.family, args.components, args.dims)
         with warnings.catch_warnings():  # "not converged" is printed on the EM line instead
             warnings.simplefilter("ignore", UserWarning)
-            em_result = fit_em(em_model, mock.data, init=args.init, clamp=args.clamp, radius=args.radius, seed=args.seed)
+            em_result = fit_em(
+                em_model, mock.data, init=args.init, clamp=args.clamp, init_radius=args.radius, seed=args.seed
+            )
         state = "converged" if em_result.converged else "not converged"
         print(
             f"EM NLL: {em_result.final_nll:.6f} ({em_result.num_iterations} iterations, "

@@ -43,7 +43,7 @@ from .init import initialize
 from .model import MixtureModel, chunk_rows
 from .options import FitOptions, make_options
 from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError
-from .validation import check_data, check_float, check_int, make_generator
+from .validation import check_data, check_float, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def fit_em(
     model: MixtureModel,
     data,
     *,
-    max_iter: int = 1000,
+    num_iterations: int = 1000,
     tol: float | None = 1e-6,
     clamp: float = 1e-6,
     init: str = "kmeans++",
     seed: int | None = 0,
     generator: torch.Generator | None = None,
-    radius: float | None = None,
+    init_radius: float | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[int, float, list], None] | None = None,
@@ -68,11 +68,11 @@ def fit_em(
     Args:
         model: any `MixtureModel`; its parameters are overwritten (start and result).
         data: (N, D) tensor or array.
-        max_iter: at most this many EM iterations (>= 1).
+        num_iterations: at most this many EM iterations (>= 1).
         tol: stop when the mean NLL changes by less than `tol` nats in one iteration; None or 0 runs
-            all `max_iter` iterations. A ConvergenceWarning is issued when `tol` is not reached.
+            all `num_iterations` iterations. A ConvergenceWarning is issued when `tol` is not reached.
         clamp: added to every covariance diagonal at each M-step (scikit-learn's `reg_covar`), variance units.
-        init, seed, generator, radius: the start, exactly as in `gmm.fit` (same seed, same start).
+        init, seed, generator, init_radius: the start, exactly as in `gmm.fit` (same seed, same start).
         device, dtype: move the model first (default: keep its own).
         callback: callback(iteration, nll, new_events) after every iteration; may raise to stop the fit
             (the partial record is then in `model.fit_result_` with completed=False).
@@ -80,20 +80,20 @@ def fit_em(
     Returns:
         A `gmm.FitResult` (also stored as `model.fit_result_`): nll_history[t] is the mean NLL after t
         iterations (entry 0: the start), `converged` says whether `tol` was reached, `wall_time` is the
-        time in the loop (init excluded), `options.num_iterations` is `max_iter`.
+        time in the loop (init excluded).
 
     Raises:
         ValueError / TypeError: bad data or options.
         NonFiniteNLLError: the NLL became NaN or infinite.
     """
-    opts = _em_options(max_iter, tol, clamp, init, seed, generator, radius, device, dtype, callback)
+    opts = _em_options(num_iterations, tol, clamp, init, seed, generator, init_radius, device, dtype, callback)
     if opts.device is not None or opts.dtype is not None:
         model.to(device=opts.device, dtype=opts.dtype)
     x = check_data(data, num_dims=model.num_dims, min_samples=model.num_components, dtype=model.dtype, device=model.device)
     g = make_generator(None if opts.generator is not None else opts.seed, opts.generator)
 
     t0 = time.perf_counter()
-    initialize(model, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
+    initialize(model, x, opts.init, g, clamp=opts.clamp, init_radius=opts.init_radius)
     model.family.clamp_(model.raw_cov, opts.clamp)
     run = _Run(model, opts, init_time=time.perf_counter() - t0)
 
@@ -113,22 +113,20 @@ def fit_em(
     return run.record(True, wall, notes)
 
 
-def _em_options(max_iter, tol, clamp, init, seed, generator, radius, device, dtype, callback) -> FitOptions:
-    """fit_em's arguments as the fit's options (num_iterations = max_iter), checked under EM's own names."""
-    # checked here: make_options would report max_iter as num_iterations
-    check_int(max_iter, "max_iter", minimum=1)
+def _em_options(num_iterations, tol, clamp, init, seed, generator, init_radius, device, dtype, callback) -> FitOptions:
+    """fit_em's arguments as the fit's options; EM's tol (0 or None: run every iteration) is checked here."""
     if tol is not None:
         tol = check_float(tol, "tol")
         if tol < 0:
-            raise ValueError(f"tol must be >= 0 (0 or None runs all max_iter iterations); got {tol}")
+            raise ValueError(f"tol must be >= 0 (0 or None runs all num_iterations iterations); got {tol}")
     return make_options(
-        num_iterations=max_iter,
+        num_iterations=num_iterations,
         tol=tol or None,
         clamp=clamp,
         init=init,
         seed=None if generator is not None and seed == 0 else seed,  # the default seed gives way to a generator
         generator=generator,
-        radius=radius,
+        init_radius=init_radius,
         device=device,
         dtype=dtype,
         callback=callback,
@@ -165,7 +163,7 @@ class _Run:
         change = abs(self.history[-1] - self.history[-2])
         return (
             f"EM did not converge: the NLL still changed by {change:.3g} > tol={self.opts.tol:g} "
-            f"after max_iter={self.opts.num_iterations} iterations; raise max_iter or tol"
+            f"after num_iterations={self.opts.num_iterations} iterations; raise num_iterations or tol"
         )
 
     def record(self, completed: bool, wall: float, notes: tuple[str, ...] = ()) -> FitResult:

@@ -124,7 +124,7 @@ def _kmeans_start(model, xs: Tensor, base: Tensor, g: torch.Generator, clamp: fl
 
 
 @torch.no_grad()
-def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: float, radius: float | None = None):
+def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: float, init_radius: float | None = None):
     """Set `model`'s parameters from data `x` (N, D) by `method` (one of INITS), drawing from `g`."""
     if method == "keep":
         return
@@ -141,7 +141,7 @@ def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: floa
         covariances = base.expand(k, d, d)
         weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
     elif method == "radius":
-        r = float(x.abs().max()) if radius is None else radius
+        r = float(x.abs().max()) if init_radius is None else init_radius
         means = (torch.rand(k, d, generator=g, dtype=torch.float64) * 2 - 1) * r
         covariances = torch.eye(d, dtype=torch.float64).expand(k, d, d)
         weights = torch.full((k,), 1.0 / k, dtype=torch.float64)

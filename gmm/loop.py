@@ -46,7 +46,7 @@ class Start:
 def make_start(model: MixtureModel, x: Tensor, opts: FitOptions, g: torch.Generator) -> Start:
     """Initialize `model` on `x` (N, D) with `g`, floored in data units, and the coordinates and floors of the fit."""
     k, d = model.num_components, model.num_dims
-    initialize(model, x, opts.init, g, clamp=opts.clamp, radius=opts.radius)
+    initialize(model, x, opts.init, g, clamp=opts.clamp, init_radius=opts.init_radius)
     model.family.clamp_(model.raw_cov, opts.clamp)
     coords = Standardizer.of(x, model, opts.standardize)
     base = base_covariance(x, k, opts.clamp).to(model.device, model.dtype)

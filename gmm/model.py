@@ -355,7 +355,7 @@ class MixtureModel(nn.Module):
         component_lr: PerMember[float] = FitOptions.component_lr,
         clamp: PerMember[float] = FitOptions.clamp,
         init: PerMember[str] = FitOptions.init,
-        radius: PerMember[float | None] = FitOptions.radius,
+        init_radius: PerMember[float | None] = FitOptions.init_radius,
         reset: PerMember[bool] = FitOptions.reset,
         reset_min_mass: PerMember[float | None] = FitOptions.reset_min_mass,
         lr_schedule: PerMember[str] = FitOptions.lr_schedule,

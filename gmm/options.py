@@ -39,7 +39,7 @@ PER_MEMBER = (
     "clamp",
     "seed",
     "init",
-    "radius",
+    "init_radius",
     "reset",
     "reset_min_mass",
     "lr_schedule",
@@ -68,7 +68,7 @@ class FitOptions:
     component_lr: float = 1e-2  # Adam lr of means and covariance parameters; 0 freezes them
     clamp: float = 1e-6  # variance floor, in variance units (not std), for every covariance diagonal
     init: str = "kmeans++"  # "kmeans++", "random", "radius" (uniform in +-radius) or "keep"
-    radius: float | None = None  # half-width for init="radius"; default max |x|
+    init_radius: float | None = None  # half-width for init="radius"; default max |x|
     reset: bool = True  # reset collapsed components (see module docstring)
     reset_min_mass: float | None = None  # collapse threshold on responsibility mass; default D + 1
     lr_schedule: str = "cosine"  # "cosine" annealing to 0 over the fit, or "constant"
@@ -117,8 +117,8 @@ def make_options(options: FitOptions | None = None, **overrides) -> FitOptions:
     check_choice(opts.init, INITS, "init")
     check_choice(opts.lr_schedule, SCHEDULES, "lr_schedule")
     check_choice(opts.gradients, GRADIENTS, "gradients")
-    if opts.radius is not None:
-        check_float(opts.radius, "radius", positive=True)
+    if opts.init_radius is not None:
+        check_float(opts.init_radius, "init_radius", positive=True)
     if opts.reset_min_mass is not None:
         check_float(opts.reset_min_mass, "reset_min_mass", nonnegative=True)
     if opts.tol is not None:

@@ -227,7 +227,7 @@ def test_em_reports_the_floor_where_a_component_has_no_scatter(family):
     component has unit scatter and no event. Shared families pool the scatter: an event only if it is tiny."""
     x, _ = _data()
     model = _model(family, x, variance=1.0)
-    model.fit_em(x, max_iter=1, clamp=CLAMP, init="keep")
+    model.fit_em(x, num_iterations=1, clamp=CLAMP, init="keep")
     events = model.fit_result_.events
     assert all(isinstance(e, FitEvent) and e.kind == "clamp" and e.step == 1 for e in events)
     if model.family.shared:

@@ -35,7 +35,7 @@ def test_yaml_float_strings_and_ints_are_numbers(tmp_path):
 def test_fit_options_are_accepted_by_gmm_fit():
     cfg = ExperimentConfig(iterations=3, lr_schedule="constant", init_radius=2.0)
     opts = make_options(**cfg.fit_options())
-    assert opts.num_iterations == 3 and opts.radius == 2.0 and opts.seed == cfg.seed
+    assert opts.num_iterations == 3 and opts.init_radius == 2.0 and opts.seed == cfg.seed
 
 
 def test_derived_values():

@@ -61,7 +61,7 @@ def test_converged_nll_matches_sklearn_from_the_same_start(family):
     x = _data(family)
     model = _started(family, x, 3)
     sk = _sklearn_from(model, SK[family], tol=1e-10, max_iter=3000)
-    result = fit_em(model, x, init="keep", tol=1e-10, max_iter=3000, clamp=CLAMP)
+    result = fit_em(model, x, init="keep", tol=1e-10, num_iterations=3000, clamp=CLAMP)
     assert result.converged
 
     sk.fit(x.numpy())
@@ -85,7 +85,7 @@ def test_each_iteration_matches_sklearn(family):
     for iterations in (1, 5):
         model = _started(family, x, 3, seed=11)
         sk = _sklearn_from(model, kind, tol=0.0, max_iter=iterations)
-        fit_em(model, x, init="keep", tol=None, max_iter=iterations, clamp=CLAMP)
+        fit_em(model, x, init="keep", tol=None, num_iterations=iterations, clamp=CLAMP)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning: max_iter is the point here
             sk.fit(x.numpy())
@@ -118,7 +118,7 @@ def test_constant_moves_only_weights_and_means():
     raw_before = model.raw_cov.clone()
     weights, means = model.weights.clone(), model.means.clone()
 
-    fit_em(model, x, init="keep", tol=None, max_iter=1)
+    fit_em(model, x, init="keep", tol=None, num_iterations=1)
     # one iteration by hand: responsibilities at the start, then the closed-form weights and means
     log_dens = torch.distributions.MultivariateNormal(means, covariance_matrix=2.0 * torch.eye(3, dtype=torch.float64))
     log_joint = log_dens.log_prob(x.unsqueeze(1)) + weights.log()  # (N, K)
@@ -128,7 +128,7 @@ def test_constant_moves_only_weights_and_means():
     torch.testing.assert_close(model.weights, resp.mean(0), rtol=1e-10, atol=1e-12)
     assert torch.equal(model.raw_cov, raw_before)
 
-    result = fit_em(model, x, init="keep", tol=1e-9, max_iter=2000)
+    result = fit_em(model, x, init="keep", tol=1e-9, num_iterations=2000)
     assert torch.equal(model.raw_cov, raw_before)
     torch.testing.assert_close(model.covariances, 2.0 * torch.eye(3, dtype=torch.float64).expand(3, 3, 3))
     assert result.final_nll < float(result.nll_history[0])
@@ -142,7 +142,7 @@ def test_nll_never_increases(family, init):
     model = gmm.make_model(family, 4, 3, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        result = fit_em(model, x, init=init, seed=3, tol=1e-10, max_iter=200)
+        result = fit_em(model, x, init=init, seed=3, tol=1e-10, num_iterations=200)
     history = result.nll_history
     assert torch.isfinite(history).all()
     # EM's ascent property; 1e-10 nats of slack for float64 rounding in the mean over N samples
@@ -155,7 +155,7 @@ def test_nll_never_increases(family, init):
 def test_fit_result_fields(family):
     x = _data(family)
     model = gmm.make_model(family, 3, 2)
-    result = fit_em(model, x.float(), max_iter=500, tol=1e-6)
+    result = fit_em(model, x.float(), num_iterations=500, tol=1e-6)
     assert result is model.fit_result_
     assert result.completed and result.converged
     assert result.nll_history.dtype == torch.float64
@@ -168,20 +168,20 @@ def test_fit_result_fields(family):
     # the recorded NLL is the model's, at the parameters it ends with
     assert result.final_nll == pytest.approx(-model.score(x.float()), abs=1e-5)
     # model.fit_em returns the final NLL as a float
-    loss = gmm.make_model(family, 3, 2).fit_em(x.float(), max_iter=500, tol=1e-6)
+    loss = gmm.make_model(family, 3, 2).fit_em(x.float(), num_iterations=500, tol=1e-6)
     assert isinstance(loss, float) and loss == result.final_nll
 
 
-def test_max_iter_without_convergence_warns():
+def test_num_iterations_without_convergence_warns():
     x = _data("full")
     model = gmm.make_model("full", 3, 2, dtype=torch.float64)
-    with pytest.warns(ConvergenceWarning, match=r"max_iter=2"):
-        result = fit_em(model, x, max_iter=2, tol=1e-12, init="random")
+    with pytest.warns(ConvergenceWarning, match=r"num_iterations=2"):
+        result = fit_em(model, x, num_iterations=2, tol=1e-12, init="random")
     assert not result.converged and result.completed and result.num_iterations == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        fit_em(model, x, max_iter=2, tol=None, init="random")  # no tol: nothing to warn about
-        fit_em(model, x, max_iter=2, tol=0, init="random")
+        fit_em(model, x, num_iterations=2, tol=None, init="random")  # no tol: nothing to warn about
+        fit_em(model, x, num_iterations=2, tol=0, init="random")
 
 
 @pytest.mark.parametrize("family", gmm.FAMILIES)
@@ -192,7 +192,7 @@ def test_same_seed_same_history(family):
         model = gmm.make_model(family, 4, 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            return fit_em(model, x.float(), max_iter=50, seed=seed, init="kmeans++").nll_history
+            return fit_em(model, x.float(), num_iterations=50, seed=seed, init="kmeans++").nll_history
 
     first, again, other = run(4), run(4), run(5)
     assert torch.equal(first, again)
@@ -202,7 +202,7 @@ def test_same_seed_same_history(family):
 def test_em_starts_where_gradient_descent_starts():
     x = _data("full").float()
     em_model, gd_model = gmm.GmmFull(3, 2), gmm.GmmFull(3, 2)
-    em = fit_em(em_model, x, max_iter=1, tol=None, seed=9)
+    em = fit_em(em_model, x, num_iterations=1, tol=None, seed=9)
     gd = gd_model.fit(x, num_iterations=1, seed=9, mixture_lr=0.0, component_lr=0.0)
     assert gd == pytest.approx(float(em.nll_history[0]), abs=1e-6)
 
@@ -218,7 +218,7 @@ def test_callback_and_interrupted_record():
 
     model = gmm.GmmDiagonal(3, 2)
     with pytest.raises(KeyboardInterrupt):
-        fit_em(model, x, max_iter=100, callback=callback)
+        fit_em(model, x, num_iterations=100, callback=callback)
     assert [i for i, _ in seen] == [1, 2, 3]
     partial = model.fit_result_
     assert not partial.completed and partial.num_iterations == 3
@@ -233,7 +233,7 @@ def test_callback_and_interrupted_record():
         (torch.full((10, 3), float("nan")), {}, r"non-finite"),
         (torch.zeros(0, 3), {}, r"empty|0 samples|at least"),
         (torch.zeros(3, 3), {}, r"3 samples but the model has 4 components"),
-        (None, {"max_iter": 0}, r"max_iter must be >= 1"),
+        (None, {"num_iterations": 0}, r"num_iterations must be >= 1"),
         (None, {"tol": -1.0}, r"tol must be >= 0"),
         (None, {"clamp": 0.0}, r"clamp must be > 0"),
         (None, {"init": "kmeans"}, r"unknown init 'kmeans'.*did you mean 'kmeans\+\+'"),
@@ -248,7 +248,7 @@ def test_bad_input_raises_value_error(data, options, match):
 
 
 def test_bad_types_raise_type_error():
-    with pytest.raises(TypeError, match="max_iter must be an integer"):
-        fit_em(gmm.GmmFull(2, 2), torch.randn(20, 2), max_iter=10.5)
+    with pytest.raises(TypeError, match="num_iterations must be an integer"):
+        fit_em(gmm.GmmFull(2, 2), torch.randn(20, 2), num_iterations=10.5)
     with pytest.raises(TypeError, match="data must be a torch.Tensor or a NumPy array"):
         fit_em(gmm.GmmFull(2, 2), "data")

@@ -68,7 +68,7 @@ def test_a_new_family_is_one_class(tied_diagonal):
 
     # EM's closed-form M-step is the family's own from_covariances
     em = gmm.make_model(tied_diagonal, 3, 2, dtype=torch.float64)
-    assert em.fit_em(mock.data, max_iter=50, tol=None) < model.fit_result_.nll_history[0]
+    assert em.fit_em(mock.data, num_iterations=50, tol=None) < model.fit_result_.nll_history[0]
 
     # the hand-derived gradients of gmm.scratch do not cover a shared diagonal: a clear error, not a wrong gradient
     with pytest.raises(ValueError, match="'tied_diagonal' family has no hand-derived gradients.*gradients='autograd'"):

@@ -347,6 +347,6 @@ def test_a_generator_alone_drives_fit_and_em():
     for _ in range(2):
         a, b = gmm.GmmDiagonal(2, 2), gmm.GmmDiagonal(2, 2)
         gmm.fit(a, x, num_iterations=3, generator=torch.Generator().manual_seed(7))
-        fit_em(b, x, max_iter=3, generator=torch.Generator().manual_seed(7))
+        fit_em(b, x, num_iterations=3, generator=torch.Generator().manual_seed(7))
         runs.append((a.means, b.means))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])

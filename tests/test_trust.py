@@ -108,7 +108,7 @@ def _spiking_fit(**options):
     """From a good start (EM's), one Adam step at component_lr 1 throws the means far off: a spike."""
     x = _blobs(4)
     model = gmm.GmmFull(3, 2, dtype=torch.float64)
-    model.fit_em(x, max_iter=50)
+    model.fit_em(x, num_iterations=50)
     start = model.nll(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
