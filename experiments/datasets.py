@@ -178,8 +178,8 @@ def _named() -> dict[str, DataSpec]:
     """The benchmark: per family its collapse datasets (one cause each), then its two controls."""
     specs: dict[str, DataSpec] = {}
     for family in gmm.FAMILIES:
-        shared = gmm.families.get_family(family, 2).shared
-        trainable = gmm.families.get_family(family, 2).trainable
+        kind = gmm.families.get_family(family, 2)
+        shared, trainable = kind.shared, kind.trainable
         collapse: dict[str, DataSpec] = {}
         if trainable and not shared:  # a per-component covariance can shrink onto a few points
             collapse["overspecified"] = DataSpec(30, 2, 2, 8.0, family, 0, model_components=16)
@@ -187,7 +187,7 @@ def _named() -> dict[str, DataSpec]:
             collapse["outliers"] = DataSpec(600, 4, 2, 8.0, family, 0, "outliers", model_components=7)
         if trainable:
             collapse["quantized"] = DataSpec(600, 4, 2, 8.0, family, 0, "quantized", model_components=8)
-        if family in ("full", "diagonal", "tied"):  # a line is degenerate for these covariances only
+        if trainable and kind.scaling == "axis":  # a line is degenerate only where axes have their own variance
             # clusters 3x farther apart than elsewhere: nothing else pulls on the flat cluster's mean, which then
             # keeps its exact coordinate on the flat axis (see CAUSES["subspace"])
             collapse["subspace"] = DataSpec(600, 4, 2, _SUBSPACE_RADIUS, family, 0, "subspace")
