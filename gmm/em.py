@@ -29,6 +29,7 @@ gradient descent and EM begin from the same parameters.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -43,9 +44,11 @@ from .init import initialize
 from .model import MixtureModel, chunk_rows
 from .options import FitOptions, make_options
 from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError
-from .validation import check_data, check_float, make_generator
+from .validation import check_data, check_float, make_generator, suggest
 
 log = logging.getLogger(__name__)
+
+_RENAMED = {"max_iter": "num_iterations", "radius": "init_radius"}  # fit_em's names before they became gmm.fit's
 
 
 def fit_em(
@@ -62,6 +65,7 @@ def fit_em(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     callback: Callable[[int, float, list], None] | None = None,
+    **unknown,
 ) -> FitResult:
     """Fit `model` to `data` (N, D) by expectation-maximization (see the module docstring).
 
@@ -86,6 +90,10 @@ def fit_em(
         ValueError / TypeError: bad data or options.
         NonFiniteNLLError: the NLL became NaN or infinite.
     """
+    if unknown:  # the names of gmm.fit; an old one (max_iter, radius) gets its new name
+        names = [n for n in inspect.signature(fit_em).parameters if n not in ("model", "data", "unknown")]
+        hints = "".join(f" ({u} is now {_RENAMED[u]!r})" if u in _RENAMED else suggest(u, names) for u in unknown)
+        raise TypeError(f"unknown fit_em option(s) {', '.join(unknown)}{hints}")
     opts = _em_options(num_iterations, tol, clamp, init, seed, generator, init_radius, device, dtype, callback)
     if opts.device is not None or opts.dtype is not None:
         model.to(device=opts.device, dtype=opts.dtype)

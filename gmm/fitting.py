@@ -60,7 +60,7 @@ from torch import Tensor
 
 from .loop import SingleFit
 from .model import MixtureModel, parameter_tensors
-from .options import FitOptions, intra_op_threads, make_options, same_options_as
+from .options import FitOptions, fit_keywords, intra_op_threads, make_options, same_options_as
 from .population import fit_members, fit_population, start_population
 from .records import ConvergenceWarning, FitResult, NonFiniteNLLError
 from .recovery import copy_
@@ -69,12 +69,12 @@ from .validation import check_data, check_dtype_device, make_generator
 log = logging.getLogger(__name__)
 
 
-@same_options_as(MixtureModel.fit)
+@same_options_as(fit_keywords)
 def fit(model: MixtureModel, data, options: FitOptions | None = None, **overrides) -> FitResult:
     """Fit `model` to `data` (N, D) by Adam on the mean NLL. See `FitOptions` and the module docstring.
 
-    Takes the keyword options of `MixtureModel.fit` (every field of FitOptions, with its default); those given
-    override `options`. An unknown keyword raises TypeError naming the closest option.
+    Takes the keyword options of `gmm.options.fit_keywords` (every field of FitOptions, with its default); those
+    given override `options`. An unknown keyword raises TypeError naming the closest option.
 
     A batched model (`batch_shape=(B,)`) is fit as a population by `gmm.population.fit_population`, which
     returns a `PopulationResult` (one FitResult per member).

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +25,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Mul
 
 from . import families, likelihood
 from .families import Covariance, Family, family_class, get_family
-from .options import FitOptions, PerMember, given_options
+from .options import FitOptions, fit_keywords, same_options_as
 from .validation import check_data, check_dtype_device, check_float, check_int, make_generator
 
 # Rows per chunk when evaluating large data: bounds the (chunk, K, D) intermediates to ~2^24 elements.
@@ -344,50 +343,17 @@ class MixtureModel(nn.Module):
         return -2.0 * self.score(x) * n + 2.0 * self.num_parameters()
 
     # -- fitting -----------------------------------------------------------------------------------
-    # the signature lists every option of FitOptions (one line each, their defaults read from it): 60+ lines
-    def fit(
-        self,
-        data,
-        options: FitOptions | None = None,
-        *,
-        num_iterations: int = FitOptions.num_iterations,
-        mixture_lr: PerMember[float] = FitOptions.mixture_lr,
-        component_lr: PerMember[float] = FitOptions.component_lr,
-        clamp: PerMember[float] = FitOptions.clamp,
-        init: PerMember[str] = FitOptions.init,
-        init_radius: PerMember[float | None] = FitOptions.init_radius,
-        reset: PerMember[bool] = FitOptions.reset,
-        reset_min_mass: PerMember[float | None] = FitOptions.reset_min_mass,
-        lr_schedule: PerMember[str] = FitOptions.lr_schedule,
-        seed: PerMember[int | None] = FitOptions.seed,
-        generator: torch.Generator | None = FitOptions.generator,
-        tol: PerMember[float | None] = FitOptions.tol,
-        log_freq: int | None = FitOptions.log_freq,
-        callback: Callable[[int, float, list], None] | None = FitOptions.callback,
-        gradients: str = FitOptions.gradients,
-        compile: bool = FitOptions.compile,
-        quadratic: bool | None = FitOptions.quadratic,
-        batch_size: int | None = FitOptions.batch_size,
-        device: str | torch.device | None = FitOptions.device,
-        dtype: torch.dtype | None = FitOptions.dtype,
-        progress: bool | None = FitOptions.progress,
-        num_threads: int | None = FitOptions.num_threads,
-        standardize: PerMember[bool] = FitOptions.standardize,
-        keep_best: PerMember[bool] = FitOptions.keep_best,
-        spike_threshold: PerMember[float | None] = FitOptions.spike_threshold,
-        spike_rollback: PerMember[bool] = FitOptions.spike_rollback,
-        n_init: int = FitOptions.n_init,
-        **unknown,
-    ) -> float | Tensor:
+    @same_options_as(fit_keywords)
+    def fit(self, data, options: FitOptions | None = None, **overrides) -> float | Tensor:
         """Fit by Adam on the mean NLL (`gmm.fit`); each option is described in `gmm.FitOptions`.
 
         Args:
             data: (N, D) data; (B, N, D) or (N, D) for a batched model.
-            options: a FitOptions to start from; the keywords that differ from their defaults override it.
+            options: a FitOptions to start from; the keywords given override it.
             num_iterations, ..., n_init: the options of `gmm.FitOptions`, with its defaults. For a batched model
                 (gmm.population) the options in `gmm.options.PER_MEMBER` (typed `PerMember`) may be sequences
                 of B values, one per member.
-            unknown: an unknown option raises TypeError naming the closest option.
+            An unknown option raises TypeError naming the closest option.
 
         Returns:
             The final mean NLL on `data` (a float; (B,) for a batched model). The whole record is in
@@ -395,7 +361,7 @@ class MixtureModel(nn.Module):
         """
         from .fitting import fit  # noqa: PLC0415  (gmm.fitting imports this module)
 
-        return fit(self, data, options, **given_options(locals()), **unknown).final_nll
+        return fit(self, data, options, **overrides).final_nll
 
     def fit_em(self, data, **options):
         """Fit by expectation-maximization; see `gmm.em.fit_em`. One mixture only."""

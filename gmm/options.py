@@ -2,8 +2,8 @@
 population takes per member, and what they decide (learning-rate schedule, the quadratic path, the intra-op
 thread count, the progress bar).
 
-`MixtureModel.fit` lists every option as a keyword with its type and `FitOptions`' default; `gmm.fit` takes
-the same keywords (`same_options_as`); tests/test_fit.py checks both signatures against `FitOptions`."""
+`gmm.fit` and `MixtureModel.fit` list every option as a keyword with its type and `FitOptions`' default (one
+list, `fit_keywords`, given to both by `same_options_as`); tests/test_fit.py checks both against `FitOptions`."""
 
 from __future__ import annotations
 
@@ -169,21 +169,49 @@ def member_options(num_members: int, options: FitOptions | None, overrides: dict
     return out
 
 
-def given_options(values: dict[str, Any]) -> dict[str, Any]:
-    """The options among `values` (a fit's keyword arguments by name) that differ from FitOptions' defaults: the
-    ones to pass on as overrides (an option left at its default keeps the value of `options`, if given)."""
-    given = {}
-    for f in dataclasses.fields(FitOptions):
-        value = values[f.name]
-        plain = type(value) is type(f.default) and isinstance(value, (int, float, str))  # not a tensor, list, ...
-        if not (value is f.default or (plain and value == f.default)):
-            given[f.name] = value
-    return given
+# the one list of fit's keywords, each with its type and FitOptions' default (one line each): 40 lines
+def fit_keywords(
+    model,
+    data,
+    options: FitOptions | None = None,
+    *,
+    num_iterations: int = FitOptions.num_iterations,
+    mixture_lr: PerMember[float] = FitOptions.mixture_lr,
+    component_lr: PerMember[float] = FitOptions.component_lr,
+    clamp: PerMember[float] = FitOptions.clamp,
+    init: PerMember[str] = FitOptions.init,
+    init_radius: PerMember[float | None] = FitOptions.init_radius,
+    reset: PerMember[bool] = FitOptions.reset,
+    reset_min_mass: PerMember[float | None] = FitOptions.reset_min_mass,
+    lr_schedule: PerMember[str] = FitOptions.lr_schedule,
+    seed: PerMember[int | None] = FitOptions.seed,
+    generator: torch.Generator | None = FitOptions.generator,
+    tol: PerMember[float | None] = FitOptions.tol,
+    log_freq: int | None = FitOptions.log_freq,
+    callback: Callable[[int, float, list], None] | None = FitOptions.callback,
+    gradients: str = FitOptions.gradients,
+    compile: bool = FitOptions.compile,
+    quadratic: bool | None = FitOptions.quadratic,
+    batch_size: int | None = FitOptions.batch_size,
+    device: str | torch.device | None = FitOptions.device,
+    dtype: torch.dtype | None = FitOptions.dtype,
+    progress: bool | None = FitOptions.progress,
+    num_threads: int | None = FitOptions.num_threads,
+    standardize: PerMember[bool] = FitOptions.standardize,
+    keep_best: PerMember[bool] = FitOptions.keep_best,
+    spike_threshold: PerMember[float | None] = FitOptions.spike_threshold,
+    spike_rollback: PerMember[bool] = FitOptions.spike_rollback,
+    n_init: int = FitOptions.n_init,
+):
+    """The keyword options of `gmm.fit` and `MixtureModel.fit` (`same_options_as` gives both this signature, for
+    type checkers and `help`); at run time both take them as `**overrides`, so exactly the keywords given
+    override `options`. The options typed `PerMember` may be B values for a batched model."""
+    raise NotImplementedError("a signature only: call gmm.fit or MixtureModel.fit")
 
 
 def same_options_as(method: Callable[Concatenate[Any, Any, Any, P], Any]):
-    """Decorator: the wrapped `fit(model, data, options=None, **overrides)` takes the keywords of `method`
-    (MixtureModel.fit), for type checkers (ParamSpec) and at runtime (`inspect.signature`, `help`)."""
+    """Decorator: the wrapped `fit(model, data, options=None, **overrides)` shows the keywords of `method`
+    (`fit_keywords`), for type checkers (ParamSpec) and at runtime (`inspect.signature`, `help`)."""
 
     def decorate(function: Callable[..., R]) -> Callable[Concatenate[Any, Any, Any, P], R]:
         own = inspect.signature(function)

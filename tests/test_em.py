@@ -172,6 +172,12 @@ def test_fit_result_fields(family):
     assert isinstance(loss, float) and loss == result.final_nll
 
 
+@pytest.mark.parametrize(("old", "new"), [("max_iter", "num_iterations"), ("radius", "init_radius")])
+def test_an_old_option_name_gets_the_new_one_suggested(old, new):
+    with pytest.raises(TypeError, match=f"unknown fit_em option.*{old} is now '{new}'"):
+        fit_em(gmm.GmmFull(2, 2), torch.randn(20, 2), **{old: 5})
+
+
 def test_num_iterations_without_convergence_warns():
     x = _data("full")
     model = gmm.make_model("full", 3, 2, dtype=torch.float64)

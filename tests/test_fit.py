@@ -229,6 +229,21 @@ def test_options_override_only_where_given(demo_data):
     assert (opts.num_iterations, opts.clamp, opts.component_lr) == (7, 1e-3, 0.02)
 
 
+def test_a_keyword_given_overrides_options_even_at_its_default(demo_data):
+    """A keyword equal to FitOptions' default is still a keyword given: it overrides `options` (model.fit and
+    gmm.fit alike), and seed=0 with a generator is still refused."""
+    x = demo_data["full"].data
+    for fit in (lambda m, *a, **k: m.fit(*a, **k), lambda m, *a, **k: gmm.fit(m, *a, **k)):
+        model = gmm.GmmFull(5, 2)
+        fit(model, x, FitOptions(num_iterations=3, seed=5), num_iterations=FitOptions.num_iterations // 100, seed=0)
+        assert (model.fit_result_.options.num_iterations, model.fit_result_.options.seed) == (10, 0)
+        model = gmm.GmmFull(5, 2)
+        fit(model, x, FitOptions(num_iterations=3, clamp=1e-3), clamp=FitOptions.clamp)
+        assert model.fit_result_.options.clamp == FitOptions.clamp
+        with pytest.raises(ValueError, match="not both"):
+            fit(gmm.GmmFull(5, 2), x, num_iterations=2, seed=0, generator=torch.Generator().manual_seed(1))
+
+
 def _steps(x: torch.Tensor) -> list:
     model = gmm.GmmFull(3, 2)
     out = [make_step(model, x, make_options(), False), make_step(model, x, make_options(batch_size=10), False)]
