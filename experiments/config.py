@@ -5,7 +5,7 @@ unknown keys are a ValueError naming them (with the closest field names), wrong 
 values a ValueError saying what was received and what would work.
 
     cfg = ExperimentConfig(family="diagonal", iterations=5000)
-    cfg = ExperimentConfig.from_file("configs/full.yaml")            # flat mapping of field: value
+    cfg = ExperimentConfig.from_file("full.yaml")                    # a flat mapping of field: value
     cfg = cfg.replace(clamp=1e-4)
     model.fit(train, **cfg.fit_options())
 
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import gmm
+from gmm.options import GRADIENTS, SCHEDULES
 from gmm.validation import check_choice, check_float, check_int, suggest
 
 from .datasets import DataSpec, check_generated, get_spec
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 INITS = tuple(gmm.INITS)
-SCHEDULES = ("cosine", "constant")
-GRADIENTS = ("autograd", "analytic")
 _CURVE_POINTS = 500  # the automatic log_every keeps the logged train-NLL curve near this many points
 
 
@@ -436,6 +435,9 @@ _FLAGS: dict[str, tuple[str, bool]] = {
     "log_figures": ("log the fit and NLL-curve figures (--no-log-figures turns it off)", False),
     "log_model": ("log the fitted model (--no-log-model turns it off)", False),
 }
+_unlisted = [f.name for f in fields(ExperimentConfig) if f.name not in _FLAGS]
+if _unlisted:  # a new field without its flag: say so at import, not as a KeyError inside --help
+    raise TypeError(f"ExperimentConfig field(s) {', '.join(_unlisted)} lack a row in experiments.config._FLAGS (--help)")
 
 
 def _none_or(kind):

@@ -347,6 +347,9 @@ def report_config(ns: argparse.Namespace) -> tuple[ExperimentConfig, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .tracking import configure_mlflow  # noqa: PLC0415
+
+    configure_mlflow()  # the command's process: no telemetry, bounded HTTP retries (experiments.tracking)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     if args.verify is not None:

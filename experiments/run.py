@@ -79,6 +79,7 @@ from .run_log import (
 from .tracking import (
     StopRun,
     add_tracking_arguments,
+    configure_mlflow,
     get_client,
     log_params,
     resolve_tracking_uri,
@@ -361,6 +362,7 @@ def run_url(experiment_id: str, run_id: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_mlflow()  # the command's process: no telemetry, bounded HTTP retries (experiments.tracking)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     try:

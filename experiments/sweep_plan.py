@@ -63,7 +63,6 @@ from .metrics import Metric
 NO_CLAMP = float(torch.finfo(torch.float32).tiny)  # "no clamp": the smallest positive normal float32
 DEGENERATE_RATIO = 1e-4  # collapsed: a variance below this x the data's smallest per-axis variance (std: 1%)
 SPACE_FILE = Path(__file__).resolve().parent.parent / "studies" / "space.yaml"  # the studies' search space
-ROLES = ("collapse", "control")
 # causes whose datasets collapse under Adam within a sweep (a spare component k-means starts exactly on a far
 # point: a zero mean gradient, see tests/test_benchmark.py; since v4 the coarse quantized grids do too, but they
 # are not in the sweep's default selection); subspace and over-specified data do

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _RENAMED = {"max_iter": "num_iterations", "radius": "init_radius"}  # fit_em's names before they became gmm.fit's
 
 
+# over 60 lines: half of it is the docstring of every argument (the body is the checks, the start, the loop)
 def fit_em(
     model: MixtureModel,
     data,

@@ -25,7 +25,8 @@ tensor of per-axis floors (the fit's standardized coordinates, `gmm.standardize`
 Registry: a `Family` subclass that sets its own `name` registers itself when the class is defined (`FAMILIES`
 is the registered names in definition order); `get_family(name, num_dims)` builds one. A class that lacks a
 required method or sets an invalid attribute raises at definition, naming what is missing. Adding a family
-is one class in this module, defined after the others (the order of `FAMILIES` is kept): its model class,
+is one class in this module, defined after the six and above the `FAMILIES` line at the end (the order of
+`FAMILIES` is kept; the command lines check names against it): its model class,
 mock data and analytic gradients come from it (tests/test_families.py defines a throwaway one).
 
 Standardized coordinates: `scaling` says which coordinate scalings z = x / s keep a family's covariances in
@@ -448,5 +449,6 @@ def get_family(name: str, num_dims: int) -> Family:
     return family_class(name)(num_dims)
 
 
-# the families defined above, in definition order (the order of seeded data sets, tables and sweeps)
+# the families defined above, in definition order (the order of seeded data sets, tables and sweeps).
+# A new family's class goes ABOVE this line: the command lines and the named datasets read FAMILIES.
 FAMILIES: tuple[str, ...] = tuple(_REGISTRY)

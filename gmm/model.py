@@ -86,7 +86,7 @@ class MixtureModel(nn.Module):
             self.raw_cov = nn.Parameter(raw.expand(*b, *raw.shape).clone())
         else:
             self.register_buffer("raw_cov", torch.full((*b, 1, 1), math.log(self.variance), dtype=dtype, device=device))
-        self.fit_result_ = None  # the record of the last fit (gmm.FitResult; gmm.PopulationResult when batched)
+        self.fit_result_ = None  # the record of the last fit (gmm.FitResult; gmm.population.PopulationResult when batched)
 
     # -- populations -------------------------------------------------------------------------------
     @property

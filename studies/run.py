@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"study name; '{{family}}' is replaced by the family (default {DEFAULT_STUDY})",
     )
     p.add_argument("--space", default=None, help="search-space file overriding studies/space.yaml")
-    p.add_argument("--datasets", default=None, help="comma-separated dataset names (default: the family's three)")
+    p.add_argument(
+        "--datasets",
+        default=None,
+        help="comma-separated dataset names (default: the family's collapse datasets and controls; "
+        "python -m experiments.datasets lists them)",
+    )
     p.add_argument(
         "--data",
         metavar="FILE",

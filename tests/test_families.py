@@ -37,7 +37,8 @@ def tied_diagonal():
 
 
 def test_families_are_the_registry_in_definition_order():
-    assert gmm.FAMILIES == ("full", "tied", "diagonal", "isotropic", "shared_isotropic", "constant")
+    # the six come first, in this order (seeded data and tables depend on it); a family added later follows them
+    assert gmm.FAMILIES[:6] == ("full", "tied", "diagonal", "isotropic", "shared_isotropic", "constant")
     assert families.names() == gmm.FAMILIES
     for name in gmm.FAMILIES:
         assert families.family_class(name).name == name
@@ -126,7 +127,7 @@ def test_unknown_family_names_suggest_the_closest():
 def test_each_module_asks_the_family_object():
     from gmm import scratch
 
-    kinds = {name: scratch._spec(families.get_family(name, 2)).kind for name in gmm.FAMILIES}
+    kinds = {name: scratch._spec(families.get_family(name, 2)).kind for name in gmm.FAMILIES[:6]}
     assert kinds == {
         "full": "cholesky",
         "tied": "cholesky",

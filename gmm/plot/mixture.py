@@ -24,6 +24,7 @@ _CONTOUR_RANGE = 10.0  # contours span this many nats below the peak log density
 _LEGEND_MAX_COMPONENTS = 10  # list components with their weights in a legend up to this many
 
 
+# over 60 lines: half of it is the docstring of every argument (the body calls one helper per part)
 def plot_data_and_model(
     data,
     model: MixtureModel,
