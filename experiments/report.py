@@ -77,7 +77,7 @@ from .config import ExperimentConfig, add_arguments
 from .document import markdown_table
 from .environment import EXACT_PLATFORM, EXACT_VERSIONS, environment, installed_packages, same_environment
 from .files import MANIFEST_FORMAT, MARKER, WrittenFolder, check_out_dir, print_written, write_folder
-from .redact import install_log_redaction, redact
+from .redact import redact
 from .report_doc import build_document, report_files, summary_table
 from .report_figures import all_figures, family_figures, median_outcome
 from .runs_table import (
@@ -347,11 +347,9 @@ def report_config(ns: argparse.Namespace) -> tuple[ExperimentConfig, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .tracking import configure_mlflow  # noqa: PLC0415
+    from .tracking import start_command  # noqa: PLC0415
 
-    configure_mlflow()  # the command's process: no telemetry, bounded HTTP retries (experiments.tracking)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
+    start_command()
     if args.verify is not None:
         return _verify_main(parser, args)
     from mlflow.exceptions import MlflowException

@@ -59,7 +59,7 @@ from .config import ExperimentConfig, add_arguments, from_args
 from .datasets import Dataset, load_dataset
 from .metrics import Measured, measure, mlflow_values
 from .models import LEGACY_MODEL_ARTIFACT, MODEL_NAME, load_model, log_model
-from .redact import install_log_redaction, redact
+from .redact import redact
 from .run_log import (
     CLAMP_CURVE,
     EM_CURVE,
@@ -79,10 +79,10 @@ from .run_log import (
 from .tracking import (
     StopRun,
     add_tracking_arguments,
-    configure_mlflow,
     get_client,
     log_params,
     resolve_tracking_uri,
+    start_command,
     tracked_run,
 )
 from .unsent import UNSENT_DIR, keep_locally
@@ -362,9 +362,7 @@ def run_url(experiment_id: str, run_id: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_mlflow()  # the command's process: no telemetry, bounded HTTP retries (experiments.tracking)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    install_log_redaction()
+    start_command()
     try:
         config = from_args(args)
         uri = resolve_tracking_uri(args.tracking_uri)

@@ -415,10 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .tracking import configure_mlflow  # noqa: PLC0415
+    from .tracking import start_command  # noqa: PLC0415
 
-    configure_mlflow()  # the command's process: no telemetry, bounded HTTP retries (experiments.tracking)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start_command()
     from mlflow.exceptions import MlflowException
 
     if args.jobs < 1:

@@ -50,7 +50,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .redact import redact, redact_mapping
+from .redact import install_log_redaction, redact, redact_mapping
 from .stores import (
     BEAT_TAG,
     HEARTBEAT_SECONDS,
@@ -114,6 +114,14 @@ def add_tracking_arguments(parser, experiment: str) -> None:
 HTTP_RETRIES = "3"  # MLflow's HTTP retries during a run (its default 7 with back-off takes minutes)
 HTTP_TIMEOUT = "20"  # seconds per MLflow HTTP request during a run (default 120)
 _STORE_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")  # INFO while a store opens
+
+
+def start_command() -> None:
+    """What an experiments command does first, in its own process: MLflow configured (`configure_mlflow`),
+    warnings-level log lines, and credentials redacted from every log line."""
+    configure_mlflow()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_redaction()
 
 
 def configure_mlflow() -> None:
