@@ -92,17 +92,29 @@ def plot_nll_vs_clamp(study: optuna.Study):
         return None
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
-    lrs = [t.params.get("component_lr", float("nan")) for t in trials]
+    lrs = [t.params.get("component_lr") for t in trials]
+    colored = all(v is not None for v in lrs)  # a NaN colour would hide its point: one colour when lr is fixed
     points = ax.scatter(
         [t.params["clamp"] for t in trials],
         [t.value for t in trials],
-        c=lrs,
-        cmap="viridis",
-        norm=LogNorm() if all(v > 0 for v in lrs) else None,
+        c=lrs if colored else "tab:blue",
+        cmap="viridis" if colored else None,
+        norm=LogNorm() if colored and all(v > 0 for v in lrs) else None,
         edgecolors=["red" if t.user_attrs.get("clamp_count", 0) else "none" for t in trials],
+        linewidths=1.5,
     )
-    fig.colorbar(points, ax=ax, label="component_lr")
+    if colored:
+        fig.colorbar(points, ax=ax, label="component_lr")
     ax.set(xscale="log", xlabel="clamp (variance floor)", ylabel="mean validation NLL")
+    values = [t.value for t in trials]
+    if max(values) - min(values) > 100 * max(abs(min(values)), 1.0):  # a collapsed trial would flatten the rest
+        if min(values) > 0:
+            ax.set_yscale("log")
+            ax.set_ylabel("mean validation NLL (log scale)")
+        else:  # NLLs below 0 (peaked densities): linear around 0, logarithmic beyond
+            ax.set_yscale("symlog", linthresh=max(abs(min(values)), 1.0))
+            ax.set_ylim(bottom=min(values) * 1.1)
+            ax.set_ylabel("mean validation NLL (symmetric log scale)")
     ax.set_title(f"{study.study_name}: complete trials (red edge: clamp events)", fontsize=10)
     fig.tight_layout()
     return fig

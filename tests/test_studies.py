@@ -292,3 +292,32 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
     assert "Creating initial MLflow database tables" not in proc.stderr and "noload" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("searched_lr", [True, False])
+@pytest.mark.parametrize(
+    ("values", "scale"),
+    [((10.0, 12.0, 15.0), "linear"), ((10.0, 12.0, 3e5), "log"), ((-5.0, -4.0, 3e5), "symlog")],
+)
+def test_nll_vs_clamp_shows_every_trial_and_goes_logarithmic_when_a_collapsed_one_would_flatten_the_others(
+    values, scale, searched_lr
+):
+    """A collapsed trial's validation NLL (1e5 and more) against the good ones' (about 10): on a linear axis
+    every good trial would sit on one line at the bottom. With component_lr fixed (not searched) the points
+    are drawn in one colour (a NaN colour would hide them)."""
+    from optuna.distributions import FloatDistribution
+
+    from studies.artifacts import plot_nll_vs_clamp
+
+    study = optuna.create_study(study_name="s")
+    dist = FloatDistribution(1e-8, 1e-1, log=True)
+    for i, value in enumerate(values):
+        params = {"clamp": 10.0 ** -(i + 2), **({"component_lr": 10.0 ** -(i + 1)} if searched_lr else {})}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dict.fromkeys(params, dist), value=value))
+    fig = plot_nll_vs_clamp(study)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == scale
+    assert len(fig.axes) == (2 if searched_lr else 1)  # the component_lr colour bar
+    assert len(ax.collections[0].get_offsets().compressed()) == 2 * len(values)  # no point masked out
+    low, high = ax.get_ylim()
+    assert low <= min(values) and high >= max(values)  # every trial is on the plot
