@@ -266,9 +266,9 @@ def _finish(config, data, logger, model, result, evaluator, train, val) -> Exper
     client, run_id = logger.client, logger.run_id
     em_model, em_result = _fit_em(config, train) if config.em else (None, None)
     values = measure(Measured(config, data, result, model, em_result, em_model, train, val))
-    log_fit_record(logger, result, config)
+    log_fit_record(logger, result, config, flush=False)  # its curve goes with the one write below
     if val.shape[0] and evaluator.last_step != result.num_iterations:
-        logger.add({VAL_CURVE: values["val_nll"]}, result.num_iterations)
+        logger.add({VAL_CURVE: values["val_nll"]}, result.num_iterations, flush=False)
         evaluator.val_steps.append(result.num_iterations)
         evaluator.val_values.append(values["val_nll"])
     if em_result is not None:
@@ -278,14 +278,18 @@ def _finish(config, data, logger, model, result, evaluator, train, val) -> Exper
         logger.timed(client.set_tag, run_id, "fit.warnings", " | ".join(result.warnings)[:5000])
     if evaluator.last_step != result.num_iterations:  # the counts are the last points of their curves
         finals[CLAMP_CURVE], finals[RESET_CURVE] = result.clamp_count, result.reset_count
-    logger.add(finals, result.num_iterations)
-    logger.flush()
-
-    figure_time = _log_run_figures(config, data, logger, model, result, em_result, evaluator, values["true_nll_train"])
-    logger.timed(client.log_dict, run_id, config.to_dict(), "config.json")
-    if config.log_model:
-        logger.timed(log_model, client, run_id, model, train, result.num_iterations)
-    tracking_time = logger.seconds
+    logger.add(finals, result.num_iterations, flush=False)
+    if config.log_figures or config.log_model:  # seconds of work follow: a kill meanwhile keeps what is measured
+        logger.flush()
+    try:
+        figure_time = _log_run_figures(config, data, logger, model, result, em_result, evaluator, values["true_nll_train"])
+        logger.timed(client.log_dict, run_id, config.to_dict(), "config.json")
+        if config.log_model:
+            logger.timed(log_model, client, run_id, model, train, result.num_iterations)
+    except BaseException:
+        logger.flush()  # the curves and values are written before the error ends the run
+        raise
+    tracking_time = logger.seconds  # every store call of the run but this last write
     overhead = tracking_time / result.wall_time if result.wall_time > 0 else None
     timings = {"tracking_time": tracking_time, "tracking_overhead": overhead, "figure_time": figure_time}
     logger.add({f"time/{k}": v for k, v in timings.items()}, result.num_iterations)

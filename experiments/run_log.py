@@ -69,11 +69,12 @@ class RunLogger:
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def add(self, metrics: Mapping[str, float | None], step: int) -> None:
+    def add(self, metrics: Mapping[str, float | None], step: int, flush: bool = True) -> None:
+        """Buffer `metrics` at `step`; write the buffer when _FLUSH_SECONDS have passed (never when flush=False)."""
         now = int(time.time() * 1000)
         self.pending.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items() if finite_or_none(v) is not None)
         every = _FLUSH_SECONDS if self.outage_since is None else _OUTAGE_RETRY_SECONDS
-        if time.perf_counter() - self.last_flush >= every:
+        if flush and time.perf_counter() - self.last_flush >= every:
             self.flush()
 
     def add_curve(self, key: str, values, steps) -> None:
@@ -229,16 +230,17 @@ def curve_steps(num_points: int, every: int) -> list[int]:
     return steps
 
 
-def log_fit_record(logger: RunLogger, result: gmm.FitResult | None, config: ExperimentConfig) -> None:
+def log_fit_record(logger: RunLogger, result: gmm.FitResult | None, config: ExperimentConfig, flush: bool = True) -> None:
     """The training-NLL curve (finite values only; steps not already logged during the fit) and events.csv of a
-    finished or partial fit."""
+    finished or partial fit; the curve is written at once, or with the logger's next flush when flush=False."""
     if result is not None and len(result.nll_history):
         history = result.nll_history
         steps = [s for s in curve_steps(len(history), config.resolved_log_every) if s not in logger.train_steps]
         values = history[steps]
         keep = torch.isfinite(values)
         logger.add_curve(TRAIN_CURVE, values[keep].tolist(), [s for s, k in zip(steps, keep.tolist(), strict=True) if k])
-    logger.flush()
+    if flush:
+        logger.flush()
     events = result.events if result is not None else ()
     logger.timed(logger.client.log_text, logger.run_id, events_csv(events), "events.csv")
 

@@ -321,6 +321,11 @@ def _is_pruned(err: BaseException) -> bool:
     return type(err).__name__ == "TrialPruned"
 
 
+# (uri, experiment name, artifact location) -> experiment id: a study opens hundreds of runs in one experiment,
+# and each lookup is a store query (tracked_run looks the experiment up again when create_run fails)
+_experiments: dict[tuple[str, str, str | None], str] = {}
+
+
 @contextmanager
 def tracked_run(
     tracking_uri: str | None = None,
@@ -345,14 +350,20 @@ def tracked_run(
     """
     uri = resolve_tracking_uri(tracking_uri)
     client = get_client(uri)
-    experiment_id = ensure_experiment(client, experiment_name, artifact_location, uri)
+    where = (uri, experiment_name, artifact_location)
+    experiment_id = _experiments.get(where) or ensure_experiment(client, experiment_name, artifact_location, uri)
+    _experiments[where] = experiment_id
     extra = {k: v[:_MAX_TAG_CHARS] for k, v in redact_mapping(tags or {}).items()}
     all_tags = {**repro_tags(), **extra, **heartbeat_tags()}
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = str(parent_run_id)
     status, end_tags, error_text, raised = "FINISHED", {}, None, True
     with _sigterm_as_interrupt():
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        try:
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        except MlflowException:  # the remembered experiment was deleted meanwhile: look it up (restore) again
+            _experiments[where] = experiment_id = ensure_experiment(client, experiment_name, artifact_location, uri)
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
         beat = None
         try:
             beat = _Heartbeat(client, run_id)

@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig
 from experiments.run import StopRun, run_experiment
-from experiments.tracking import log_metric_history, log_params, tracked_run
+from experiments.tracking import history_metrics, log_metrics_batched, log_params, tracked_run
 
 from .space import SearchSpace
 
@@ -437,6 +437,5 @@ class _TrialState:
         if len(self.final_val) == self.num_datasets:
             metrics["val_nll_mean"] = self.value  # the objective, only for a trial that fitted every dataset
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        if self.steps:
-            log_metric_history(client, run_id, "objective_reported", self.reports, self.steps)
+        finals = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        log_metrics_batched(client, run_id, finals + history_metrics("objective_reported", self.reports, self.steps))
