@@ -44,7 +44,7 @@ from .loop import make_start
 from .model import MixtureModel, check_batch_data, parameter_tensors
 from .options import PER_MEMBER, FitOptions, intra_op_threads, lr_factor, member_options, progress_bar
 from .records import ConvergenceWarning, FitEvent, FitResult, NonFiniteNLLError, fit_warnings
-from .recovery import Recovery, clamp_events, collapsed_components, copy_, reset_events, worst_rows
+from .recovery import RECOVERY_FLOOR_FACTOR, Recovery, clamp_event, copy_, reset_events, worst_rows
 from .standardize import Standardizer
 from .steps import PopulationStep
 from .validation import make_generator
@@ -205,6 +205,16 @@ class _Population:
         self.clamp = self._floor(self.members)
         self.init_time = time.perf_counter() - t0
         self.stepper = PopulationStep(model, z)
+        self.min_mass = torch.tensor([[m.min_mass] for m in self.members], dtype=model.dtype, device=model.device)
+        self.resets = torch.tensor([[m.opts.reset] for m in self.members], device=model.device)  # (B, 1)
+        # each member's recovery threshold in raw units, as its Recovery makes it, stacked to (B, 1, m)
+        view = self.stepper.floor_view
+        self.above = torch.stack(
+            [
+                torch.as_tensor(model.family.raw_floor(RECOVERY_FLOOR_FACTOR * m.clamp), dtype=view.dtype).expand(view.shape[-1])
+                for m in self.members
+            ]
+        ).unsqueeze(1)
         self.z = z
         dev = model.device
         self.base_mixture = torch.tensor([m.opts.mixture_lr for m in self.members], dtype=torch.float64, device=dev)
@@ -250,15 +260,15 @@ class _Population:
         self.cur, self.prev = self.prev, self.cur
         # theta_(step-1), the parameters this step scores; hot (every step): one dispatch (gmm.recovery.Iterates.save)
         torch._foreach_copy_(self.buffers[self.cur], self.params)
-        for m in members:
-            if m.running:
-                m.recovery.look()
+        self._look()
         self._step_index = step - 1
         values = self.stepper.step(*self._lrs()).tolist()
         for i, frozen in self.frozen.items():  # a failed member's gradient may be NaN: its parameters stay put
             self._restore(i, frozen)
         improved = [m.index for m in members if m.running and self._track(m, step, values[m.index])]
-        if improved:
+        if len(improved) == len(members):  # every member (early in a fit, most steps): one dispatch
+            torch._foreach_copy_(self.best, self.buffers[self.cur])
+        elif improved:
             rows = torch.tensor(improved, device=self.model.device)
             for best, current in zip(self.best, self.buffers[self.cur], strict=True):
                 best[rows] = current[rows]
@@ -295,20 +305,49 @@ class _Population:
             self._on_spike(m, step - 1, m.history[-2], value)
         return False
 
+    def _look(self) -> None:
+        """Every watching member's Recovery.look, from one comparison over the batch (the same entries and
+        thresholds as each member's own)."""
+        watching = [m for m in self.members if m.running and m.recovery.watched]
+        if watching:
+            off = (self.stepper.floor_view > self.above).all(-1).tolist()  # (B, K')
+            for m in watching:
+                m.recovery.off = off[m.index]
+
     def _clamp(self, step: int) -> None:
-        """The variance floor after update `step`: every member's clamp events, resets and recovery watches."""
-        members = self.members
-        seen = [len(m.events) for m in members]
+        """The variance floor after update `step`: every member's clamp events, resets and recovery watches
+        (gmm.recovery.on_clamp per member, with one pass over the batch's tensors)."""
         hit = self.stepper.clamp(self.clamp)
-        if hit is not None:
-            clamped, smallest = hit
-            for i in clamped.any(-1).nonzero()[:, 0].tolist():
-                m = members[i]
-                if m.running and self._on_clamp(m, step, clamped[i], smallest[i]):
-                    m.last_reset, m.best_nll, m.has_best = step, math.inf, False
-        for m in members:
-            if len(m.events) > seen[m.index]:
-                m.recovery.clamped(step, m.events[seen[m.index] :])
+        if hit is None:
+            return
+        clamped, smallest = hit  # (B, K')
+        running = torch.tensor([[m.running] for m in self.members], device=clamped.device)
+        pairs = (clamped & running).nonzero().tolist()
+        if not pairs:
+            return
+        ratios = smallest[clamped & running].tolist()
+        shared = self.model.family.shared
+        new: dict[int, list[FitEvent]] = {}
+        for (i, c), ratio in zip(pairs, ratios, strict=True):
+            new.setdefault(i, []).append(clamp_event(step, c, ratio, self.members[i].opts.clamp, shared, member=i))
+        collapsed: dict[int, list[int]] = {}
+        mass = None
+        if any(self.members[i].opts.reset for i in new):
+            mass = self.stepper.mass()  # (B, K)
+            touched = (clamped & running).expand_as(mass) if shared else clamped & running
+            for i, c in (touched & self.resets & (mass < self.min_mass)).nonzero().tolist():
+                collapsed.setdefault(i, []).append(c)
+        for i, events in new.items():
+            m = self.members[i]
+            m.events += events
+            if i in collapsed:
+                rows = self._reset(m, collapsed[i])
+                self.stepper.reset_moments(torch.tensor(collapsed[i], device=self.model.device), i)
+                resets = reset_events(step, collapsed[i], rows, mass[i], m.min_mass, member=i)
+                m.events += resets
+                events = events + resets
+                m.last_reset, m.best_nll, m.has_best = step, math.inf, False
+            m.recovery.clamped(step, events)
 
     def _finish(self, step: int) -> None:
         """The exact NLL after the last update for every member that did not fail; keep_best; the last callback."""
@@ -361,22 +400,6 @@ class _Population:
             m.rollbacks += 1
             jump += f"; rolled back to step {m.best_step} (NLL {m.best_nll + shift:.6g}), learning rates x{m.lr_scale:g}"
         m.events.append(FitEvent(step=step, component=-1, kind="spike", detail=jump, member=m.index))
-
-    def _on_clamp(self, m: _Member, step: int, clamped: Tensor, smallest: Tensor) -> bool:
-        """Clamp events of member m's touched components and resets of its collapsed ones (gmm.recovery.on_clamp)."""
-        model, opts = self.model, m.opts
-        shared = model.family.shared
-        m.events += clamp_events(step, clamped, smallest, opts.clamp, shared, member=m.index)
-        if not opts.reset:
-            return False
-        mass = self.stepper.mass()[m.index]
-        collapsed = collapsed_components(clamped, mass, m.min_mass, shared)
-        if not collapsed:
-            return False
-        rows = self._reset(m, collapsed)
-        self.stepper.reset_moments(torch.tensor(collapsed, device=model.device), m.index)
-        m.events += reset_events(step, collapsed, rows, mass, m.min_mass, member=m.index)
-        return True
 
     @torch.no_grad()
     def _reset(self, m: _Member, components: list[int]) -> list[int]:

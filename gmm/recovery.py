@@ -27,12 +27,13 @@ def copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
 def clamp_events(step: int, clamped: Tensor, smallest: Tensor, clamp: float, shared: bool, member=None) -> list[FitEvent]:
     """One "clamp" event per component the floor touched (one, component -1, for a shared covariance);
     `smallest` is the smallest variance / floor ratio, so the events give the variance in the data's units."""
-    events = []
-    for c in clamped.nonzero()[:, 0].tolist():
-        variance = float(smallest[c]) * clamp
-        detail = f"variance {variance:.3g} raised to {clamp:.3g}"
-        events.append(FitEvent(step=step, component=-1 if shared else c, kind="clamp", detail=detail, member=member))
-    return events
+    return [clamp_event(step, c, float(smallest[c]), clamp, shared, member) for c in clamped.nonzero()[:, 0].tolist()]
+
+
+def clamp_event(step: int, component: int, ratio: float, clamp: float, shared: bool, member=None) -> FitEvent:
+    """The "clamp" event of one component whose smallest variance was `ratio` x the floor `clamp`."""
+    detail = f"variance {ratio * clamp:.3g} raised to {clamp:.3g}"
+    return FitEvent(step=step, component=-1 if shared else component, kind="clamp", detail=detail, member=member)
 
 
 def collapsed_components(clamped: Tensor, mass: Tensor, min_mass: float, shared: bool) -> list[int]:

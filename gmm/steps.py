@@ -211,7 +211,7 @@ class PopulationStep:
         self.chunks_t = [c.transpose(1, 2).contiguous() for c in self.chunks]  # (B or 1, D, n): N innermost
         self.scale = -1.0 / self.num_samples
         self.logits_before = model.logits.detach().clone()
-        self._floor_view = model.family.floor_view(model.raw_cov.detach())
+        self.floor_view = model.family.floor_view(model.raw_cov.detach())  # (B, K', m): the entries the floor acts on
         self._floor_of: tuple[Tensor, Tensor] | None = None  # (clamp, raw floor) of the last clamp call
 
     def nll(self) -> Tensor:
@@ -241,7 +241,7 @@ class PopulationStep:
         member was below it, else (clamped (B, K') bool, smallest variance / floor (B, K'))."""
         if self._floor_of is None or self._floor_of[0] is not clamp:
             self._floor_of = (clamp, self.model.family.raw_floor(clamp))
-        if not bool((self._floor_view < self._floor_of[1]).any()):
+        if not bool((self.floor_view < self._floor_of[1]).any()):
             return None
         return self.model.family.clamp_(self.model.raw_cov, clamp)
 
