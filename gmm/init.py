@@ -72,21 +72,43 @@ def kmeans_plus_plus(x: Tensor, num_components: int, g: torch.Generator) -> Tens
 
 def kmeans(x: Tensor, num_components: int, g: torch.Generator, iterations: int = _KMEANS_ITERATIONS):
     """Lloyd's algorithm from k-means++ seeds. Returns (centers (K, D), labels (N,))."""
-    return _lloyd(x, num_components, g, iterations)
+    centers, labels = lloyd(x, kmeans_plus_plus(x, num_components, g)[None], iterations)
+    return centers[0], labels[0]
 
 
-def _lloyd(x: Tensor, num_components: int, g: torch.Generator, iterations: int) -> tuple[Tensor, Tensor]:
-    centers = kmeans_plus_plus(x, num_components, g)
-    labels = torch.cdist(x, centers).argmin(-1)
+_LLOYD_ELEMENTS = 1 << 23  # runs x N x K distances held at once by `lloyd` (64 MiB in float64)
+
+
+def lloyd(x: Tensor, seeds: Tensor, iterations: int = _KMEANS_ITERATIONS) -> tuple[Tensor, Tensor]:
+    """Lloyd's algorithm from R sets of seeds (R, K, D) at once on x (N, D): (centers (R, K, D), labels (R, N)).
+
+    Each run stops at its own convergence (labels unchanged), exactly as it would alone; runs are taken in groups
+    whose size depends only on N and K (so a run's numbers do not depend on R), and every op of a group is one
+    batched op: about the per-op cost of one run for all of them (the small-problem regime of PERFORMANCE.md).
+    """
+    runs, k = seeds.shape[0], seeds.shape[1]
+    group = max(1, _LLOYD_ELEMENTS // max(1, x.shape[0] * k))
+    out = [_lloyd_group(x, part, iterations) for part in seeds.split(group)]
+    return torch.cat([c for c, _ in out]), torch.cat([lab for _, lab in out])
+
+
+def _lloyd_group(x: Tensor, centers: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
+    runs, k = centers.shape[0], centers.shape[1]
+    xs = x.expand(runs, *x.shape)
+    labels = torch.cdist(xs, centers).argmin(-1)  # (R, N)
+    running = torch.ones(runs, dtype=torch.bool, device=x.device)
     for _ in range(iterations):
-        one_hot = torch.nn.functional.one_hot(labels, num_components).to(x.dtype)  # (N, K)
-        counts = one_hot.sum(0)
-        sums = one_hot.T @ x
-        centers = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centers)
-        new_labels = torch.cdist(x, centers).argmin(-1)
-        if torch.equal(new_labels, labels):
+        one_hot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # (R, N, K)
+        counts = one_hot.sum(1)  # (R, K)
+        sums = one_hot.transpose(1, 2) @ xs
+        moved = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centers)
+        centers = torch.where(running[:, None, None], moved, centers)
+        new_labels = torch.cdist(xs, centers).argmin(-1)
+        still = running & (new_labels != labels).any(-1)  # a run whose labels did not change has converged
+        labels = torch.where(still[:, None], new_labels, labels)
+        running = still
+        if not bool(running.any()):
             break
-        labels = new_labels
     return centers, labels
 
 
@@ -110,8 +132,9 @@ def _kmeans_start(model, xs: Tensor, base: Tensor, g: torch.Generator, clamp: fl
     zs = coords.data(xs)
     judge = MixtureModel(k, d, "full", dtype=torch.float64, device=xs.device)
     best = None
-    for _ in range(_KMEANS_SEEDINGS):
-        centers, labels = kmeans(zs, k, g)
+    # every seeding first (the draws from g in the order of one run after the other), then all Lloyd runs at once
+    runs = lloyd(zs, torch.stack([kmeans_plus_plus(zs, k, g) for _ in range(_KMEANS_SEEDINGS)]))
+    for centers, labels in zip(*runs, strict=True):
         means = centers * coords.scale + coords.shift
         resp = torch.nn.functional.one_hot(labels, k).double()
         start = means, scatter_covariances(xs, resp, means, base.to(xs.device), d + 1.0), (resp.sum(0) + 1) / (len(xs) + k)
