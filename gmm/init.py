@@ -86,8 +86,7 @@ def lloyd(x: Tensor, seeds: Tensor, iterations: int = _KMEANS_ITERATIONS) -> tup
     whose size depends only on N and K (so a run's numbers do not depend on R), and every op of a group is one
     batched op: about the per-op cost of one run for all of them (the small-problem regime of PERFORMANCE.md).
     """
-    runs, k = seeds.shape[0], seeds.shape[1]
-    group = max(1, _LLOYD_ELEMENTS // max(1, x.shape[0] * k))
+    group = max(1, _LLOYD_ELEMENTS // max(1, x.shape[0] * seeds.shape[1]))
     out = [_lloyd_group(x, part, iterations) for part in seeds.split(group)]
     return torch.cat([c for c, _ in out]), torch.cat([lab for _, lab in out])
 

@@ -209,12 +209,8 @@ class _Population:
         self.resets = torch.tensor([[m.opts.reset] for m in self.members], device=model.device)  # (B, 1)
         # each member's recovery threshold in raw units, as its Recovery makes it, stacked to (B, 1, m)
         view = self.stepper.floor_view
-        self.above = torch.stack(
-            [
-                torch.as_tensor(model.family.raw_floor(RECOVERY_FLOOR_FACTOR * m.clamp), dtype=view.dtype).expand(view.shape[-1])
-                for m in self.members
-            ]
-        ).unsqueeze(1)
+        above = [model.family.raw_floor(RECOVERY_FLOOR_FACTOR * m.clamp) for m in self.members]
+        self.above = torch.stack([torch.as_tensor(a, dtype=view.dtype).expand(view.shape[-1]) for a in above]).unsqueeze(1)
         self.z = z
         dev = model.device
         self.base_mixture = torch.tensor([m.opts.mixture_lr for m in self.members], dtype=torch.float64, device=dev)

@@ -310,3 +310,19 @@ def test_mlflow_conventions_experiment_kind_logged_model_and_dataset(finished, t
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.name == "generated" and result.fingerprint.startswith(dataset.dataset.digest)
     assert client.get_run(result.run_id).data.params["components"] == "3"  # each param once
+
+
+def test_runs_after_their_experiment_was_deleted_land_in_it_restored(mlflow_uri):
+    """tracked_run remembers each experiment's id (one store query per process, not per run); an experiment
+    deleted meanwhile is looked up, and restored, again."""
+    from experiments.tracking import tracked_run
+
+    with tracked_run(mlflow_uri, "kept") as (client, first):
+        pass
+    experiment = client.get_run(first).info.experiment_id
+    client.delete_experiment(experiment)
+    with tracked_run(mlflow_uri, "kept") as (client, second):
+        pass
+    assert client.get_run(second).info.experiment_id == experiment
+    assert client.get_experiment(experiment).lifecycle_stage == "active"
+    assert client.get_run(second).info.status == "FINISHED"
