@@ -45,8 +45,8 @@ MUTANTS = [  # (rule broken, file, line as it is, line as the mutant has it, tes
     (
         "every component reported clamped when any one is",
         "gmm/recovery.py",
-        "for c in clamped.nonzero()[:, 0].tolist():",
-        "for c in range(clamped.shape[0]):",
+        "for c in clamped.nonzero()[:, 0].tolist()]",
+        "for c in range(clamped.shape[0])]",
         ["tests/test_collapse.py"],
     ),
     (
@@ -55,6 +55,20 @@ MUTANTS = [  # (rule broken, file, line as it is, line as the mutant has it, tes
         "acted = (smallest < clamp).nonzero()[:, 0].tolist()",
         "acted = []",
         ["tests/test_collapse.py", "tests/test_em.py"],
+    ),
+    (
+        "a population member's reset ignores the responsibility mass",
+        "gmm/population.py",
+        "for i, c in (touched & self.resets & (mass < self.min_mass)).nonzero().tolist():",
+        "for i, c in (touched & self.resets).nonzero().tolist():",
+        ["tests/test_population.py"],
+    ),
+    (
+        "a population member's component counts as recovered once any floored entry is off the floor",
+        "gmm/population.py",
+        "off = (self.stepper.floor_view > self.above).all(-1).tolist()",
+        "off = (self.stepper.floor_view > self.above).any(-1).tolist()",
+        ["tests/test_population.py"],
     ),
     (
         "verify tolerance widened 1e-3 -> 1.0",

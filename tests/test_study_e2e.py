@@ -234,3 +234,48 @@ def test_batched_and_one_at_a_time_studies_record_every_trial_and_agree(tmp_path
         trial_runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=100)
         assert len(fits) == 2 * len(trial_runs) and all(r.info.status == "FINISHED" for r in fits + trial_runs)
         assert all(len(client.get_metric_history(r.info.run_id, "nll/val")) >= 2 for r in fits)
+
+
+@pytest.mark.slow
+def test_a_killed_batch_is_failed_and_retried_whole(tmp_path):
+    # a worker killed while it fits a batch of 3 leaves 3 RUNNING trials; the next invocation with --retries 1
+    # fails each of them as stale, queues a copy of each (same parameters) and fits the copies as its batch
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*_args(tmp_path, uri, 3), "--batch", "3", "--retries", "1", "--pruner", "none"]
+    slow = list(args)
+    slow[slow.index("40")] = "100000"  # long fits: the batch is surely running when the worker dies
+    cmd = [sys.executable, "-m", "studies.run", *slow]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the study ended before it could be killed"
+            try:
+                if sum(t.state == TrialState.RUNNING for t in _study(tmp_path).trials) == 3:
+                    break
+            except (KeyError, FileNotFoundError, ValueError):  # the journal or the study is not there yet
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the batch did not start in time")
+        time.sleep(1.0)  # into the fits
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    killed = {t.number: t.params for t in _study(tmp_path).trials}
+    assert len(killed) == 3
+    assert main(args) == 0
+    trials = _study(tmp_path).trials
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+    assert [t.state for t in trials[:3]] == [TrialState.FAIL] * 3
+    try:  # Optuna >= 4.9 renamed it
+        from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+    except ImportError:
+        from optuna.storages import RetryFailedTrialCallback as Retry
+    retried = {Retry.retried_trial_number(t): t for t in trials[3:]}
+    assert sorted(retried) == [0, 1, 2], [t.system_attrs for t in trials]
+    assert all(retried[n].params == params for n, params in killed.items())
+    assert all(t.state == TrialState.COMPLETE for t in retried.values()), [t.state for t in retried.values()]
+    assert all(r.info.status != "RUNNING" for r in _runs(uri, "trial") + _runs(uri, "fit"))
