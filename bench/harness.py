@@ -1,7 +1,7 @@
 """The harness with and without populations, timed in one run: a study (`--batch B` against `--batch 1`) and a
 seed report (a family's seeds as one population against `--one-by-one`).
 
-    python -m bench.harness                 # full study, 40 trials, batch 8 vs 1; report FAMILY=all SEEDS=10
+    python -m bench.harness                 # full study, 40 trials, --batch 16 (the default) vs 1; report all x 10 seeds
     python -m bench.harness --quick         # 8 trials; report full x 4 seeds
     python -m bench.harness --only study    # or --only report
 
@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from studies.run import DEFAULT_BATCH
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 4.0
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("study", "report"), help="one of the two")
     parser.add_argument("--family", default="full", help="the study's family (default full)")
     parser.add_argument("--trials", type=int, help="study trials (default 40, quick 8)")
-    parser.add_argument("--batch", type=int, default=8, help="the batched study's --batch (default 8)")
+    batch_help = f"the batched study's --batch (default {DEFAULT_BATCH}, the study's)"
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=batch_help)
     args = parser.parse_args(argv)
     trials = args.trials or (8 if args.quick else 40)
     report_family, seeds = ("full", 4) if args.quick else ("all", 10)

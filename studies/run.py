@@ -54,7 +54,7 @@ from .study import run_study
 from .summary import BEST_DIR, fit_best_hint, format_table
 
 DEFAULT_TRIALS = 40
-DEFAULT_BATCH = 8  # trials per population (--batch); see the README's study timings for the measurement
+DEFAULT_BATCH = 16  # trials per population (--batch); the README's Benchmarks give the measurement (8 vs 16 vs 1)
 DEFAULT_ITERATIONS = 1000
 DEFAULT_EVAL_EVERY = 50
 DEFAULT_TIMEOUT = 480.0  # seconds per family: with start-up and the closing plots, one family stays under 10 minutes
