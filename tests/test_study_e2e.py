@@ -125,31 +125,37 @@ def test_two_worker_processes_account_for_every_trial(tmp_path):
     assert all(r.info.status != "RUNNING" for r in _runs(uri, "trial") + _runs(uri, "fit"))
 
 
-@pytest.mark.slow
-def test_a_killed_worker_leaves_no_running_trial(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _args(tmp_path, uri, 50)
-    args[args.index("40")] = "100000"  # long fits: the worker is surely mid-trial when it dies
+def _kill_worker_when(tmp: Path, args: list[str], ready, settle: float = 0.0) -> None:
+    """Start `studies.run args` in a process and SIGKILL it once `ready(trials)` holds (`settle` s later)."""
     cmd = [sys.executable, "-m", "studies.run", *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert proc.poll() is None, "the study ended before it could be killed"
-            if (tmp_path / "journal.log").exists():
+            if (tmp / "journal.log").exists():
                 try:
-                    if any(t.state == TrialState.RUNNING for t in _study(tmp_path).trials):
+                    if ready(_study(tmp).trials):
                         break
                 except KeyError:  # the study is not created yet
                     pass
             time.sleep(0.3)
         else:
-            raise AssertionError("no trial started in time")
+            raise AssertionError("the trials did not start in time")
+        time.sleep(settle)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_no_running_trial(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _args(tmp_path, uri, 50)
+    args[args.index("40")] = "100000"  # long fits: the worker is surely mid-trial when it dies
+    _kill_worker_when(tmp_path, args, lambda trials: any(t.state == TrialState.RUNNING for t in trials))
     assert any(t.state == TrialState.RUNNING for t in _study(tmp_path).trials)
     args[args.index("50")] = "0"  # the next invocation fails the dead worker's trial before adding any
     assert main(args) == 0
@@ -244,26 +250,8 @@ def test_a_killed_batch_is_failed_and_retried_whole(tmp_path):
     args = [*_args(tmp_path, uri, 3), "--batch", "3", "--retries", "1", "--pruner", "none"]
     args[args.index("40")] = "6000"  # a batch's fit takes seconds: it is surely running when the worker dies
     args += ["--datasets", f"{FAMILY}-separated", "--no-plots"]
-    cmd = [sys.executable, "-m", "studies.run", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "the study ended before it could be killed"
-            try:
-                if sum(t.state == TrialState.RUNNING for t in _study(tmp_path).trials) == 3:
-                    break
-            except (KeyError, FileNotFoundError, ValueError):  # the journal or the study is not there yet
-                pass
-            time.sleep(0.3)
-        else:
-            raise AssertionError("the batch did not start in time")
-        time.sleep(0.5)  # into the fit
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
+    batch_running = lambda trials: sum(t.state == TrialState.RUNNING for t in trials) == 3  # noqa: E731
+    _kill_worker_when(tmp_path, args, batch_running, settle=0.5)  # 0.5 s into the batch's fit
     killed = {t.number: t.params for t in _study(tmp_path).trials}
     assert len(killed) == 3 and all(t.state == TrialState.RUNNING for t in _study(tmp_path).trials)
     assert main(args) == 0
