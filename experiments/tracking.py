@@ -351,8 +351,9 @@ def tracked_run(
     uri = resolve_tracking_uri(tracking_uri)
     client = get_client(uri)
     where = (uri, experiment_name, artifact_location)
-    experiment_id = _experiments.get(where) or ensure_experiment(client, experiment_name, artifact_location, uri)
-    _experiments[where] = experiment_id
+    if where not in _experiments:
+        _experiments[where] = ensure_experiment(client, experiment_name, artifact_location, uri)
+    experiment_id = _experiments[where]
     extra = {k: v[:_MAX_TAG_CHARS] for k, v in redact_mapping(tags or {}).items()}
     all_tags = {**repro_tags(), **extra, **heartbeat_tags()}
     if parent_run_id is not None:

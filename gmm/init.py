@@ -70,12 +70,6 @@ def kmeans_plus_plus(x: Tensor, num_components: int, g: torch.Generator) -> Tens
     return torch.stack(centers)
 
 
-def kmeans(x: Tensor, num_components: int, g: torch.Generator, iterations: int = _KMEANS_ITERATIONS):
-    """Lloyd's algorithm from k-means++ seeds. Returns (centers (K, D), labels (N,))."""
-    centers, labels = lloyd(x, kmeans_plus_plus(x, num_components, g)[None], iterations)
-    return centers[0], labels[0]
-
-
 _LLOYD_ELEMENTS = 1 << 23  # runs x N x K distances held at once by `lloyd` (64 MiB in float64)
 
 

@@ -318,10 +318,11 @@ class _Population:
             return
         clamped, smallest = hit  # (B, K')
         running = torch.tensor([[m.running] for m in self.members], device=clamped.device)
-        pairs = (clamped & running).nonzero().tolist()
+        acting = clamped & running  # a stopped member's entries are floored but it records nothing more
+        pairs = acting.nonzero().tolist()
         if not pairs:
             return
-        ratios = smallest[clamped & running].tolist()
+        ratios = smallest[acting].tolist()
         shared = self.model.family.shared
         new: dict[int, list[FitEvent]] = {}
         for (i, c), ratio in zip(pairs, ratios, strict=True):
@@ -330,7 +331,7 @@ class _Population:
         mass = None
         if any(self.members[i].opts.reset for i in new):
             mass = self.stepper.mass()  # (B, K)
-            touched = (clamped & running).expand_as(mass) if shared else clamped & running
+            touched = acting.expand_as(mass) if shared else acting
             for i, c in (touched & self.resets & (mass < self.min_mass)).nonzero().tolist():
                 collapsed.setdefault(i, []).append(c)
         for i, events in new.items():
