@@ -48,6 +48,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -172,6 +173,18 @@ class Dataset:
     @property
     def num_dims(self) -> int:
         return int(self.train.shape[1])
+
+    @cached_property
+    def _true_nlls(self) -> dict[str, float]:
+        if self.mock is None:
+            return {}
+        truth = self.mock.true_model(dtype=torch.float64)
+        return {s: truth.nll(getattr(self, s).double()) for s in ("train", "val") if len(getattr(self, s))}
+
+    def true_nll(self, split: str) -> float:
+        """The NLL of the generating mixture on split "train" or "val", in float64 (nan for a data file or an
+        empty split); computed once per dataset: every run of a population or study on it reads the same."""
+        return self._true_nlls.get(split, math.nan)
 
 
 def _named() -> dict[str, DataSpec]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -103,19 +102,11 @@ class Measured:
     train: torch.Tensor
     val: torch.Tensor
 
-    @cached_property
-    def true_model(self) -> gmm.MixtureModel | None:
-        """The generating mixture in float64 (None for a data file)."""
-        import torch
-
-        return self.data.mock.true_model(dtype=torch.float64) if self.data.mock is not None else None
-
     def val_nll(self, model: gmm.MixtureModel | None) -> float:
         return model.nll(self.val) if model is not None and self.val.shape[0] else NAN
 
     def true_nll(self, split: str) -> float:
-        points = getattr(self.data, split)
-        return self.true_model.nll(points.double()) if self.true_model is not None and points.shape[0] else NAN
+        return self.data.true_nll(split)
 
     def recovery_error(self, model: gmm.MixtureModel | None) -> float:
         truth = self.data.mock

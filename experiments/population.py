@@ -86,7 +86,9 @@ def run_population(
         raise TypeError("configs must be a non-empty sequence of ExperimentConfig")
     options = population_options(configs)
     uri = resolve_tracking_uri(tracking_uri)
-    datas = [load_dataset(c.data_spec()) for c in configs]
+    specs = [c.data_spec() for c in configs]
+    loaded = {spec: load_dataset(spec) for spec in dict.fromkeys(specs)}  # once each: members share tensors, true NLLs
+    datas = [loaded[spec] for spec in specs]
     count = len(configs)
     parents = list(parent_run_ids) if isinstance(parent_run_ids, (list, tuple)) else [parent_run_ids] * count
     names = list(run_names) if run_names is not None else [default_run_name(c, d) for c, d in zip(configs, datas)]  # noqa: B905

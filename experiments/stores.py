@@ -7,7 +7,8 @@
      connection, a server that accepts and never answers, or a server that is not MLflow fail at once;
    - a SQLite file must be a complete SQLite database (not truncated or overwritten), with MLflow's schema
      complete (a store left half-built by an interrupted older version is named, with the fix), in a folder
-     this process can write.
+     this process can write. What a writer killed mid-transaction left in its journal is rolled back first,
+     as SQLite itself would, so the store is judged on what was committed.
 2. **Create** a new SQLite store atomically: its tables are built in a hidden temporary file next to it,
    which is renamed into place only when complete (the rename is one system call), under a lock on the
    folder so that concurrent first uses take turns. Ctrl-C, SIGTERM or SIGKILL at any point leaves either no
@@ -151,6 +152,7 @@ def check_sqlite(db: Path) -> bool:
         return False
     if not os.access(db, os.R_OK | os.W_OK):
         raise StoreError(f"MLflow store {db} is read-only; make it writable (chmod u+w {db}) or give another --tracking-uri")
+    _roll_back_hot_journal(db)
     with open(db, "rb") as f:
         header = f.read(100)
     if len(header) < 100 or not header.startswith(_SQLITE_HEADER):
@@ -181,6 +183,24 @@ def check_sqlite(db: Path) -> bool:
             f"holds no runs; {_move_away(db, 'broken')}"
         )
     return True  # an older schema with runs: MLflow itself says to run `mlflow db upgrade`
+
+
+def _roll_back_hot_journal(db: Path) -> None:
+    """Let SQLite roll back what a writer killed mid-transaction left in `<db>-journal`, before `db` is read.
+
+    SQLite does that itself on a writable connection's first read; the checks below read the file's bytes and
+    open it read-only, which would see the half-written pages (or fail with "attempt to write a readonly
+    database") and call a sound store corrupt. A journal of a live writer is not touched: SQLite rolls back
+    only a journal whose writer holds no lock, and otherwise this read waits for it (up to 30 s).
+    """
+    journal = db.with_name(db.name + "-journal")
+    if not journal.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=30)) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as err:
+        raise StoreError(f"MLflow store {db} cannot be read ({err}); {_move_away(db, 'corrupt')}") from None
 
 
 def check_store(uri: str) -> bool:

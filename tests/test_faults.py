@@ -370,6 +370,37 @@ def complete_store(tmp_path_factory) -> Path:
     return db
 
 
+_KILLED_MID_WRITE = """
+import os, signal, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA cache_size = 2")  # the transaction spills pages into the database file: its journal is hot
+con.execute("BEGIN IMMEDIATE")
+con.execute("CREATE TABLE half_written (x BLOB)")
+con.executemany("INSERT INTO half_written VALUES (randomblob(4096))", [()] * 64)
+con.execute("UPDATE experiments SET name = 'half-renamed'")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_store_whose_writer_was_killed_mid_transaction_is_rolled_back_and_used(tmp_path, complete_store):
+    # a SIGKILL inside one of MLflow's write transactions leaves a hot journal next to the store; the next
+    # command must roll it back (as any SQLite writer does), not call the store corrupt or read-only
+    db = tmp_path / "mlflow.db"
+    shutil.copy(complete_store, db)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(db)], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    journal = db.with_name("mlflow.db-journal")
+    assert journal.exists() and journal.stat().st_size > 0  # the state under test: a hot journal
+    assert check_sqlite(db) is True
+    client = stores.open_store(f"sqlite:///{db}", lambda u: MlflowClient(tracking_uri=u))
+    assert client.get_experiment("0").name == "Default"  # the killed transaction's changes are gone
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        assert not con.execute("SELECT name FROM sqlite_master WHERE name = 'half_written'").fetchall()
+    run = client.create_run("0")
+    client.set_terminated(run.info.run_id)
+    assert not journal.exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
 def test_a_corrupt_mlflow_db_gives_one_line(tmp_path, complete_store, damage, capsys):
     db = tmp_path / "bad" / "mlflow.db"
