@@ -16,6 +16,9 @@ Metrics go through `MlflowClient.log_batch`, at most 1000 per call (the store's 
 writes about 4,000-5,000 metric values per second, so the runner keeps curves to a few hundred points by
 default (see experiments.config `log_every`).
 
+Inside `write_behind(uri)` (a study's trial loop), `get_client(uri)` returns an experiments.writer client: a
+helper process makes the writes in order while this process fits, and they are all made when the block ends.
+
 MLflow is imported only here and in experiments.run (never in gmm/). Importing this module changes nothing
 in the process. `configure_mlflow()` (called by the command-line entry points and by the first `get_client`)
 turns MLflow's telemetry off (no network) and bounds its HTTP retries; while `get_client` opens a store, the
@@ -59,6 +62,7 @@ from .stores import (
     open_store,
     sqlite_path,
 )
+from .writer import WriteBehindClient
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +167,57 @@ def _quiet_store_opening() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-@functools.lru_cache(maxsize=16)
 def get_client(uri: str) -> MlflowClient:
     """One MlflowClient per URI and process, for a store checked, created if new, and swept of dead runs.
 
     The first call per URI runs experiments.stores.open_store: a dead or silent tracking server, a corrupt,
     half-built or read-only SQLite store raise StoreError (a ValueError, one line) within seconds; a new
     SQLite store is built atomically, safe against signals and against concurrent first use; RUNNING runs of
-    dead processes are ended KILLED. Runs `configure_mlflow` first.
+    dead processes are ended KILLED. Runs `configure_mlflow` first. Inside `write_behind(uri)`, the client
+    whose writes a helper process makes.
     """
+    return _write_behind.get(uri) or _open_client(uri)
+
+
+@functools.lru_cache(maxsize=16)
+def _open_client(uri: str) -> MlflowClient:
     configure_mlflow()
     with _quiet_store_opening():
         return open_store(uri, lambda u: MlflowClient(tracking_uri=u))
+
+
+_write_behind: dict[str, WriteBehindClient] = {}
+
+
+@contextmanager
+def write_behind(tracking_uri: str | None = None) -> Iterator[None]:
+    """Within the block, a helper process makes the tracking writes to the SQLite store `tracking_uri`
+    (experiments.writer); they are all made when the block ends, however it ends. A no-op for a tracking
+    server, in a worker process, inside another such block for the same store, or with $GMM_WRITE_BEHIND=0."""
+    import multiprocessing
+
+    uri = resolve_tracking_uri(tracking_uri)
+    if (
+        sqlite_path(uri) is None
+        or uri in _write_behind
+        or multiprocessing.parent_process() is not None
+        or os.environ.get("GMM_WRITE_BEHIND", "1") == "0"
+    ):
+        yield
+        return
+    from .unsent import UNSENT_DIR
+
+    unsent = Path(os.environ.get("GMM_UNSENT_DIR") or PROJECT_ROOT / UNSENT_DIR)
+    client = WriteBehindClient(_open_client(uri), uri, unsent)
+    _write_behind[uri] = client
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        del _write_behind[uri]
+        with deferred_signals(reraise=completed):  # a second Ctrl-C does not cut the last writes short
+            client.close()
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None) -> str:

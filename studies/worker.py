@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
+from experiments.tracking import write_behind
+
 from .logs import configure_logging
 from .progress import Progress
 from .sampling import make_pruner, make_sampler
@@ -73,6 +75,7 @@ def optimize(job: WorkerJob, callbacks: list | None = None) -> None:
     )
     objective = Objective(job.settings, job.tracking_uri, job.experiment, job.parent_run_id, job.study_name)
     with contextlib.ExitStack() as restore:
+        restore.enter_context(write_behind(job.tracking_uri))  # a helper process makes the MLflow writes
         restore.callback(torch.set_num_threads, torch.get_num_threads())
         torch.set_num_threads(job.threads)
         if job.batch > 1:

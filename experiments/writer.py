@@ -1,0 +1,239 @@
+"""Write-behind tracking: a helper process makes the MLflow writes of a study's or a report's runs while this
+process fits the next ones.
+
+A batched study spends about a quarter of its trials phase in MLflow's SQLite store (about 60 ms of
+SQLAlchemy work per run: its curve, events.csv, tags, its end), all of it in the one thread that also fits,
+while the second core idles: a small fit runs in one thread. Within `experiments.tracking.write_behind(uri)`,
+`get_client(uri)` returns a `WriteBehindClient`: the writes (`WRITES`) are sent through a pipe to a helper
+process, which makes them in order with its own MlflowClient; the rest is called here, and every read first
+waits for the writes sent before it (so a read sees them).
+
+What it keeps (tests/test_writer.py):
+- **Order and completeness.** One pipe, one helper, one call at a time: the store receives the writes in the
+  order they were made; `drain()` returns once every write sent before it is made. A run is ended by its
+  `set_terminated`, which comes after the run's other writes.
+- **A killed parent loses nothing it sent.** A write is in the pipe (the kernel's buffer) when its call
+  returns here; if this process dies (SIGKILL included), the helper makes what the pipe holds, then exits.
+  Ctrl-C and SIGTERM do not stop the helper (it ignores them): the parent ends its runs KILLED, and the helper
+  makes those writes too. The runs of a killed parent are ended KILLED by the next command (heartbeats).
+- **A failed write is kept, not dropped.** The helper retries a write that fails once, then logs one line
+  and appends it to `<unsent dir>/writes-<pid>.jsonl` (experiments.unsent's folder), to be read by hand.
+- **A helper that dies** (killed on its own): the next call here notices, logs one line, and makes every
+  later write itself; the writes the helper had not made are named in that line by count.
+
+Only SQLite stores, and only in the process that owns the block: a worker process of `--jobs` writes itself
+(it has its own core), and so does a tracking server (HTTP: its own retries and keep-locally rules apply).
+$GMM_WRITE_BEHIND=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# the MlflowClient methods the helper makes; they return nothing the caller uses
+WRITES = frozenset(
+    {"log_batch", "log_text", "log_dict", "log_inputs", "log_param", "log_metric", "set_tag", "delete_tag", "set_terminated"}
+)
+# called here without waiting: they neither read nor depend on what a pending write changes (a run's artifact
+# location, an experiment, a new run id)
+DIRECT = frozenset(
+    {"create_run", "create_experiment", "get_experiment", "get_experiment_by_name", "restore_experiment",
+     "search_experiments", "log_artifact", "log_artifacts", "log_figure", "log_image"}
+)  # fmt: skip
+_DRAIN, _CLOSE = "__drain__", "__close__"
+RETRY_SECONDS = 1.0
+
+
+class WriteBehindClient:
+    """An MlflowClient whose writes a helper process makes (see the module docstring)."""
+
+    def __init__(self, client, uri: str, unsent_dir: Path):
+        from multiprocessing.connection import Connection
+
+        self._client, self._uri = client, uri
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        path = Path(unsent_dir) / f"writes-{os.getpid()}.jsonl"
+        # its own interpreter (no forked SQLite connections, none of this program's imports); stdin and stdout
+        # are its pipes, its stderr is ours; same process group: Ctrl-C reaches it too, and it ignores it
+        command = [sys.executable, "-m", "experiments.writer", uri, str(path)]
+        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        _widen(self._proc.stdin)
+        self._send = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
+        self._replies = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
+        self._proc.stdin.close()
+        self._proc.stdout.close()
+        self._lock = threading.Lock()  # the heartbeat threads write too
+        self._sent = 0  # writes sent since the last drain
+        self._alive = True
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if name in WRITES:
+            return functools.partial(self._write, name)
+        if name not in DIRECT and callable(attr):
+            self.drain()  # a read sees every write sent before it
+        return attr
+
+    def _write(self, name: str, *args, **kwargs) -> None:
+        with self._lock:
+            if self._alive:
+                try:
+                    self._send.send((name, args, kwargs))
+                    self._sent += 1
+                    return
+                except (BrokenPipeError, OSError):
+                    self._lost()
+        getattr(self._client, name)(*args, **kwargs)
+
+    def _lost(self) -> None:
+        """The helper is gone: later writes are made here (called with the lock held)."""
+        self._alive = False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=1)
+        log.error(
+            "the MLflow writer process ended (exit code %s) with up to %d writes sent since the last drain; "
+            "this process makes the writes from now on",
+            self._proc.returncode, self._sent,
+        )  # fmt: skip
+
+    def drain(self) -> int:
+        """Wait until the helper has made every write sent so far; returns how many of them failed (each is
+        logged and kept, see the module docstring)."""
+        with self._lock:
+            if not self._alive or not self._sent:
+                return 0
+            try:
+                self._send.send((_DRAIN, (), {}))
+                while not self._replies.poll(0.5):
+                    if self._proc.poll() is not None:
+                        raise EOFError
+                failed = self._replies.recv()
+            except (BrokenPipeError, EOFError, OSError):
+                self._lost()
+                return 0
+            self._sent = 0
+            return failed
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain, then stop the helper (it exits once the pipe is empty)."""
+        self.drain()
+        with self._lock:
+            if self._alive:
+                self._alive = False
+                try:
+                    self._send.send((_CLOSE, (), {}))
+                except OSError:
+                    pass
+            self._send.close()
+            self._replies.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout)
+
+
+PIPE_BYTES = 1 << 20  # a population's closing writes (about 15 KB a run) fit in the pipe: no wait for the helper
+
+
+def _widen(conn) -> None:
+    """Grow the pipe's kernel buffer from 64 KiB to PIPE_BYTES where the system allows it (Linux), so a burst
+    of writes does not wait for the helper; elsewhere, or above /proc/sys/fs/pipe-max-size, it stays."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+# -- the helper process -------------------------------------------------------------------------------------
+def serve(uri: str, recv, replies, path: Path) -> None:
+    """The helper's loop: make each write in order; answer drains with the number of failed writes; exit on
+    close or when the parent is gone (ended or died), after the writes the pipe still held."""
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import configure_mlflow
+
+    configure_mlflow()
+    client = MlflowClient(tracking_uri=uri)
+    failed = 0
+    while True:
+        try:
+            name, args, kwargs = recv.recv()
+        except EOFError:  # the parent is gone, and so is everything it sent
+            return
+        if name == _CLOSE:
+            return
+        if name == _DRAIN:
+            try:
+                replies.send(failed)
+            except OSError:
+                return
+            failed = 0
+            continue
+        failed += not _make(client, name, args, kwargs, path)
+
+
+def _make(client, name: str, args: tuple, kwargs: dict, path: Path) -> bool:
+    for attempt in range(2):
+        try:
+            getattr(client, name)(*args, **kwargs)
+            return True
+        except Exception as err:  # noqa: BLE001  (kept and reported below; the next write goes on)
+            error = err
+            if attempt == 0:
+                time.sleep(RETRY_SECONDS)
+    from .redact import redact
+
+    run_id = args[0] if args else kwargs.get("run_id", "?")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"method": name, "args": args, "kwargs": kwargs}, default=_jsonable) + "\n")
+        kept = f"kept in {path}"
+    except OSError as err:
+        kept = f"and could not be kept ({err})"
+    print(
+        f"MLflow writer: {name} of run {run_id} failed twice: {redact(' '.join(str(error).split()))[:300]}; {kept}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
+
+
+def _jsonable(obj):
+    """MLflow entities (Metric, Param, RunTag, DatasetInput) as their fields."""
+    to_dict = getattr(obj, "to_dictionary", None)
+    if callable(to_dict):
+        return to_dict()
+    return getattr(obj, "__dict__", repr(obj))
+
+
+def main(argv: list[str]) -> int:
+    """python -m experiments.writer URI UNSENT_FILE: serve the pipes on stdin and stdout (started by
+    WriteBehindClient; not a command for people)."""
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C / SIGTERM ends its runs, through here
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    uri, path = argv
+    recv = Connection(os.dup(0), writable=False)
+    replies = Connection(os.dup(1), readable=False)
+    os.dup2(2, 1)  # whatever MLflow prints goes to stderr, not into the replies
+    serve(uri, recv, replies, Path(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""Write-behind tracking (experiments.writer): a helper process makes a block's MLflow writes, in order, and
+loses none of them when this process is killed, interrupted, or the helper itself dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from experiments.tracking import get_client, tracked_run, write_behind
+from experiments.writer import WriteBehindClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _curve(n: int = 300) -> list[Metric]:
+    return [Metric("nll/train", float(i) / 7, 1_700_000_000_000 + i, i) for i in range(n)]
+
+
+def test_writes_inside_the_block_land_in_order_and_reads_see_them(mlflow_uri):
+    with write_behind(mlflow_uri):
+        with tracked_run(mlflow_uri, "wb", run_name="a") as (client, run_id):
+            assert isinstance(client, WriteBehindClient)
+            client.log_batch(run_id, metrics=_curve())
+            client.set_tag(run_id, "t", "1")
+            client.set_tag(run_id, "t", "2")  # the later write wins: they are made in order
+            client.log_text(run_id, "a,b\n", "events.csv")
+            seen = client.get_run(run_id)  # a read waits for the writes before it
+            assert seen.data.metrics["nll/train"] == pytest.approx(299 / 7) and seen.data.tags["t"] == "2"
+    # after the block: every write made, the run ended, the helper gone; the client is a plain one again
+    raw = MlflowClient(mlflow_uri)
+    run = raw.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["t"] == "2"
+    assert len(raw.get_metric_history(run_id, "nll/train")) == 300
+    assert not isinstance(get_client(mlflow_uri), WriteBehindClient)
+    assert client._proc.poll() == 0
+
+
+def test_a_write_that_fails_is_kept_and_counted_and_the_next_ones_go_on(mlflow_uri, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("GMM_UNSENT_DIR", str(tmp_path / "unsent"))
+    with write_behind(mlflow_uri):
+        with tracked_run(mlflow_uri, "wb") as (client, run_id):
+            client.log_batch("0" * 32, metrics=_curve(3))  # no such run: fails in the helper
+            client.set_tag(run_id, "after", "yes")
+            assert client.drain() == 1
+    assert MlflowClient(mlflow_uri).get_run(run_id).data.tags["after"] == "yes"
+    (kept,) = (tmp_path / "unsent").glob("writes-*.jsonl")
+    record = json.loads(kept.read_text())
+    assert record["method"] == "log_batch" and record["args"][0] == "0" * 32
+    assert len(record["kwargs"]["metrics"]) == 3 and record["kwargs"]["metrics"][2]["step"] == 2
+    assert f"log_batch of run {'0' * 32} failed twice" in capfd.readouterr().err
+
+
+def test_a_dead_helper_is_noticed_and_this_process_writes_on(mlflow_uri, caplog):
+    with write_behind(mlflow_uri):
+        with tracked_run(mlflow_uri, "wb") as (client, run_id):
+            client.log_batch(run_id, metrics=_curve(10))
+            client.drain()
+            client._proc.kill()  # the helper dies on its own (OOM, a stray kill)
+            client._proc.wait(timeout=30)
+            client.set_tag(run_id, "after", "yes")  # noticed here: made by this process
+            client.log_batch(run_id, metrics=[Metric("x", 1.0, 0, 0)])
+    assert "the MLflow writer process ended" in caplog.text
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["after"] == "yes" and run.data.metrics["x"] == 1.0
+
+
+_PARENT = """
+import os, signal, sys
+from mlflow.entities import Metric
+from experiments.tracking import tracked_run, write_behind
+uri, how = sys.argv[1], sys.argv[2]
+with write_behind(uri):
+    with tracked_run(uri, "wb") as (client, run_id):
+        print(run_id, flush=True)
+        for k in range(40):  # about 0.5 MB of curves: most are still in the pipe when this process dies
+            client.log_batch(run_id, metrics=[Metric(f"c{k}", float(i), 0, i) for i in range(250)])
+        client.set_tag(run_id, "sent", "all")
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(0, signal.SIGINT)  # Ctrl-C at the terminal: this process and the helper get it
+        signal.pause()
+"""
+
+
+@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
+def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_path, how):
+    get_client(mlflow_uri)  # the store exists before the parent starts
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_PARENT), mlflow_uri, how],
+        capture_output=True, text=True, env=env, timeout=120, start_new_session=True,
+    )  # fmt: skip
+    run_id = proc.stdout.split()[0]
+    raw = MlflowClient(mlflow_uri)
+    deadline = time.monotonic() + 60  # SIGKILL: the orphaned helper finishes what the pipe holds, then exits
+    while time.monotonic() < deadline and raw.get_run(run_id).data.tags.get("sent") != "all":
+        time.sleep(0.2)
+    run = raw.get_run(run_id)
+    assert run.data.tags.get("sent") == "all", proc.stderr[-2000:]
+    assert all(len(raw.get_metric_history(run_id, f"c{k}")) == 250 for k in range(40))
+    if how == "kill":
+        assert proc.returncode == -signal.SIGKILL and run.info.status == "RUNNING"  # ended KILLED by the next command
+    else:
+        assert proc.returncode != 0 and run.info.status == "KILLED"
+        assert run.data.tags["stop_reason"].startswith("interrupted")
