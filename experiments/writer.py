@@ -14,12 +14,14 @@ What it keeps (tests/test_writer.py):
   `set_terminated`, which comes after the run's other writes.
 - **A killed parent loses nothing it sent.** A write is in the pipe (the kernel's buffer) when its call
   returns here; if this process dies (SIGKILL included), the helper makes what the pipe holds, then exits.
-  Ctrl-C and SIGTERM do not stop the helper (it ignores them): the parent ends its runs KILLED, and the helper
-  makes those writes too. The runs of a killed parent are ended KILLED by the next command (heartbeats).
+  The helper runs in its own session, so Ctrl-C at the terminal reaches only this process, which ends its
+  runs KILLED through the helper (it also ignores SIGINT and SIGTERM sent to it). The runs of a killed
+  parent are ended KILLED by the next command (heartbeats).
 - **A failed write is kept, not dropped.** The helper retries a write that fails once, then logs one line
   and appends it to `<unsent dir>/writes-<pid>.jsonl` (experiments.unsent's folder), to be read by hand.
-- **A helper that dies** (killed on its own): the next call here notices, logs one line, and makes every
-  later write itself; the writes the helper had not made are named in that line by count.
+- **A helper that dies** (killed on its own, or before it started): this process keeps every write until the
+  helper acknowledges it, so the next call here notices, logs one line, makes the unacknowledged writes
+  itself (the one the helper was making may be made twice) and every later one.
 
 Only SQLite stores, and only in the process that owns the block: a worker process of `--jobs` writes itself
 (it has its own core), and so does a tracking server (HTTP: its own retries and keep-locally rules apply).
@@ -28,6 +30,7 @@ $GMM_WRITE_BEHIND=0 turns it off.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -67,16 +70,21 @@ class WriteBehindClient:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         path = Path(unsent_dir) / f"writes-{os.getpid()}.jsonl"
         # its own interpreter (no forked SQLite connections, none of this program's imports); stdin and stdout
-        # are its pipes, its stderr is ours; same process group: Ctrl-C reaches it too, and it ignores it
+        # are its pipes, its stderr is ours; its own session: Ctrl-C at the terminal reaches this process only
+        # (which ends its runs KILLED through the helper), also while the helper is still starting
         command = [sys.executable, "-m", "experiments.writer", uri, str(path)]
-        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
+        )
         _widen(self._proc.stdin)
         self._send = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
         self._replies = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
         self._proc.stdin.close()
         self._proc.stdout.close()
         self._lock = threading.Lock()  # the heartbeat threads write too
-        self._sent = 0  # writes sent since the last drain
+        self._seq = 0
+        self._pending: collections.deque = collections.deque()  # (seq, name, args, kwargs) sent, not yet made
+        self._failed = 0
         self._alive = True
 
     def __getattr__(self, name: str):
@@ -91,40 +99,65 @@ class WriteBehindClient:
         with self._lock:
             if self._alive:
                 try:
-                    self._send.send((name, args, kwargs))
-                    self._sent += 1
+                    self._collect()
+                    self._seq += 1
+                    self._send.send((self._seq, name, args, kwargs))
+                    self._pending.append((self._seq, name, args, kwargs))
                     return
-                except (BrokenPipeError, OSError):
+                except (EOFError, OSError):
                     self._lost()
         getattr(self._client, name)(*args, **kwargs)
 
+    def _collect(self, until_drained: bool = False) -> None:
+        """Read the helper's replies: acknowledgements (the last write made) and, with `until_drained`, wait
+        for the answer to a drain. Raises EOFError when the helper is gone."""
+        while True:
+            if not until_drained and not self._replies.poll():
+                return
+            while until_drained and not self._replies.poll(0.5):
+                if self._proc.poll() is not None:
+                    raise EOFError
+            reply = self._replies.recv()
+            if isinstance(reply, int):  # every write up to this one is made
+                while self._pending and self._pending[0][0] <= reply:
+                    self._pending.popleft()
+            else:  # ("drained", failures since the last drain): every write sent before the drain is made
+                self._pending.clear()
+                self._failed += reply[1]
+                return
+
     def _lost(self) -> None:
-        """The helper is gone: later writes are made here (called with the lock held)."""
+        """The helper is gone: the writes it did not acknowledge, and every later one, are made here (called
+        with the lock held). The write it was making when it died may be made twice."""
         self._alive = False
+        with contextlib.suppress(EOFError, OSError):
+            while self._replies.poll():
+                self._collect()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=1)
         log.error(
-            "the MLflow writer process ended (exit code %s) with up to %d writes sent since the last drain; "
-            "this process makes the writes from now on",
-            self._proc.returncode, self._sent,
+            "the MLflow writer process ended (exit code %s); this process makes its %d unmade writes and every "
+            "later one", self._proc.returncode, len(self._pending),
         )  # fmt: skip
+        while self._pending:
+            _, name, args, kwargs = self._pending.popleft()
+            try:
+                getattr(self._client, name)(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001  (one lost write must not stop the others)
+                log.error("could not make %s of run %s either: %s", name, args[0] if args else "?", err)
+                self._failed += 1
 
     def drain(self) -> int:
-        """Wait until the helper has made every write sent so far; returns how many of them failed (each is
-        logged and kept, see the module docstring)."""
+        """Wait until every write sent so far is made; returns how many writes failed since the last drain (each
+        is logged and kept, see the module docstring)."""
         with self._lock:
-            if not self._alive or not self._sent:
-                return 0
-            try:
-                self._send.send((_DRAIN, (), {}))
-                while not self._replies.poll(0.5):
-                    if self._proc.poll() is not None:
-                        raise EOFError
-                failed = self._replies.recv()
-            except (BrokenPipeError, EOFError, OSError):
-                self._lost()
-                return 0
-            self._sent = 0
+            if self._alive and self._pending:
+                try:
+                    self._send.send((0, _DRAIN, (), {}))
+                    self._collect(until_drained=True)
+                except (EOFError, OSError):
+                    self._lost()
+            failed, self._failed = self._failed, 0
             return failed
 
     def close(self, timeout: float | None = None) -> None:
@@ -133,10 +166,8 @@ class WriteBehindClient:
         with self._lock:
             if self._alive:
                 self._alive = False
-                try:
-                    self._send.send((_CLOSE, (), {}))
-                except OSError:
-                    pass
+                with contextlib.suppress(OSError):
+                    self._send.send((0, _CLOSE, (), {}))
             self._send.close()
             self._replies.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -158,31 +189,42 @@ def _widen(conn) -> None:
 
 
 # -- the helper process -------------------------------------------------------------------------------------
+ACK_EVERY = 64  # the helper acknowledges its progress this often, and whenever it has caught up
+
+
 def serve(uri: str, recv, replies, path: Path) -> None:
-    """The helper's loop: make each write in order; answer drains with the number of failed writes; exit on
-    close or when the parent is gone (ended or died), after the writes the pipe still held."""
+    """The helper's loop: make each write in order, acknowledge them, answer drains with the number of failed
+    writes; exit on close or when the parent is gone (ended or died), after the writes the pipe still held."""
     from mlflow.tracking import MlflowClient
 
     from .tracking import configure_mlflow
 
     configure_mlflow()
     client = MlflowClient(tracking_uri=uri)
-    failed = 0
+    failed = made = 0
     while True:
         try:
-            name, args, kwargs = recv.recv()
+            seq, name, args, kwargs = recv.recv()
         except EOFError:  # the parent is gone, and so is everything it sent
             return
-        if name == _CLOSE:
-            return
-        if name == _DRAIN:
-            try:
-                replies.send(failed)
-            except OSError:
+        try:
+            if name == _CLOSE:
                 return
-            failed = 0
-            continue
-        failed += not _make(client, name, args, kwargs, path)
+            if name == _DRAIN:
+                replies.send(("drained", failed))
+                failed = 0
+                continue
+            failed += not _make(client, name, args, kwargs, path)
+            made += 1
+            if made % ACK_EVERY == 0 or not recv.poll():
+                replies.send(seq)
+        except OSError:  # the parent stopped reading: it is gone; make what the pipe still holds
+            replies = _Nowhere()
+
+
+class _Nowhere:
+    def send(self, _obj) -> None:
+        pass
 
 
 def _make(client, name: str, args: tuple, kwargs: dict, path: Path) -> bool:
@@ -225,7 +267,7 @@ def main(argv: list[str]) -> int:
     WriteBehindClient; not a command for people)."""
     from multiprocessing.connection import Connection
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C / SIGTERM ends its runs, through here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a signal to the group: the parent ends its runs, through here
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     uri, path = argv
     recv = Connection(os.dup(0), writable=False)

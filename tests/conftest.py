@@ -11,6 +11,16 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# a study's MLflow writes go through a helper process (experiments.writer), one interpreter start (about 2 s
+# of CPU) per study command: the many small in-process studies of the suite write themselves, and the tests
+# that need the helper turn it on (the `writer_on` fixture: tests/test_writer.py, tests/test_study_e2e.py)
+os.environ.setdefault("GMM_WRITE_BEHIND", "0")
+
+
+@pytest.fixture
+def writer_on(monkeypatch) -> None:
+    """The product's default: a study's MLflow writes made by a helper process (also in child processes)."""
+    monkeypatch.setenv("GMM_WRITE_BEHIND", "1")
 
 
 @pytest.fixture

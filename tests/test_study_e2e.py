@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILY = "isotropic"
 STUDY = f"{FAMILY}-v4"
 TINY = ["--iterations", "40", "--eval-every", "20", "--no-progress"]
+pytestmark = pytest.mark.usefixtures("writer_on")  # the product's default: the helper makes the MLflow writes
 
 
 def _args(tmp: Path, uri: str, trials: int, *extra: str) -> list[str]:

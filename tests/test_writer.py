@@ -20,6 +20,7 @@ from experiments.tracking import get_client, tracked_run, write_behind
 from experiments.writer import WriteBehindClient
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("writer_on")
 
 
 def _curve(n: int = 300) -> list[Metric]:
@@ -60,18 +61,25 @@ def test_a_write_that_fails_is_kept_and_counted_and_the_next_ones_go_on(mlflow_u
     assert f"log_batch of run {'0' * 32} failed twice" in capfd.readouterr().err
 
 
-def test_a_dead_helper_is_noticed_and_this_process_writes_on(mlflow_uri, caplog):
+@pytest.mark.parametrize("when", ["starting", "writing"])
+def test_a_dead_helper_is_noticed_and_its_unmade_writes_are_made_here(mlflow_uri, caplog, when):
+    curve = _curve(300)
     with write_behind(mlflow_uri):
         with tracked_run(mlflow_uri, "wb") as (client, run_id):
-            client.log_batch(run_id, metrics=_curve(10))
-            client.drain()
-            client._proc.kill()  # the helper dies on its own (OOM, a stray kill)
+            if when == "starting":
+                client._proc.kill()  # before the helper made anything (a stray kill, OOM)
+            for start in range(0, 300, 10):
+                client.log_batch(run_id, metrics=curve[start : start + 10])
+            if when == "writing":
+                client._proc.kill()  # with writes in the pipe, some made, some not
             client._proc.wait(timeout=30)
-            client.set_tag(run_id, "after", "yes")  # noticed here: made by this process
+            client.set_tag(run_id, "after", "yes")  # noticed here: the unmade writes and this one are made here
             client.log_batch(run_id, metrics=[Metric("x", 1.0, 0, 0)])
     assert "the MLflow writer process ended" in caplog.text
-    run = MlflowClient(mlflow_uri).get_run(run_id)
+    raw = MlflowClient(mlflow_uri)
+    run = raw.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["after"] == "yes" and run.data.metrics["x"] == 1.0
+    assert {m.step for m in raw.get_metric_history(run_id, "nll/train")} == set(range(300))  # the whole curve
 
 
 _PARENT = """
