@@ -100,30 +100,37 @@ class WriteBehindClient:
             if self._alive:
                 try:
                     self._collect()
-                    self._seq += 1
-                    self._send.send((self._seq, name, args, kwargs))
-                    self._pending.append((self._seq, name, args, kwargs))
+                    self._post(name, args, kwargs)
                     return
                 except (EOFError, OSError):
                     self._lost()
         getattr(self._client, name)(*args, **kwargs)
 
-    def _collect(self, until_drained: bool = False) -> None:
-        """Read the helper's replies: acknowledgements (the last write made) and, with `until_drained`, wait
-        for the answer to a drain. Raises EOFError when the helper is gone."""
+    def _post(self, name: str, args: tuple = (), kwargs: dict | None = None) -> int:
+        """Send one message whole (a signal cannot cut it in two: it is held back until the message is in the
+        pipe) and keep it until the helper acknowledges it; returns its number."""
+        self._seq += 1
+        message = (self._seq, name, args, kwargs or {})
+        with _signals_held():
+            self._pending.append(message)
+            self._send.send(message)
+        return self._seq
+
+    def _collect(self, drain: int | None = None) -> None:
+        """Read the helper's replies: acknowledgements (the number of the last message made); with `drain`,
+        wait for the answer to that drain message. Raises EOFError when the helper is gone."""
         while True:
-            if not until_drained and not self._replies.poll():
+            if drain is None and not self._replies.poll():
                 return
-            while until_drained and not self._replies.poll(0.5):
+            while drain is not None and not self._replies.poll(0.5):
                 if self._proc.poll() is not None:
                     raise EOFError
-            reply = self._replies.recv()
-            if isinstance(reply, int):  # every write up to this one is made
-                while self._pending and self._pending[0][0] <= reply:
-                    self._pending.popleft()
-            else:  # ("drained", failures since the last drain): every write sent before the drain is made
-                self._pending.clear()
-                self._failed += reply[1]
+            with _signals_held():  # a reply is read whole
+                done, failed = self._replies.recv()
+            while self._pending and self._pending[0][0] <= done:
+                self._pending.popleft()
+            self._failed += failed
+            if drain is not None and done >= drain:
                 return
 
     def _lost(self) -> None:
@@ -141,6 +148,8 @@ class WriteBehindClient:
         )  # fmt: skip
         while self._pending:
             _, name, args, kwargs = self._pending.popleft()
+            if name in (_DRAIN, _CLOSE):
+                continue
             try:
                 getattr(self._client, name)(*args, **kwargs)
             except Exception as err:  # noqa: BLE001  (one lost write must not stop the others)
@@ -151,10 +160,9 @@ class WriteBehindClient:
         """Wait until every write sent so far is made; returns how many writes failed since the last drain (each
         is logged and kept, see the module docstring)."""
         with self._lock:
-            if self._alive and self._pending:
+            if self._alive and any(m[1] != _DRAIN for m in self._pending):
                 try:
-                    self._send.send((0, _DRAIN, (), {}))
-                    self._collect(until_drained=True)
+                    self._collect(drain=self._post(_DRAIN))
                 except (EOFError, OSError):
                     self._lost()
             failed, self._failed = self._failed, 0
@@ -167,11 +175,25 @@ class WriteBehindClient:
             if self._alive:
                 self._alive = False
                 with contextlib.suppress(OSError):
-                    self._send.send((0, _CLOSE, (), {}))
+                    self._post(_CLOSE)
             self._send.close()
             self._replies.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held back for the block, in this thread (delivered when it ends), where POSIX allows."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 PIPE_BYTES = 1 << 20  # a population's closing writes (about 15 KB a run) fit in the pipe: no wait for the helper
@@ -207,19 +229,17 @@ def serve(uri: str, recv, replies, path: Path) -> None:
             seq, name, args, kwargs = recv.recv()
         except EOFError:  # the parent is gone, and so is everything it sent
             return
-        try:
-            if name == _CLOSE:
-                return
-            if name == _DRAIN:
-                replies.send(("drained", failed))
-                failed = 0
-                continue
+        if name == _CLOSE:
+            return
+        if name != _DRAIN:
             failed += not _make(client, name, args, kwargs, path)
             made += 1
-            if made % ACK_EVERY == 0 or not recv.poll():
-                replies.send(seq)
-        except OSError:  # the parent stopped reading: it is gone; make what the pipe still holds
-            replies = _Nowhere()
+        if name == _DRAIN or made % ACK_EVERY == 0 or not recv.poll():
+            try:  # (number of the last message made, writes failed since the last reply)
+                replies.send((seq, failed))
+                failed = 0
+            except OSError:  # the parent stopped reading: it is gone; make what the pipe still holds
+                replies = _Nowhere()
 
 
 class _Nowhere:
