@@ -217,7 +217,9 @@ def write_behind(tracking_uri: str | None = None) -> Iterator[None]:
     finally:
         del _write_behind[uri]
         with deferred_signals(reraise=completed):  # a second Ctrl-C does not cut the last writes short
-            client.close()
+            failed = client.close()
+        if failed:
+            log.error("%d MLflow writes to %s failed and were kept in %s", failed, redact(uri), client.unsent_file)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None) -> str:

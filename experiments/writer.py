@@ -18,10 +18,16 @@ What it keeps (tests/test_writer.py):
   runs KILLED through the helper (it also ignores SIGINT and SIGTERM sent to it). The runs of a killed
   parent are ended KILLED by the next command (heartbeats).
 - **A failed write is kept, not dropped.** The helper retries a write that fails once, then logs one line
-  and appends it to `<unsent dir>/writes-<pid>.jsonl` (experiments.unsent's folder), to be read by hand.
+  and appends it to `<unsent dir>/writes-<pid>.jsonl` (experiments.unsent's folder), to be read by hand;
+  after 3 failures in a row it stops retrying until a write succeeds again. The run itself still ends
+  as its fit did (its record in the store is then incomplete: the file has the rest), and the block's end
+  logs how many writes were kept.
 - **A helper that dies** (killed on its own, or before it started): this process keeps every write until the
   helper acknowledges it, so the next call here notices, logs one line, makes the unacknowledged writes
-  itself (the one the helper was making may be made twice) and every later one.
+  itself and every later one. The helper acknowledges every ACK_EVERY writes while it is behind, so up to
+  that many writes it had made may be made twice (a curve point twice, a tag set again).
+- **Messages are whole.** SIGINT and SIGTERM are held back while a message is written to the pipe or a reply
+  read from it, and while the unacknowledged writes of a dead helper are made.
 
 Only SQLite stores, and only in the process that owns the block: a worker process of `--jobs` writes itself
 (it has its own core), and so does a tracking server (HTTP: its own retries and keep-locally rules apply).
@@ -68,7 +74,7 @@ class WriteBehindClient:
         self._client, self._uri = client, uri
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-        path = Path(unsent_dir) / f"writes-{os.getpid()}.jsonl"
+        self._path = path = Path(unsent_dir) / f"writes-{os.getpid()}.jsonl"
         # its own interpreter (no forked SQLite connections, none of this program's imports); stdin and stdout
         # are its pipes, its stderr is ours; its own session: Ctrl-C at the terminal reaches this process only
         # (which ends its runs KILLED through the helper), also while the helper is still starting
@@ -84,16 +90,29 @@ class WriteBehindClient:
         self._lock = threading.Lock()  # the heartbeat threads write too
         self._seq = 0
         self._pending: collections.deque = collections.deque()  # (seq, name, args, kwargs) sent, not yet made
-        self._failed = 0
+        self._failed = self._reported = 0  # writes failed (made nowhere but the unsent file) / returned by drain
         self._alive = True
 
+    @property
+    def unsent_file(self) -> Path:
+        """Where writes that failed are kept (one JSON line each)."""
+        return self._path
+
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # this object's own state (copy, pickle and hasattr look for these)
+            raise AttributeError(name)
         attr = getattr(self._client, name)
         if name in WRITES:
             return functools.partial(self._write, name)
-        if name not in DIRECT and callable(attr):
+        if name in DIRECT or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def read(*args, **kwargs):
             self.drain()  # a read sees every write sent before it
-        return attr
+            return attr(*args, **kwargs)
+
+        return read
 
     def _write(self, name: str, *args, **kwargs) -> None:
         with self._lock:
@@ -143,18 +162,15 @@ class WriteBehindClient:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=1)
         log.error(
-            "the MLflow writer process ended (exit code %s); this process makes its %d unmade writes and every "
-            "later one", self._proc.returncode, len(self._pending),
+            "the MLflow writer process ended (exit code %s); this process makes its %d unacknowledged writes and "
+            "every later one", self._proc.returncode, len(self._pending),
         )  # fmt: skip
-        while self._pending:
-            _, name, args, kwargs = self._pending.popleft()
-            if name in (_DRAIN, _CLOSE):
-                continue
-            try:
-                getattr(self._client, name)(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001  (one lost write must not stop the others)
-                log.error("could not make %s of run %s either: %s", name, args[0] if args else "?", err)
-                self._failed += 1
+        with _signals_held():  # a Ctrl-C meanwhile waits until every one of them is made or kept
+            while self._pending:
+                _, name, args, kwargs = self._pending[0]
+                if name not in (_DRAIN, _CLOSE):
+                    self._failed += not _make(self._client, name, args, kwargs, self._path)
+                self._pending.popleft()
 
     def drain(self) -> int:
         """Wait until every write sent so far is made; returns how many writes failed since the last drain (each
@@ -165,12 +181,13 @@ class WriteBehindClient:
                     self._collect(drain=self._post(_DRAIN))
                 except (EOFError, OSError):
                     self._lost()
-            failed, self._failed = self._failed, 0
+            failed, self._reported = self._failed - self._reported, self._failed
             return failed
 
-    def close(self, timeout: float | None = None) -> None:
-        """Drain, then stop the helper (it exits once the pipe is empty)."""
+    def close(self, timeout: float | None = None) -> int:
+        """Drain, then stop the helper (it exits once the pipe is empty); returns how many writes failed in all."""
         self.drain()
+        failed = self._failed
         with self._lock:
             if self._alive:
                 self._alive = False
@@ -180,6 +197,7 @@ class WriteBehindClient:
             self._replies.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout)
+        return failed
 
 
 @contextlib.contextmanager
@@ -219,11 +237,13 @@ def serve(uri: str, recv, replies, path: Path) -> None:
     writes; exit on close or when the parent is gone (ended or died), after the writes the pipe still held."""
     from mlflow.tracking import MlflowClient
 
+    from .redact import install_log_redaction
     from .tracking import configure_mlflow
 
     configure_mlflow()
+    install_log_redaction("mlflow", "alembic", "sqlalchemy")
     client = MlflowClient(tracking_uri=uri)
-    failed = made = 0
+    failed = made = in_a_row = 0
     while True:
         try:
             seq, name, args, kwargs = recv.recv()
@@ -232,7 +252,10 @@ def serve(uri: str, recv, replies, path: Path) -> None:
         if name == _CLOSE:
             return
         if name != _DRAIN:
-            failed += not _make(client, name, args, kwargs, path)
+            # a store that keeps failing: after FAILING failures in a row, no retry (and no wait before it)
+            ok = _make(client, name, args, kwargs, path, tries=1 if in_a_row >= FAILING else 2)
+            in_a_row = 0 if ok else in_a_row + 1
+            failed += not ok
             made += 1
         if name == _DRAIN or made % ACK_EVERY == 0 or not recv.poll():
             try:  # (number of the last message made, writes failed since the last reply)
@@ -247,14 +270,20 @@ class _Nowhere:
         pass
 
 
-def _make(client, name: str, args: tuple, kwargs: dict, path: Path) -> bool:
-    for attempt in range(2):
+FAILING = 3  # writes failed in a row after which the helper stops retrying (see serve)
+
+
+def _make(client, name: str, args: tuple, kwargs: dict, path: Path, tries: int = 2) -> bool:
+    """Make one write (up to `tries` times, RETRY_SECONDS apart); if it fails, keep it in the file `path` (one
+    JSON line) and say so on stderr. Returns whether it was made."""
+    error: BaseException | None = None
+    for attempt in range(tries):
         try:
             getattr(client, name)(*args, **kwargs)
             return True
         except Exception as err:  # noqa: BLE001  (kept and reported below; the next write goes on)
             error = err
-            if attempt == 0:
+            if attempt + 1 < tries:
                 time.sleep(RETRY_SECONDS)
     from .redact import redact
 
@@ -267,7 +296,7 @@ def _make(client, name: str, args: tuple, kwargs: dict, path: Path) -> bool:
     except OSError as err:
         kept = f"and could not be kept ({err})"
     print(
-        f"MLflow writer: {name} of run {run_id} failed twice: {redact(' '.join(str(error).split()))[:300]}; {kept}",
+        f"MLflow writer: {name} of run {run_id} was not made ({redact(' '.join(str(error).split()))[:300]}); {kept}",
         file=sys.stderr,
         flush=True,
     )

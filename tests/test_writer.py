@@ -46,19 +46,27 @@ def test_writes_inside_the_block_land_in_order_and_reads_see_them(mlflow_uri):
     assert client._proc.poll() == 0
 
 
-def test_a_write_that_fails_is_kept_and_counted_and_the_next_ones_go_on(mlflow_uri, tmp_path, monkeypatch, capfd):
+def test_writes_that_fail_are_kept_and_counted_and_the_next_ones_go_on(mlflow_uri, tmp_path, monkeypatch, capfd, caplog):
     monkeypatch.setenv("GMM_UNSENT_DIR", str(tmp_path / "unsent"))
+    gone = "0" * 32  # no such run: every write to it fails in the helper
     with write_behind(mlflow_uri):
         with tracked_run(mlflow_uri, "wb") as (client, run_id):
-            client.log_batch("0" * 32, metrics=_curve(3))  # no such run: fails in the helper
+            client.log_batch(gone, metrics=_curve(3))
+            client.set_tag(run_id, "between", "yes")  # made: the store itself works
+            for k in range(5):  # after 3 failures in a row the helper stops retrying them
+                client.set_tag(gone, "k", str(k))
             client.set_tag(run_id, "after", "yes")
-            assert client.drain() == 1
-    assert MlflowClient(mlflow_uri).get_run(run_id).data.tags["after"] == "yes"
+            assert client.drain() == 6
+            assert client.drain() == 0  # each failure is counted once
+    tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
+    assert tags["between"] == "yes" and tags["after"] == "yes"
     (kept,) = (tmp_path / "unsent").glob("writes-*.jsonl")
-    record = json.loads(kept.read_text())
-    assert record["method"] == "log_batch" and record["args"][0] == "0" * 32
-    assert len(record["kwargs"]["metrics"]) == 3 and record["kwargs"]["metrics"][2]["step"] == 2
-    assert f"log_batch of run {'0' * 32} failed twice" in capfd.readouterr().err
+    records = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert [r["method"] for r in records] == ["log_batch"] + ["set_tag"] * 5 and records[0]["args"][0] == gone
+    assert len(records[0]["kwargs"]["metrics"]) == 3 and records[0]["kwargs"]["metrics"][2]["step"] == 2
+    assert [r["args"][2] for r in records[1:]] == ["0", "1", "2", "3", "4"]  # in the order they were made
+    assert f"log_batch of run {gone} was not made" in capfd.readouterr().err
+    assert "6 MLflow writes" in caplog.text and str(kept) in caplog.text
 
 
 @pytest.mark.parametrize("when", ["starting", "writing"])
