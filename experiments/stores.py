@@ -44,6 +44,7 @@ CHECK_TIMEOUT = 5.0  # seconds a tracking server or database gets to answer the 
 HEARTBEAT_SECONDS = 15.0  # an open run refreshes its heartbeat tag this often
 STALE_SECONDS = 600.0  # a RUNNING run of another host without a heartbeat this long is ended KILLED
 HOST_TAG, PID_TAG, BEAT_TAG = "heartbeat.host", "heartbeat.pid", "heartbeat.time"
+WRITER_TAG = "heartbeat.writer_pid"  # the helper process making the run's writes (experiments.writer), if any
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _BUILDING = ".building-"  # infix of the temporary file a new store is built in
 
@@ -300,7 +301,7 @@ def why_dead(tags: dict[str, str], now: float, host: str) -> str | None:
     if owner is None or not pid.isdigit():
         return None
     if owner == host:
-        if not process_alive(int(pid)):
+        if not process_alive(int(pid)) and not _writer_alive(tags.get(WRITER_TAG, "")):
             return f"process {pid} on {host} is gone (killed or crashed) while the run was open"
         return None
     try:
@@ -310,6 +311,17 @@ def why_dead(tags: dict[str, str], now: float, host: str) -> str | None:
     if now - beat > STALE_SECONDS:
         return f"no heartbeat from process {pid} on {owner} for {now - beat:.0f} s (limit {STALE_SECONDS:g} s)"
     return None
+
+
+def _writer_alive(pid: str) -> bool:
+    """Whether the run's helper writer still runs: it makes the writes its dead parent sent (among them, maybe
+    the run's end) for a few seconds after; until it exits, the run is not ended here."""
+    if not pid.isdigit() or not process_alive(int(pid)):
+        return False
+    try:  # a pid reused by another program does not keep the run open
+        return b"experiments.writer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pid
 
 
 def end_dead_runs(client) -> int:

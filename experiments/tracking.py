@@ -57,6 +57,7 @@ from .redact import install_log_redaction, redact, redact_mapping
 from .stores import (
     BEAT_TAG,
     HEARTBEAT_SECONDS,
+    WRITER_TAG,
     StoreError,  # noqa: F401  (re-exported: what get_client raises)
     heartbeat_tags,
     open_store,
@@ -401,6 +402,8 @@ def tracked_run(
     experiment_id = _experiments[where]
     extra = {k: v[:_MAX_TAG_CHARS] for k, v in redact_mapping(tags or {}).items()}
     all_tags = {**repro_tags(), **extra, **heartbeat_tags()}
+    if isinstance(client, WriteBehindClient):
+        all_tags[WRITER_TAG] = str(client.pid)
     if parent_run_id is not None:
         all_tags["mlflow.parentRunId"] = str(parent_run_id)
     status, end_tags, error_text, raised = "FINISHED", {}, None, True

@@ -94,6 +94,11 @@ class WriteBehindClient:
         self._alive = True
 
     @property
+    def pid(self) -> int:
+        """The helper's process id (runs record it: experiments.stores keeps them open while it writes)."""
+        return self._proc.pid
+
+    @property
     def unsent_file(self) -> Path:
         """Where writes that failed are kept (one JSON line each)."""
         return self._path
@@ -154,7 +159,7 @@ class WriteBehindClient:
 
     def _lost(self) -> None:
         """The helper is gone: the writes it did not acknowledge, and every later one, are made here (called
-        with the lock held). The write it was making when it died may be made twice."""
+        with the lock held). Writes it made but had not acknowledged yet (up to ACK_EVERY) are made twice."""
         self._alive = False
         with contextlib.suppress(EOFError, OSError):
             while self._replies.poll():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from experiments.stores import PID_TAG, WRITER_TAG, why_dead
 from experiments.tracking import get_client, tracked_run, write_behind
 from experiments.writer import WriteBehindClient
 
@@ -129,3 +131,19 @@ def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_p
     else:
         assert proc.returncode != 0 and run.info.status == "KILLED"
         assert run.data.tags["stop_reason"].startswith("interrupted")
+
+
+def test_a_run_stays_open_while_the_helper_of_its_dead_process_still_writes(mlflow_uri):
+    # a dead parent's helper makes what the pipe holds (maybe the run's end): the next command's sweep of dead
+    # runs waits for it rather than ending the run KILLED under it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    with write_behind(mlflow_uri):
+        with tracked_run(mlflow_uri, "wb") as (client, run_id):
+            tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
+            assert tags[WRITER_TAG] == str(client.pid)
+            orphaned = {**tags, PID_TAG: dead.stdout.strip()}  # as if this process had been killed
+            assert why_dead(orphaned, time.time(), host) is None  # its helper runs
+    assert client._proc.poll() is not None  # the block ended: the helper is gone
+    assert "is gone" in why_dead(orphaned, time.time(), host)
+    assert why_dead({**orphaned, WRITER_TAG: str(os.getpid())}, time.time(), host)  # a live pid of another program
