@@ -121,6 +121,10 @@ def _move_away(db: Path, why: str) -> str:
     return f"move it away (mv {db} {db}.{why}) and rerun to start a new store, or give another --tracking-uri"
 
 
+def _unreadable(db: Path, err: sqlite3.Error) -> StoreError:
+    return StoreError(f"MLflow store {db} cannot be read ({err}); {_move_away(db, 'corrupt')}")
+
+
 # one check after the other, in the order a broken store shows itself, each with its own fix: one list to read
 def check_sqlite(db: Path) -> bool:
     """Raise StoreError unless `db` is absent/empty (returns False: to be created) or a complete, writable
@@ -174,7 +178,7 @@ def check_sqlite(db: Path) -> bool:
                 version = row[0] if row else None
             runs = con.execute("SELECT count(*) FROM runs").fetchone()[0] if "runs" in tables else 0
     except sqlite3.Error as err:
-        raise StoreError(f"MLflow store {db} cannot be read ({err}); {_move_away(db, 'corrupt')}") from None
+        raise _unreadable(db, err) from None
     head = _schema_head()
     if not tables:
         return False  # an empty database: MLflow creates the tables
@@ -201,7 +205,7 @@ def _roll_back_hot_journal(db: Path) -> None:
         with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=30)) as con:
             con.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as err:
-        raise StoreError(f"MLflow store {db} cannot be read ({err}); {_move_away(db, 'corrupt')}") from None
+        raise _unreadable(db, err) from None
 
 
 def check_store(uri: str) -> bool:

@@ -206,10 +206,9 @@ def write_behind(tracking_uri: str | None = None) -> Iterator[None]:
     ):
         yield
         return
-    from .unsent import UNSENT_DIR
+    from .unsent import unsent_root
 
-    unsent = Path(os.environ.get("GMM_UNSENT_DIR") or PROJECT_ROOT / UNSENT_DIR)
-    client = WriteBehindClient(_open_client(uri), uri, unsent)
+    client = WriteBehindClient(_open_client(uri), uri, unsent_root())
     _write_behind[uri] = client
     completed = False
     try:

@@ -19,15 +19,20 @@ from .run_log import events_csv
 UNSENT_DIR = "unsent"  # <project>/unsent/<run_id>/ ($GMM_UNSENT_DIR): runs whose store went away before the end
 
 
+def unsent_root() -> Path:
+    """The folder that keeps what a store never received: $GMM_UNSENT_DIR, else <project>/unsent."""
+    from .tracking import PROJECT_ROOT
+
+    return Path(os.environ.get("GMM_UNSENT_DIR") or PROJECT_ROOT / UNSENT_DIR)
+
+
 def keep_locally(run_id: str, config: ExperimentConfig, model, result: gmm.FitResult, pending, err) -> Path:
     """Write a finished fit whose tracking store stopped answering to <project>/unsent/<run_id>/ (or
     $GMM_UNSENT_DIR/<run_id>/; built in a
     temporary folder and renamed into place, so it is whole or absent): record.json (config, final NLL,
     counts, the error), nll_history.csv, events.csv, metrics.csv (the metrics the store never received) and
     model.pt (`torch.load` it and `MixtureModel.load_state_dict`). Returns the folder."""
-    from .tracking import PROJECT_ROOT
-
-    root = Path(os.environ.get("GMM_UNSENT_DIR") or PROJECT_ROOT / UNSENT_DIR)
+    root = unsent_root()
     root.mkdir(parents=True, exist_ok=True)
     final = root / run_id
     building = Path(tempfile.mkdtemp(prefix=f".{run_id}.building-", dir=root))

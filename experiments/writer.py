@@ -1,5 +1,5 @@
-"""Write-behind tracking: a helper process makes the MLflow writes of a study's or a report's runs while this
-process fits the next ones.
+"""Write-behind tracking: a helper process makes the MLflow writes of a study's runs while this process fits
+the next ones (studies.worker's trial loop; reports and single runs write themselves).
 
 A batched study spends about a quarter of its trials phase in MLflow's SQLite store (about 60 ms of
 SQLAlchemy work per run: its curve, events.csv, tags, its end), all of it in the one thread that also fits,
@@ -63,6 +63,7 @@ DIRECT = frozenset(
 )  # fmt: skip
 _DRAIN, _CLOSE = "__drain__", "__close__"
 RETRY_SECONDS = 1.0
+FAILING = 3  # writes failed in a row after which the helper stops retrying (see serve)
 
 
 class WriteBehindClient:
@@ -71,7 +72,7 @@ class WriteBehindClient:
     def __init__(self, client, uri: str, unsent_dir: Path):
         from multiprocessing.connection import Connection
 
-        self._client, self._uri = client, uri
+        self._client = client
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self._path = path = Path(unsent_dir) / f"writes-{os.getpid()}.jsonl"
@@ -273,9 +274,6 @@ def serve(uri: str, recv, replies, path: Path) -> None:
 class _Nowhere:
     def send(self, _obj) -> None:
         pass
-
-
-FAILING = 3  # writes failed in a row after which the helper stops retrying (see serve)
 
 
 def _make(client, name: str, args: tuple, kwargs: dict, path: Path, tries: int = 2) -> bool:
