@@ -1,5 +1,6 @@
 """The harness with and without populations, timed in one run: a study (`--batch B` against `--batch 1`) and a
-seed report (a family's seeds as one population against `--one-by-one`).
+seed report (a family's seeds as one population against `--one-by-one` in one process, the reports of before
+populations; then as typed, whose default is a process per core, one family each).
 
     python -m bench.harness                 # full study, 40 trials, --batch 16 (the default) vs 1; report all x 10 seeds
     python -m bench.harness --quick         # 8 trials; report full x 4 seeds
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.seeds import default_jobs
 from studies.run import DEFAULT_BATCH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,13 +62,14 @@ def _study(family: str, trials: int, batch: int, tmp: Path) -> tuple[float, floa
     return span, wall, study.best_value
 
 
-def _report(family: str, seeds: int, one_by_one: bool, tmp: Path) -> float:
-    folder = tmp / f"report-{'one' if one_by_one else 'population'}"
+def _report(family: str, seeds: int, one_by_one: bool, jobs: int | None, tmp: Path) -> float:
+    """Wall seconds of one report command (jobs None: the command's default, one process per core)."""
+    folder = tmp / f"report-{'one' if one_by_one else 'population'}-{jobs or 'default'}"
     folder.mkdir()
     cmd = [
         sys.executable, "-m", "experiments.report", "--family", family, "--seeds", str(seeds), "--out",
         str(folder / "report"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        *(["--one-by-one"] if one_by_one else []),
+        *(["--one-by-one"] if one_by_one else []), *(["--jobs", str(jobs)] if jobs else []),
     ]  # fmt: skip
     return _run(cmd, folder)
 
@@ -96,10 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  best value --batch 1 {one[2]:.4f}, --batch {args.batch} {batched[2]:.4f} "
                   f"({'at least as good' if better else 'worse'})")  # fmt: skip
         if args.only in (None, "report"):
-            slow = _report(report_family, seeds, True, tmp)
-            fast = _report(report_family, seeds, False, tmp)
+            slow = _report(report_family, seeds, True, 1, tmp)  # the reports of before populations: --jobs 1
+            serial = _report(report_family, seeds, False, 1, tmp)
+            fast = _report(report_family, seeds, False, None, tmp)
             ratio = slow / fast
-            print(f"report {report_family} x {seeds} seeds: one by one {slow:.1f} s, populations {fast:.1f} s: "
+            print(f"report {report_family} x {seeds} seeds: one by one, one process {slow:.1f} s; populations, one "
+                  f"process {serial:.1f} s ({slow / serial:.1f}x); populations as typed (one process per core, "
+                  f"{default_jobs(6 if report_family == 'all' else 1)} here) {fast:.1f} s: "
                   f"{ratio:.1f}x {'ok' if ratio >= TARGET else 'MISSED'} (target {TARGET:g}x)")  # fmt: skip
     return 0
 

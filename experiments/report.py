@@ -79,7 +79,7 @@ from .environment import EXACT_PLATFORM, EXACT_VERSIONS, environment, installed_
 from .files import MANIFEST_FORMAT, MARKER, WrittenFolder, check_out_dir, print_written, write_folder
 from .redact import redact
 from .report_doc import build_document, report_files, summary_table
-from .report_figures import all_figures, family_figures, median_outcome
+from .report_figures import family_figures, figures_of, median_outcome
 from .runs_table import (
     COUNT_COLUMNS,
     GLOSSARY,
@@ -97,7 +97,16 @@ from .runs_table import (
     summarize,
     timing_columns,
 )
-from .seeds import EXPERIMENT, SeedFailed, SeedOutcome, SeedTask, check_plan, run_seeds, seed_configs
+from .seeds import (
+    EXPERIMENT,
+    SeedFailed,
+    SeedOutcome,
+    SeedTask,
+    check_plan,
+    default_jobs,
+    run_seeds,
+    seed_configs,
+)
 from .verify import ATOL, RTOL, Verdict, compare_files, first_difference, load_manifest, verify_report
 
 # the names this module held before it was split, importable from here as before (tests, studies, users)
@@ -149,7 +158,7 @@ def make_report(
     num_seeds: int = 10,
     out: str | Path | None = None,
     *,
-    jobs: int = 1,
+    jobs: int | None = None,
     tracking_uri: str | None = None,
     experiment: str = EXPERIMENT,
     command: str | None = None,
@@ -158,7 +167,8 @@ def make_report(
 ) -> Report:
     """Run `config` over `num_seeds` seeds for each of `families` (default: config.family) and write the
     report folder `out` (default <project>/reports/<family>-<n>seeds-<UTC time>; an earlier report there is
-    replaced only with `force`, and never a folder holding files the report did not write).
+    replaced only with `force`, and never a folder holding files the report did not write). `jobs`: worker
+    processes (default experiments.seeds.default_jobs: one per core, at most one per family).
 
     Raises:
         ValueError / TypeError: bad arguments or config (before anything runs).
@@ -170,6 +180,7 @@ def make_report(
     name = out.name
     uri = resolve_tracking_uri(tracking_uri)
     configs = seed_configs(base, families, num_seeds)
+    jobs = jobs if jobs is not None else default_jobs(len(families) if population else len(configs))
     command = redact(command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])))
     plan = _plan_record(out, created, command, families, base, configs, population)
     tags = {
@@ -183,10 +194,19 @@ def make_report(
         params = {"report.families": ",".join(families), "report.seeds": num_seeds, "report.jobs": jobs}
         log_params(client, parent_id, {**base.flat(), **params})
         tasks = [SeedTask(c, uri, experiment, parent_id, name) for c in configs]
-        outcomes = run_seeds(tasks, jobs, desc=f"report {name}", population=population)
+        drawn: dict[str, dict[str, bytes]] = {}
+
+        def draw(group: list[SeedOutcome]) -> None:  # a family's figures while the other families still run
+            if population:
+                drawn[group[0].family] = figures_of(group[0].family, group, runs_frame(group), configs)
+
+        outcomes = run_seeds(tasks, jobs, desc=f"report {name}", population=population, on_group=draw)
         runs = runs_frame(outcomes)
         summary = summarize(runs)
-        figures = all_figures(families, outcomes, runs, configs)
+        figures = {}
+        for family in families:
+            mine = [o for o in outcomes if o.family == family]
+            figures.update(drawn[family] if family in drawn else figures_of(family, mine, runs, configs))
         elapsed = time.perf_counter() - t0
         manifest = {
             **plan,
@@ -205,7 +225,7 @@ def make_report(
 
 
 def _checked(
-    config, families, num_seeds: int, out, jobs: int, force: bool
+    config, families, num_seeds: int, out, jobs: int | None, force: bool
 ) -> tuple[ExperimentConfig, list[str], Path, datetime]:
     """make_report's arguments checked, before anything runs: (base config, families, out folder, start time)."""
     if not isinstance(config, ExperimentConfig):
@@ -299,7 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the earlier report in --out (never a folder holding other files)",
     )
     parser.add_argument(
-        "--jobs", type=int, default=1, metavar="N", help="worker processes, one family each at a time [default: 1]"
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker processes, one family each at a time [default: one per core, at most one per family; "
+        "the numbers do not depend on it]",
     )
     parser.add_argument(
         "--one-by-one",
@@ -360,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         config, families = report_config(args)
         num_seeds = getattr(args, "seeds", 10)
         check_plan(families, num_seeds, args.jobs)
+        if args.jobs is None:
+            args.jobs = default_jobs(len(families) if not args.one_by_one else len(families) * num_seeds)
         out = getattr(args, "out", None)
         if out is not None:
             check_out_dir(Path(out), getattr(args, "force", False))

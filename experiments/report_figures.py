@@ -86,8 +86,14 @@ def all_figures(
     """The figures of every family (file name -> PNG bytes)."""
     figures: dict[str, bytes] = {}
     for family in families:
-        mine = [o for o in outcomes if o.family == family]
-        median = median_outcome(mine)
-        median_config = next(c for c in configs if c.family == family and c.seed == median.seed)
-        figures.update(family_figures(family, mine, runs, median_config))
+        figures.update(figures_of(family, [o for o in outcomes if o.family == family], runs, configs))
     return figures
+
+
+def figures_of(
+    family: str, mine: Sequence[SeedOutcome], runs: pd.DataFrame, configs: Sequence[ExperimentConfig]
+) -> dict[str, bytes]:
+    """`family_figures` of one family's outcomes (`runs`: at least its rows), with its median seed's config."""
+    median = median_outcome(mine)
+    median_config = next(c for c in configs if c.family == family and c.seed == median.seed)
+    return family_figures(family, mine, runs, median_config)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ class SeedFailed(RuntimeError):
     """A seed's fit failed (non-finite NLL, failed factorization, ...); the message names the seed."""
 
 
-def check_plan(families: Sequence[str], num_seeds: int, jobs: int) -> list[str]:
+def check_plan(families: Sequence[str], num_seeds: int, jobs: int | None) -> list[str]:
     from gmm.validation import check_choice, check_int
 
     families = list(families)
@@ -35,8 +36,17 @@ def check_plan(families: Sequence[str], num_seeds: int, jobs: int) -> list[str]:
     for family in families:
         check_choice(family, gmm.FAMILIES, "family")
     check_int(num_seeds, "seeds", minimum=1)
-    check_int(jobs, "jobs", minimum=1)
+    if jobs is not None:  # None: default_jobs
+        check_int(jobs, "jobs", minimum=1)
     return families
+
+
+def default_jobs(num_groups: int) -> int:
+    """Worker processes when none are asked for: one per usable core, at most one per group (a family's
+    population, or a seed with --one-by-one). A serial run fits with one torch thread, so a second core would
+    otherwise sit idle; the numbers do not depend on the count (see experiments.report)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, num_groups))
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
@@ -189,11 +199,18 @@ def run_one_by_one(tasks: Sequence[SeedTask]) -> list[SeedOutcome]:
     return [run_seed(t) for t in tasks]
 
 
-def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds", population: bool = True) -> list[SeedOutcome]:
+def run_seeds(
+    tasks: Sequence[SeedTask],
+    jobs: int = 1,
+    desc: str = "seeds",
+    population: bool = True,
+    on_group: Callable[[list[SeedOutcome]], None] | None = None,
+) -> list[SeedOutcome]:
     """Run every task, serially (jobs == 1) or in `jobs` spawned worker processes; results in task order.
 
     A tqdm bar counts finished seeds when stderr is a terminal. On the first failure the pending seeds
-    are cancelled and the error is re-raised.
+    are cancelled and the error is re-raised. `on_group` is called in this process with each group's outcomes
+    as it ends (a family's seeds with `population`, else one seed), while the other groups still run.
     """
     from tqdm.auto import tqdm
 
@@ -208,6 +225,8 @@ def run_seeds(tasks: Sequence[SeedTask], jobs: int = 1, desc: str = "seeds", pop
         for i, outcome in zip(indices, results, strict=True):
             outcomes[i] = outcome
         bar.update(len(indices))
+        if on_group is not None:
+            on_group(results)
 
     try:
         if jobs <= 1 or len(groups) <= 1:

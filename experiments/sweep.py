@@ -59,7 +59,7 @@ from gmm.recovery import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 from . import sweep_outputs as outputs
 from .environment import environment, same_environment
 from .files import WrittenFolder, check_out_dir, print_written, read_manifest, write_folder
-from .seeds import one_thread
+from .seeds import default_jobs, one_thread
 from .sweep_plan import (
     DEGENERATE_RATIO,
     NO_CLAMP,
@@ -212,12 +212,13 @@ def make_sweep(
     datasets: list[str] | None = None,
     settings: SweepSettings | None = None,
     num_clamps: int = 10,
-    jobs: int = 1,
+    jobs: int | None = None,
     tracking_uri: str | None = None,
     experiment: str = EXPERIMENT,
     command: str | None = None,
 ) -> Sweep:
-    """Run the sweep and write its folder `out` (default sweeps/<family>-<n>seeds-<UTC time>).
+    """Run the sweep and write its folder `out` (default sweeps/<family>-<n>seeds-<UTC time>) with `jobs`
+    worker processes (default experiments.seeds.default_jobs: one per core).
 
     Raises:
         ValueError: a bad plan (before anything runs).
@@ -225,10 +226,11 @@ def make_sweep(
     from .tracking import get_client, log_params, resolve_tracking_uri, tracked_run
 
     settings = settings or SweepSettings()
-    if num_seeds < 1 or jobs < 1:
+    if num_seeds < 1 or (jobs is not None and jobs < 1):
         raise ValueError(f"seeds and jobs must be at least 1; got seeds={num_seeds}, jobs={jobs}")
     seeds = tuple(range(num_seeds))
     cells = plan_cells(list(families), seeds, settings, datasets, num_clamps)
+    jobs = jobs if jobs is not None else default_jobs(len(cells))
     families = [f for f in families if any(c.family == f for c in cells)]  # DATASETS may leave a family out
     created = datetime.now(UTC)
     out = _out_folder(out, families, num_seeds, created)
@@ -345,8 +347,9 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_sweep(folder: str | Path, *, jobs: int = 1) -> tuple[bool, str]:
-    """Re-run the plan in `folder`'s manifest; compare every number of sweep.csv and summary.csv.
+def verify_sweep(folder: str | Path, *, jobs: int | None = None) -> tuple[bool, str]:
+    """Re-run the plan in `folder`'s manifest (`jobs` processes, default default_jobs); compare every number
+    of sweep.csv and summary.csv.
 
     Returns:
         (passed, one line: PASS, or FAIL naming the file, row, column, expected and got values).
@@ -367,6 +370,7 @@ def verify_sweep(folder: str | Path, *, jobs: int = 1) -> tuple[bool, str]:
         if mine is None or mine.spec.as_dict() != d["spec"] or mine.fingerprint() != d["fingerprint"]:
             return False, f"FAIL: {folder}/manifest.json: dataset {d['name']} is no longer defined as it was"
     exact, why = same_environment(manifest, environment())
+    jobs = jobs if jobs is not None else default_jobs(len(cells))
     got = outputs.sweep_frame([row for rows in run_cells(cells, jobs, desc=f"verify {folder.name}") for row in rows])
     mode = "exactly (same platform and versions)" if exact else f"within rtol {outputs.RTOL}, atol {outputs.ATOL} ({why})"
     difference, count = outputs.first_difference(expected, got, outputs.KEY_COLUMNS, exact)
@@ -403,7 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help=f"mini-batch rows [default: {defaults.batch_size}]"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one cell each at a time [default: 1]")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes, one cell each at a time [default: one per core; the numbers do not depend on it]",
+    )
     parser.add_argument("--out", default=None, help="output folder [default: sweeps/<family>-<N>seeds-<time>]")
     parser.add_argument("--verify", metavar="FOLDER", default=None, help="re-run the sweep in FOLDER and compare")
     from .tracking import add_tracking_arguments
@@ -420,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     start_command()
     from mlflow.exceptions import MlflowException
 
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be at least 1; got {args.jobs}")
     try:
         if args.verify is not None:

@@ -28,7 +28,7 @@ from .runs_table import (
     summarize,
     timing_columns,
 )
-from .seeds import EXPERIMENT, SeedOutcome, SeedTask, check_plan, run_seeds
+from .seeds import EXPERIMENT, SeedOutcome, SeedTask, check_plan, default_jobs, run_seeds
 
 RTOL, ATOL = 1e-3, 1e-4  # --verify across platforms or versions: |got - expected| <= ATOL + RTOL * |expected|
 _MANIFEST_KEYS = ("format", "name", "families", "config", "seeds", "runs", "versions", "platform", "runs_csv")
@@ -189,9 +189,10 @@ def compare_files(
 
 
 def verify_report(
-    folder: str | Path, *, jobs: int = 1, tracking_uri: str | None = None, experiment: str = EXPERIMENT
+    folder: str | Path, *, jobs: int | None = None, tracking_uri: str | None = None, experiment: str = EXPERIMENT
 ) -> Verdict:
-    """Re-run the report in `folder` from its manifest and compare every non-timing number of its runs.csv.
+    """Re-run the report in `folder` from its manifest and compare every non-timing number of its runs.csv
+    (in `jobs` worker processes; default experiments.seeds.default_jobs).
 
     Raises:
         ValueError / TypeError: the folder is not a readable report (before anything runs).
@@ -212,6 +213,8 @@ def verify_report(
         tasks = [SeedTask(c, uri, experiment, run_id, name) for c in configs]
         # reports made before populations have no fit_mode: they fitted one seed at a time
         population = manifest.get("fit_mode", "one-by-one") == "population"
+        if jobs is None:
+            jobs = default_jobs(len(manifest["families"]) if population else len(configs))
         outcomes = run_seeds(tasks, jobs, desc=f"verify {name}", population=population)
         difference, count = first_difference(expected, runs_frame(outcomes), exact)
         if difference is None:

@@ -9,11 +9,11 @@ SWEEPS_DIR ?= sweeps
 # SEEDS has a default of 10 for reports; the sweep's own default (5) holds unless SEEDS is typed
 _sweep_given = $(filter command line environment,$(origin $(1)))
 
-clamp-sweep: $(STAMP) ## clamp x seeds x {full, mini-batch} x {reset on, off} -> sweeps/NAME: FAMILY=full|all [SEEDS=5] [DATASETS=a,b] [JOBS=1]
-	$(PY) -m experiments.sweep --family $(FAMILY) --jobs $(JOBS) $(if $(call _sweep_given,SEEDS),--seeds $(SEEDS)) \
+clamp-sweep: $(STAMP) ## clamp x seeds x {full, mini-batch} x {reset on, off} -> sweeps/NAME: FAMILY=full|all [SEEDS=5] [DATASETS=a,b] [JOBS=cores]
+	$(PY) -m experiments.sweep --family $(FAMILY) $(if $(JOBS),--jobs $(JOBS)) $(if $(call _sweep_given,SEEDS),--seeds $(SEEDS)) \
 		$(if $(DATASETS),--datasets $(DATASETS)) $(SWEEP_ARGS)
 
-verify-clamp-sweep: $(STAMP) ## re-run a clamp sweep from its manifest and compare every number [SWEEP=sweeps/NAME, default newest] [JOBS=1]
+verify-clamp-sweep: $(STAMP) ## re-run a clamp sweep from its manifest and compare every number [SWEEP=sweeps/NAME, default newest] [JOBS=cores]
 	@sweep="$(SWEEP)"; \
 	if [ -z "$$sweep" ]; then \
 		sweep=$$(ls -1t $(SWEEPS_DIR)/*/manifest.json 2>/dev/null | head -n 1); sweep=$${sweep%/manifest.json}; \
@@ -21,5 +21,5 @@ verify-clamp-sweep: $(STAMP) ## re-run a clamp sweep from its manifest and compa
 	if [ -z "$$sweep" ]; then \
 		echo "verify-clamp-sweep: no sweep in $(SWEEPS_DIR)/; run make clamp-sweep first or pass SWEEP=path" >&2; exit 2; \
 	fi; \
-	echo "$(PY) -m experiments.sweep --verify $$sweep --jobs $(JOBS)"; \
-	$(PY) -m experiments.sweep --verify "$$sweep" --jobs $(JOBS)
+	echo "$(PY) -m experiments.sweep --verify $$sweep $(if $(JOBS),--jobs $(JOBS))"; \
+	$(PY) -m experiments.sweep --verify "$$sweep" $(if $(JOBS),--jobs $(JOBS))
