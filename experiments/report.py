@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="worker processes, one family each at a time [default: one per core, at most one per family; "
-        "the numbers do not depend on it]",
+        help="processes, this one included, one family each at a time [default: one per core, at most one per "
+        "family; the numbers do not depend on it]",
     )
     parser.add_argument(
         "--one-by-one",

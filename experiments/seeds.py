@@ -3,12 +3,15 @@ experiments.run / experiments.population) and their runs.csv rows, run serially 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import os
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,14 +237,55 @@ def run_seeds(
                 for indices in groups.values():
                     done(indices, run_group([tasks[i] for i in indices]))
         else:
-            ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
-            pool = ProcessPoolExecutor(max_workers=min(jobs, len(groups)), mp_context=ctx, initializer=_init_worker)
-            try:
-                futures = {pool.submit(run_group, [tasks[i] for i in g]): g for g in groups.values()}
-                for future in as_completed(futures):
-                    done(futures[future], future.result())
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+            workers = min(jobs, len(groups)) - 1
+            _share(list(groups.values()), workers, run_group, lambda g: [tasks[i] for i in g], done)
     finally:
         bar.close()
     return [o for o in outcomes if o is not None]
+
+
+def _share(groups: list[list[int]], workers: int, run_group: Callable, tasks_of: Callable, done: Callable) -> None:
+    """Run `run_group(tasks_of(group))` for each of `groups`, in this process and `workers` spawned ones
+    (`run_group` a module-level function, its tasks picklable), each taking the next group when it is free;
+    `done(group, outcomes)` in this process (between its own groups, then as the others end). This process
+    being one of the jobs saves a worker's start (its imports, about 3 s of CPU, and its store connection).
+    A failure is re-raised here once it is seen; the groups not started are then dropped."""
+    todo, lock = collections.deque(groups), threading.Lock()
+    ended: queue.SimpleQueue = queue.SimpleQueue()  # (group, future) of the workers, in the order they end
+    stopping = threading.Event()
+
+    def take() -> list[int] | None:
+        with lock:
+            return None if stopping.is_set() or not todo else todo.popleft()
+
+    def feed() -> None:  # hand a free worker the next group (called again from each future's end, in the pool's thread)
+        group = take()
+        if group is None:
+            return
+        try:
+            future = pool.submit(run_group, tasks_of(group))
+        except RuntimeError:  # the pool shut down meanwhile (this process is stopping)
+            return
+        future.add_done_callback(lambda f, g=group: (ended.put((g, f)), feed()))
+
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    seen = 0
+    try:
+        for _ in range(workers):
+            feed()
+        with one_thread():
+            while (group := take()) is not None:
+                done(group, run_group(tasks_of(group)))
+                seen += 1
+                while not ended.empty():
+                    finished, future = ended.get()
+                    done(finished, future.result())
+                    seen += 1
+        while seen < len(groups):
+            finished, future = ended.get()
+            done(finished, future.result())
+            seen += 1
+    finally:
+        stopping.set()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import gmm
 from experiments import document, report, runs_table
 from experiments.config import ExperimentConfig
 from experiments.report import RUN_COLUMNS, TIMING_COLUMNS, main, read_runs_csv
@@ -280,17 +281,25 @@ def test_first_difference_is_exact_on_the_same_platform_and_tolerant_across():
 
 # -- parallel == serial ------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_two_workers_give_the_serial_runs_csv(written, tmp_path, mlflow_uri, capsys):
-    folder = tmp_path / "parallel"
-    argv = ["--family", "full", "--seeds", str(SEEDS), *TINY, "--out", str(folder), "--tracking-uri", mlflow_uri]
-    code, out, err = _run([*argv, "--jobs", "2"], capsys)
-    assert code == 0, out + err
-    serial = read_runs_csv(written[0] / "runs.csv").drop(columns=list(TIMING_COLUMNS))
-    parallel = read_runs_csv(folder / "runs.csv").drop(columns=list(TIMING_COLUMNS))
-    pd.testing.assert_frame_equal(serial, parallel, check_exact=True)
-    manifests = [json.loads((f / "manifest.json").read_text()) for f in (written[0], folder)]
+def test_three_jobs_give_the_serial_runs_csv(tmp_path, mlflow_uri, capsys):
+    # every family, 2 seeds: six populations shared by this process and two spawned workers, each taking the
+    # next family when it is free, against all six in this process
+    argv = ["--family", "all", "--seeds", "2", *TINY, "--tracking-uri", mlflow_uri]
+    frames, manifests = [], []
+    for jobs in ("1", "3"):
+        folder = tmp_path / f"jobs{jobs}"
+        code, out, err = _run([*argv, "--jobs", jobs, "--out", str(folder)], capsys)
+        assert code == 0, out + err
+        frames.append(read_runs_csv(folder / "runs.csv").drop(columns=list(TIMING_COLUMNS)))
+        manifests.append(json.loads((folder / "manifest.json").read_text()))
+    assert sorted(set(frames[1]["family"])) == sorted(gmm.FAMILIES)
+    pd.testing.assert_frame_equal(frames[0], frames[1], check_exact=True)
     assert manifests[0]["runs_csv"]["sha256"] == manifests[1]["runs_csv"]["sha256"]
-    assert manifests[1]["jobs"] == 2
+    assert [m["jobs"] for m in manifests] == [1, 3]
+    runs = MlflowClient(mlflow_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(mlflow_uri).search_experiments()], max_results=100
+    )
+    assert len(runs) == 2 * (1 + 6 * 2) and {r.info.status for r in runs} == {"FINISHED"}
 
 
 def test_one_by_one_gives_the_population_s_numbers_to_rounding_and_verifies_its_own_way(
