@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-# pytest-xdist runs two workers on two cores: one intra-op thread each avoids oversubscription
+# pytest-xdist runs several workers (`make test`: 4 on 2 cores): one intra-op thread each avoids oversubscription
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
