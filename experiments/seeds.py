@@ -4,6 +4,7 @@ experiments.run / experiments.population) and their runs.csv rows, run serially 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import multiprocessing
 import os
@@ -264,9 +265,19 @@ def _share(groups: list[list[int]], workers: int, run_group: Callable, tasks_of:
             return
         try:
             future = pool.submit(run_group, tasks_of(group))
-        except RuntimeError:  # the pool shut down meanwhile (this process is stopping)
+        except BaseException as err:  # never drop a taken group: the main thread raises this
+            stopping.set()
+            future = concurrent.futures.Future()
+            future.set_exception(err)
+            ended.put((group, future))
             return
-        future.add_done_callback(lambda f, g=group: (ended.put((g, f)), feed()))
+        future.add_done_callback(lambda f, g=group: on_end(g, f))
+
+    def on_end(group: list[int], future) -> None:  # in the pool's thread
+        if future.cancelled() or future.exception() is not None:
+            stopping.set()  # a failure or an interrupt (Ctrl-C reaches the workers too): hand out no more groups
+        ended.put((group, future))
+        feed()
 
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)

@@ -11,13 +11,15 @@ import hashlib
 import json
 import math
 import shutil
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 import gmm
-from experiments import document, report, runs_table
+from experiments import document, report, runs_table, seeds
 from experiments.config import ExperimentConfig
 from experiments.report import RUN_COLUMNS, TIMING_COLUMNS, main, read_runs_csv
 
@@ -300,6 +302,45 @@ def test_three_jobs_give_the_serial_runs_csv(tmp_path, mlflow_uri, capsys):
         [e.experiment_id for e in MlflowClient(mlflow_uri).search_experiments()], max_results=100
     )
     assert len(runs) == 2 * (1 + 6 * 2) and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _group(tasks):
+    """A group for seeds._share (module level: spawned workers import it): (name, wait_for, fail, log) logs its
+    start, waits until `wait_for` appears in the log (if given), logs its end, and fails when asked."""
+    name, wait_for, fail, log = tasks[0]
+    log = Path(log)
+    with log.open("a") as f:
+        f.write(f"start-{name}\n")
+    deadline = time.monotonic() + 120
+    while wait_for and wait_for not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if wait_for:
+        time.sleep(2.0)  # the failure's way back to this process (milliseconds) before this group ends
+    with log.open("a") as f:
+        f.write(f"{'failed' if fail else 'end'}-{name}\n")
+    if fail:
+        raise ValueError(f"group {name} failed")
+    return [name]
+
+
+@pytest.mark.slow
+def test_a_group_failed_in_a_worker_stops_the_hand_out_and_is_raised(tmp_path):
+    # the worker takes a, which fails; this process holds b until then: c and d must never start
+    log = tmp_path / "log"
+    log.touch()
+    spec = {"a": ("a", None, True), "b": ("b", "failed-a", False), "c": ("c", None, False), "d": ("d", None, False)}
+    order = ["a", "b", "c", "d"]
+    done = []
+    with pytest.raises(ValueError, match="group a failed"):
+        seeds._share(
+            [[i] for i in range(4)], 1, _group, lambda g: [(*spec[order[i]], str(log)) for i in g],
+            lambda g, outcomes: done.append(outcomes),
+        )  # fmt: skip
+    lines = log.read_text().split()
+    assert lines == ["start-b", "start-a", "failed-a", "end-b"] or lines == ["start-a", "start-b", "failed-a", "end-b"], (
+        lines
+    )
+    assert done == [["b"]]
 
 
 def test_one_by_one_gives_the_population_s_numbers_to_rounding_and_verifies_its_own_way(
