@@ -285,7 +285,8 @@ def _finish(config, data, logger, model, result, evaluator, train, val) -> Exper
         figure_time = _log_run_figures(config, data, logger, model, result, em_result, evaluator, values["true_nll_train"])
         logger.timed(client.log_dict, run_id, config.to_dict(), "config.json")
         if config.log_model:
-            logger.timed(log_model, client, run_id, model, train, result.num_iterations)
+            linked = [m for m in logger.latest.values() if m.step == result.num_iterations]  # the final values
+            logger.timed(log_model, client, run_id, model, train, result.num_iterations, linked)
     except BaseException:
         logger.flush()  # the curves and values are written before the error ends the run
         raise

@@ -53,6 +53,7 @@ class RunLogger:
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
         self.pending: list[Metric] = []
+        self.latest: dict[str, Metric] = {}  # the last point added of each key (the model links those at its step)
         self.seconds = 0.0
         self.closing = False  # True while a failed run's record is written: signals are then dropped
         self.last_flush = -math.inf  # the first evaluation is written at once: a killed run keeps a curve
@@ -72,13 +73,18 @@ class RunLogger:
     def add(self, metrics: Mapping[str, float | None], step: int, flush: bool = True) -> None:
         """Buffer `metrics` at `step`; write the buffer when _FLUSH_SECONDS have passed (never when flush=False)."""
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items() if finite_or_none(v) is not None)
+        added = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if finite_or_none(v) is not None]
+        self.pending.extend(added)
+        self.latest.update((m.key, m) for m in added)
         every = _FLUSH_SECONDS if self.outage_since is None else _OUTAGE_RETRY_SECONDS
         if flush and time.perf_counter() - self.last_flush >= every:
             self.flush()
 
     def add_curve(self, key: str, values, steps) -> None:
-        self.pending.extend(history_metrics(key, values, steps))
+        added = history_metrics(key, values, steps)
+        self.pending.extend(added)
+        if added:
+            self.latest[key] = max(added, key=lambda m: m.step)
 
     def flush(self) -> None:
         """Write the buffered metrics. While the fit runs, a store that fails (a server that dropped out,

@@ -301,6 +301,12 @@ def test_mlflow_conventions_experiment_kind_logged_model_and_dataset(finished, t
     logged = client.get_logged_model(output.model_id)
     assert logged.name == "model" and logged.source_run_id == result.run_id and output.step == config.iterations
     assert logged.experiment_id == run.info.experiment_id
+    # the run's final values are linked to the model (its "Metrics" in the UI), at the final step
+    linked = {m.key: m for m in logged.metrics}
+    assert {"nll/train", "nll/val", "events/clamps"} <= set(linked), sorted(linked)
+    for key, metric in linked.items():
+        assert metric.step == config.iterations and metric.model_id == output.model_id
+        assert metric.value == pytest.approx(run.data.metrics[key], nan_ok=True), key
     with fluent_tracking_uri(uri):
         model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model", dst_path=str(tmp_path))
         served = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
