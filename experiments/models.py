@@ -46,6 +46,9 @@ def log_model(
     pytorch_log = logging.getLogger("mlflow.pytorch")
     level = pytorch_log.level
     pytorch_log.setLevel(logging.ERROR)  # its warning on pickled models: this project's own module, by design
+    # without a run id MLflow would take a fluent run the caller has open (a notebook's mlflow.start_run) as
+    # the model's run: then it gets the run id, and links the metrics its own (slower) way
+    own = {"run_id": run_id, "step": step} if mlflow.active_run() is not None else {}
     try:
         with fluent_tracking_uri(client.tracking_uri), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -53,6 +56,7 @@ def log_model(
                 snapshot,
                 name=MODEL_NAME,
                 model_id=logged.model_id,  # its source run is set above: runs:/<run_id>/model finds it
+                **own,
                 signature=signature,
                 input_example=example,
                 pip_requirements=requirements,
@@ -60,6 +64,8 @@ def log_model(
             )
     finally:
         pytorch_log.setLevel(level)
+    if own:
+        return
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
     if metrics:
         linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id) for m in metrics]

@@ -318,6 +318,25 @@ def test_mlflow_conventions_experiment_kind_logged_model_and_dataset(finished, t
     assert client.get_run(result.run_id).data.params["components"] == "3"  # each param once
 
 
+def test_a_fluent_run_the_caller_has_open_does_not_take_the_model(mlflow_uri):
+    # a notebook's `with mlflow.start_run():` around run_experiment: the model and its metrics go to the
+    # experiment's own run, not to the caller's
+    import mlflow
+
+    from experiments.tracking import fluent_tracking_uri
+
+    config = ExperimentConfig(**SMALL, log_figures=False)
+    with fluent_tracking_uri(mlflow_uri), mlflow.start_run() as outer:
+        result = run_experiment(config, mlflow_uri, "test-run")
+    client = MlflowClient(mlflow_uri)
+    caller = client.get_run(outer.info.run_id)
+    assert not (caller.outputs and caller.outputs.model_outputs) and not caller.data.metrics
+    [output] = client.get_run(result.run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == result.run_id and output.step == config.iterations
+    assert {"nll/train", "nll/val"} <= {m.key for m in logged.metrics}
+
+
 def test_runs_after_their_experiment_was_deleted_land_in_it_restored(mlflow_uri):
     """tracked_run remembers each experiment's id (one store query per process, not per run); an experiment
     deleted meanwhile is looked up, and restored, again."""
