@@ -26,6 +26,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import optuna
@@ -100,10 +101,21 @@ class _OwnedTrials:
             owned.add(trial_id)
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
-        """Optuna's, then this process as the owner at once: a worker killed between asking for a trial and its
-        first heartbeat (with --batch, while it asks for the batch's trials) leaves no ownerless trial."""
+        """Optuna's, with this process as the owner in the same record: a worker killed while it asks for a
+        trial (with --batch, for the batch's trials) leaves no ownerless trial. Written in a second record,
+        a SIGKILL between the two left a RUNNING trial that only the grace period could end."""
+        if template_trial is None:  # study.ask's new trial: what Optuna creates, plus the owner
+            owner = f"{socket.gethostname()}:{os.getpid()}"
+            template_trial = FrozenTrial(
+                number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(UTC),
+                datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={OWNER_KEY: owner},
+                intermediate_values={}, trial_id=-1,
+            )  # fmt: skip
+            trial_id = super().create_new_trial(study_id, template_trial)
+            self.__dict__.setdefault("_owned_trial_ids", set()).add(trial_id)
+            return trial_id
         trial_id = super().create_new_trial(study_id, template_trial)
-        if template_trial is None or template_trial.state == TrialState.RUNNING:
+        if template_trial.state == TrialState.RUNNING:
             self._record_owner(trial_id)
         return trial_id
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -321,3 +322,15 @@ def test_nll_vs_clamp_shows_every_trial_and_goes_logarithmic_when_a_collapsed_on
     assert len(ax.collections[0].get_offsets().compressed()) == 2 * len(values)  # no point masked out
     low, high = ax.get_ylim()
     assert low <= min(values) and high >= max(values)  # every trial is on the plot
+
+
+def test_a_journal_trial_is_created_with_its_owner_in_one_record(tmp_path):
+    # the owner used to follow in a second record: a worker SIGKILLed between the two (CI hit it under load,
+    # with --batch asking 16 trials) left a RUNNING trial without owner, which only the 60-s grace period ended
+    study = optuna.create_study(storage=open_storage(str(tmp_path / "j.log")), study_name="s")
+    study.ask()
+    records = [json.loads(line) for line in (tmp_path / "j.log").read_text().splitlines()]
+    created = [r for r in records if "datetime_start" in r]
+    assert len(created) == 1 and created[0]["state"] == optuna.trial.TrialState.RUNNING.value
+    assert created[0]["system_attrs"] == {OWNER_KEY: f"{socket.gethostname()}:{os.getpid()}"}
+    assert [r for r in records if OWNER_KEY in json.dumps(r)] == created  # and in no later record
