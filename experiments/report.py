@@ -167,8 +167,8 @@ def make_report(
 ) -> Report:
     """Run `config` over `num_seeds` seeds for each of `families` (default: config.family) and write the
     report folder `out` (default <project>/reports/<family>-<n>seeds-<UTC time>; an earlier report there is
-    replaced only with `force`, and never a folder holding files the report did not write). `jobs`: worker
-    processes (default experiments.seeds.default_jobs: one per core, at most one per family).
+    replaced only with `force`, and never a folder holding files the report did not write). `jobs`: processes,
+    this one included (default experiments.seeds.default_jobs: one per core, at most one per family).
 
     Raises:
         ValueError / TypeError: bad arguments or config (before anything runs).

@@ -126,6 +126,26 @@ def _unreadable(db: Path, err: sqlite3.Error) -> StoreError:
 
 
 # one check after the other, in the order a broken store shows itself, each with its own fix: one list to read
+def _header_and_size(db: Path) -> tuple[bytes, int]:
+    """The first 100 bytes and the size of `db`, read under a shared lock where SQLite can take one: a writer in
+    another process (a report's worker, a study's helper) may otherwise be halfway through a commit, whose new
+    page count is in the header before the file has grown, and the store would look truncated."""
+    con = None
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        con.execute("BEGIN")
+        con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # the shared lock, until close
+    except sqlite3.Error:
+        pass  # no lock on this file: it is judged on its bytes as they are (what is wrong is named below)
+    try:
+        with open(db, "rb") as f:
+            header = f.read(100)
+        return header, db.stat().st_size
+    finally:
+        if con is not None:
+            con.close()
+
+
 def check_sqlite(db: Path) -> bool:
     """Raise StoreError unless `db` is absent/empty (returns False: to be created) or a complete, writable
     MLflow store (returns True)."""
@@ -158,8 +178,7 @@ def check_sqlite(db: Path) -> bool:
     if not os.access(db, os.R_OK | os.W_OK):
         raise StoreError(f"MLflow store {db} is read-only; make it writable (chmod u+w {db}) or give another --tracking-uri")
     _roll_back_hot_journal(db)
-    with open(db, "rb") as f:
-        header = f.read(100)
+    header, size = _header_and_size(db)
     if len(header) < 100 or not header.startswith(_SQLITE_HEADER):
         raise StoreError(f"MLflow store {db} is not a SQLite database (overwritten or corrupt); {_move_away(db, 'corrupt')}")
     page_size = int.from_bytes(header[16:18], "big")
