@@ -125,7 +125,6 @@ def _unreadable(db: Path, err: sqlite3.Error) -> StoreError:
     return StoreError(f"MLflow store {db} cannot be read ({err}); {_move_away(db, 'corrupt')}")
 
 
-# one check after the other, in the order a broken store shows itself, each with its own fix: one list to read
 def _header_and_size(db: Path) -> tuple[bytes, int]:
     """The first 100 bytes and the size of `db`, read under a shared lock where SQLite can take one: a writer in
     another process (a report's worker, a study's helper) may otherwise be halfway through a commit, whose new
@@ -146,6 +145,7 @@ def _header_and_size(db: Path) -> tuple[bytes, int]:
             con.close()
 
 
+# one check after the other, in the order a broken store shows itself, each with its own fix: one list to read
 def check_sqlite(db: Path) -> bool:
     """Raise StoreError unless `db` is absent/empty (returns False: to be created) or a complete, writable
     MLflow store (returns True)."""

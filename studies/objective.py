@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +37,7 @@ from experiments.run import StopRun, run_experiment
 from experiments.tracking import history_metrics, log_metrics_batched, log_params, tracked_run
 
 from .space import SearchSpace
+from .storage import worker_tag
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,6 @@ WORKER_TAG = "studies.worker"  # MLflow tag "<host>:<pid>" of the process that o
 
 class TrialFailed(Exception):
     """A trial's fit diverged (non-finite NLL, failed factorization); the study records it and goes on."""
-
-
-def worker_tag() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)

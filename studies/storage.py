@@ -87,6 +87,12 @@ def journal_path(url: str) -> Path | None:
     return None
 
 
+def worker_tag() -> str:
+    """ "<host>:<pid>" of this process: what OWNER_KEY holds for the trials it runs (and the MLflow tag
+    studies.objective.WORKER_TAG of its runs)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 class _OwnedTrials:
     """Mixin for heartbeat storages: record which process runs each trial; fail trials of dead processes."""
 
@@ -94,25 +100,27 @@ class _OwnedTrials:
     heartbeat_interval: int | None
     heartbeat_stale_trial_callback: StaleCallback | None
 
+    def _owned(self) -> set[int]:
+        """The ids of the trials this process recorded itself as the owner of."""
+        return self.__dict__.setdefault("_owned_trial_ids", set())
+
     def _record_owner(self, trial_id: int) -> None:
-        owned = self.__dict__.setdefault("_owned_trial_ids", set())
-        if trial_id not in owned:
-            self.set_trial_system_attr(trial_id, OWNER_KEY, f"{socket.gethostname()}:{os.getpid()}")
-            owned.add(trial_id)
+        if trial_id not in self._owned():
+            self.set_trial_system_attr(trial_id, OWNER_KEY, worker_tag())
+            self._owned().add(trial_id)
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
         """Optuna's, with this process as the owner in the same record: a worker killed while it asks for a
         trial (with --batch, for the batch's trials) leaves no ownerless trial. Written in a second record,
         a SIGKILL between the two left a RUNNING trial that only the grace period could end."""
         if template_trial is None:  # study.ask's new trial: what Optuna creates, plus the owner
-            owner = f"{socket.gethostname()}:{os.getpid()}"
             template_trial = FrozenTrial(
                 number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(UTC),
-                datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={OWNER_KEY: owner},
+                datetime_complete=None, params={}, distributions={}, user_attrs={}, system_attrs={OWNER_KEY: worker_tag()},
                 intermediate_values={}, trial_id=-1,
             )  # fmt: skip
             trial_id = super().create_new_trial(study_id, template_trial)
-            self.__dict__.setdefault("_owned_trial_ids", set()).add(trial_id)
+            self._owned().add(trial_id)
             return trial_id
         trial_id = super().create_new_trial(study_id, template_trial)
         if template_trial.state == TrialState.RUNNING:
