@@ -106,6 +106,7 @@ from .seeds import (
     default_jobs,
     run_seeds,
     seed_configs,
+    seed_groups,
 )
 from .verify import ATOL, RTOL, Verdict, compare_files, first_difference, load_manifest, verify_report
 
@@ -180,7 +181,7 @@ def make_report(
     name = out.name
     uri = resolve_tracking_uri(tracking_uri)
     configs = seed_configs(base, families, num_seeds)
-    jobs = jobs if jobs is not None else default_jobs(len(families) if population else len(configs))
+    jobs = jobs if jobs is not None else default_jobs(seed_groups(len(families), num_seeds, population))
     command = redact(command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])))
     plan = _plan_record(out, created, command, families, base, configs, population)
     tags = {
@@ -196,11 +197,11 @@ def make_report(
         tasks = [SeedTask(c, uri, experiment, parent_id, name) for c in configs]
         drawn: dict[str, dict[str, bytes]] = {}
 
-        def draw(group: list[SeedOutcome]) -> None:  # a family's figures while the other families still run
-            if population:
-                drawn[group[0].family] = figures_of(group[0].family, group, runs_frame(group), configs)
+        def draw(family: list[SeedOutcome]) -> None:  # a family's figures while the other families still run
+            drawn[family[0].family] = figures_of(family[0].family, family, runs_frame(family), configs)
 
-        outcomes = run_seeds(tasks, jobs, desc=f"report {name}", population=population, on_group=draw)
+        on_group = draw if population else None  # one by one, a group is a seed: the figures come at the end
+        outcomes = run_seeds(tasks, jobs, desc=f"report {name}", population=population, on_group=on_group)
         runs = runs_frame(outcomes)
         summary = summarize(runs)
         figures = {}
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         num_seeds = getattr(args, "seeds", 10)
         check_plan(families, num_seeds, args.jobs)
         if args.jobs is None:
-            args.jobs = default_jobs(len(families) if not args.one_by_one else len(families) * num_seeds)
+            args.jobs = default_jobs(seed_groups(len(families), num_seeds, not args.one_by_one))
         out = getattr(args, "out", None)
         if out is not None:
             check_out_dir(Path(out), getattr(args, "force", False))

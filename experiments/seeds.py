@@ -45,6 +45,11 @@ def check_plan(families: Sequence[str], num_seeds: int, jobs: int | None) -> lis
     return families
 
 
+def seed_groups(num_families: int, num_seeds: int, population: bool) -> int:
+    """How many groups run_seeds makes of these seeds: a population per family, else one per seed."""
+    return num_families if population else num_families * num_seeds
+
+
 def default_jobs(num_groups: int) -> int:
     """Worker processes when none are asked for: one per usable core, at most one per group (a family's
     population, or a seed with --one-by-one). A serial run fits with one torch thread, so a second core would

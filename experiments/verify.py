@@ -28,7 +28,7 @@ from .runs_table import (
     summarize,
     timing_columns,
 )
-from .seeds import EXPERIMENT, SeedOutcome, SeedTask, check_plan, default_jobs, run_seeds
+from .seeds import EXPERIMENT, SeedOutcome, SeedTask, check_plan, default_jobs, run_seeds, seed_groups
 
 RTOL, ATOL = 1e-3, 1e-4  # --verify across platforms or versions: |got - expected| <= ATOL + RTOL * |expected|
 _MANIFEST_KEYS = ("format", "name", "families", "config", "seeds", "runs", "versions", "platform", "runs_csv")
@@ -214,7 +214,7 @@ def verify_report(
         # reports made before populations have no fit_mode: they fitted one seed at a time
         population = manifest.get("fit_mode", "one-by-one") == "population"
         if jobs is None:
-            jobs = default_jobs(len(manifest["families"]) if population else len(configs))
+            jobs = default_jobs(seed_groups(len(manifest["families"]), len(manifest["seeds"]), population))
         outcomes = run_seeds(tasks, jobs, desc=f"verify {name}", population=population)
         difference, count = first_difference(expected, runs_frame(outcomes), exact)
         if difference is None:
