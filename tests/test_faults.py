@@ -400,15 +400,19 @@ while True:
 """
     writer = subprocess.Popen([sys.executable, "-c", grow])
     try:
-        checks, deadline = 0, time.monotonic() + 4
-        while time.monotonic() < deadline:
+        # count the checks a commit overlapped (the file grew while they ran), not the checks a clock allowed:
+        # a loaded 2-core CI machine ran only 13 checks in 4 s
+        overlapped, checks, deadline = 0, 0, time.monotonic() + 120
+        while overlapped < 15 and time.monotonic() < deadline:
+            before = db.stat().st_size
             assert check_sqlite(db)  # raises StoreError on a false "truncated"
             checks += 1
-        assert writer.poll() is None and db.stat().st_size > 2_000_000, "the writer did not grow the store meanwhile"
+            overlapped += db.stat().st_size != before
+        assert writer.poll() is None, "the writer died"
     finally:
         writer.kill()
         writer.wait()
-    assert checks >= 20
+    assert overlapped >= 15, f"only {overlapped} of {checks} checks ran while the store grew"
 
 
 def test_a_store_whose_writer_was_killed_mid_transaction_is_rolled_back_and_used(tmp_path, complete_store):
