@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import logging
 import multiprocessing
 import os
 import queue
@@ -23,6 +24,8 @@ import gmm
 
 from .config import ExperimentConfig
 from .runs_table import seed_rows
+
+_log = logging.getLogger(__name__)
 
 EXPERIMENT = "reports"  # MLflow experiment of report (and verification) runs
 
@@ -281,6 +284,7 @@ def _share(groups: list[list[int]], workers: int, run_group: Callable, tasks_of:
     def on_end(group: list[int], future) -> None:  # in the pool's thread
         if future.cancelled() or future.exception() is not None:
             stopping.set()  # a failure or an interrupt (Ctrl-C reaches the workers too): hand out no more groups
+            _log.info("a worker's group %s failed or was interrupted: no more groups are handed out", group)
         ended.put((group, future))
         feed()
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 import shutil
-import time
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -304,18 +305,24 @@ def test_three_jobs_give_the_serial_runs_csv(tmp_path, mlflow_uri, capsys):
     assert len(runs) == 2 * (1 + 6 * 2) and {r.info.status for r in runs} == {"FINISHED"}
 
 
+_STOPPED = threading.Event()  # set in this process when seeds._share has seen a worker's group fail
+
+
+class _OnStop(logging.Handler):
+    def emit(self, record):
+        if "no more groups are handed out" in record.getMessage():
+            _STOPPED.set()
+
+
 def _group(tasks):
-    """A group for seeds._share (module level: spawned workers import it): (name, wait_for, fail, log) logs its
-    start, waits until `wait_for` appears in the log (if given), logs its end, and fails when asked."""
-    name, wait_for, fail, log = tasks[0]
+    """A group for seeds._share (module level: spawned workers import it): (name, wait, fail, log) logs its
+    start, waits (if asked, in this process) until _share has seen the failure, logs its end, and fails when asked."""
+    name, wait, fail, log = tasks[0]
     log = Path(log)
     with log.open("a") as f:
         f.write(f"start-{name}\n")
-    deadline = time.monotonic() + 120
-    while wait_for and wait_for not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if wait_for:
-        time.sleep(2.0)  # the failure's way back to this process (milliseconds) before this group ends
+    if wait:
+        assert _STOPPED.wait(120), "seeds._share never saw the worker's failure"
     with log.open("a") as f:
         f.write(f"{'failed' if fail else 'end'}-{name}\n")
     if fail:
@@ -325,17 +332,25 @@ def _group(tasks):
 
 @pytest.mark.slow
 def test_a_group_failed_in_a_worker_stops_the_hand_out_and_is_raised(tmp_path):
-    # the worker takes a, which fails; this process holds b until then: c and d must never start
+    # the worker takes a, which fails; this process holds b until it has seen that: c and d must never start
     log = tmp_path / "log"
     log.touch()
-    spec = {"a": ("a", None, True), "b": ("b", "failed-a", False), "c": ("c", None, False), "d": ("d", None, False)}
+    spec = {"a": ("a", False, True), "b": ("b", True, False), "c": ("c", False, False), "d": ("d", False, False)}
     order = ["a", "b", "c", "d"]
     done = []
-    with pytest.raises(ValueError, match="group a failed"):
-        seeds._share(
-            [[i] for i in range(4)], 1, _group, lambda g: [(*spec[order[i]], str(log)) for i in g],
-            lambda g, outcomes: done.append(outcomes),
-        )  # fmt: skip
+    handler, logger = _OnStop(), logging.getLogger(seeds.__name__)
+    _STOPPED.clear()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(ValueError, match="group a failed"):
+            seeds._share(
+                [[i] for i in range(4)], 1, _group, lambda g: [(*spec[order[i]], str(log)) for i in g],
+                lambda g, outcomes: done.append(outcomes),
+            )  # fmt: skip
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
     lines = log.read_text().split()
     assert lines == ["start-b", "start-a", "failed-a", "end-b"] or lines == ["start-a", "start-b", "failed-a", "end-b"], (
         lines
