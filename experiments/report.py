@@ -107,6 +107,7 @@ from .seeds import (
     run_seeds,
     seed_configs,
     seed_groups,
+    started_workers,
 )
 from .verify import ATOL, RTOL, Verdict, compare_files, first_difference, load_manifest, verify_report
 
@@ -181,7 +182,8 @@ def make_report(
     name = out.name
     uri = resolve_tracking_uri(tracking_uri)
     configs = seed_configs(base, families, num_seeds)
-    jobs = jobs if jobs is not None else default_jobs(seed_groups(len(families), num_seeds, population))
+    groups = seed_groups(len(families), num_seeds, population)
+    jobs = jobs if jobs is not None else default_jobs(groups)
     command = redact(command or shlex.join(list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])))
     plan = _plan_record(out, created, command, families, base, configs, population)
     tags = {
@@ -191,7 +193,10 @@ def make_report(
         "report.seeds": str(num_seeds),
     }
     t0 = time.perf_counter()
-    with tracked_run(uri, experiment, run_name=f"report {name}", tags=tags) as (client, parent_id):
+    with (
+        started_workers(jobs, groups) as pool,  # their start overlaps the store's opening and the parent run
+        tracked_run(uri, experiment, run_name=f"report {name}", tags=tags) as (client, parent_id),
+    ):
         params = {"report.families": ",".join(families), "report.seeds": num_seeds, "report.jobs": jobs}
         log_params(client, parent_id, {**base.flat(), **params})
         tasks = [SeedTask(c, uri, experiment, parent_id, name) for c in configs]
@@ -201,7 +206,7 @@ def make_report(
             drawn[family[0].family] = figures_of(family[0].family, family, runs_frame(family), configs)
 
         on_group = draw if population else None  # one by one, a group is a seed: the figures come at the end
-        outcomes = run_seeds(tasks, jobs, desc=f"report {name}", population=population, on_group=on_group)
+        outcomes = run_seeds(tasks, jobs, desc=f"report {name}", population=population, on_group=on_group, pool=pool)
         runs = runs_frame(outcomes)
         summary = summarize(runs)
         figures = {}
@@ -449,6 +454,7 @@ def _verify_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
 
 if __name__ == "__main__":
     # run through the package module, so spawned workers and this process share one `experiments.report`
+    from experiments.commands import leave
     from experiments.report import main as _main
 
-    sys.exit(_main())
+    leave(_main())

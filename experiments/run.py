@@ -449,4 +449,6 @@ def format_summary(r: ExperimentResult) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from experiments.commands import leave
+
+    leave(main())

@@ -217,12 +217,15 @@ def run_seeds(
     desc: str = "seeds",
     population: bool = True,
     on_group: Callable[[list[SeedOutcome]], None] | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[SeedOutcome]:
-    """Run every task, serially (jobs == 1) or in `jobs` spawned worker processes; results in task order.
+    """Run every task, serially (jobs == 1) or in `jobs` processes, this one and spawned workers; results in
+    task order.
 
     A tqdm bar counts finished seeds when stderr is a terminal. On the first failure the pending seeds
     are cancelled and the error is re-raised. `on_group` is called in this process with each group's outcomes
-    as it ends (a family's seeds with `population`, else one seed), while the other groups still run.
+    as it ends (a family's seeds with `population`, else one seed), while the other groups still run. `pool`:
+    the workers `started_workers` spawned ahead for these jobs (else they are spawned here).
     """
     from tqdm.auto import tqdm
 
@@ -241,24 +244,70 @@ def run_seeds(
             on_group(results)
 
     try:
-        if jobs <= 1 or len(groups) <= 1:
+        workers = _workers(jobs, len(groups))
+        if workers == 0:
             with one_thread():
                 for indices in groups.values():
                     done(indices, run_group([tasks[i] for i in indices]))
         else:
-            workers = min(jobs, len(groups)) - 1
-            _share(list(groups.values()), workers, run_group, lambda g: [tasks[i] for i in g], done)
+            _share(list(groups.values()), workers, run_group, lambda g: [tasks[i] for i in g], done, pool)
     finally:
         bar.close()
     return [o for o in outcomes if o is not None]
 
 
-def _share(groups: list[list[int]], workers: int, run_group: Callable, tasks_of: Callable, done: Callable) -> None:
+def _workers(jobs: int, num_groups: int) -> int:
+    """The processes run_seeds spawns for `jobs` over `num_groups` groups: this process is one of the jobs."""
+    return 0 if jobs <= 1 or num_groups <= 1 else min(jobs, num_groups) - 1
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+
+
+def _warm() -> None:
+    """A started worker's first task: the imports of a seed's run (MLflow, matplotlib), made while the caller
+    still sets up."""
+    import gmm.plot  # noqa: F401
+
+    from . import population  # noqa: F401
+
+
+@contextlib.contextmanager
+def started_workers(jobs: int, num_groups: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The worker processes that run_seeds(jobs=`jobs`) needs for `num_groups` groups, spawned now: their
+    start (an interpreter and its imports, about 3 s of CPU each) overlaps what the caller does before
+    run_seeds (a report opens the store and its parent run). Pass the pool to run_seeds; None when it runs
+    serially. Shut down when the block ends, however it ends."""
+    workers = _workers(jobs, num_groups)
+    if workers == 0:
+        yield None
+        return
+    pool = _new_pool(workers)
+    try:
+        for _ in range(workers):  # one submit spawns one process while none is idle
+            pool.submit(_warm)
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _share(
+    groups: list[list[int]],
+    workers: int,
+    run_group: Callable,
+    tasks_of: Callable,
+    done: Callable,
+    pool: ProcessPoolExecutor | None = None,
+) -> None:
     """Run `run_group(tasks_of(group))` for each of `groups`, in this process and `workers` spawned ones
-    (`run_group` a module-level function, its tasks picklable), each taking the next group when it is free;
-    `done(group, outcomes)` in this process (between its own groups, then as the others end). This process
-    being one of the jobs saves a worker's start (its imports, about 3 s of CPU, and its store connection).
-    A failure is re-raised here once it is seen; the groups not started are then dropped."""
+    (`run_group` a module-level function, its tasks picklable; `pool`: those workers, started ahead), each
+    taking the next group when it is free; `done(group, outcomes)` in this process (between its own groups,
+    then as the others end). This process being one of the jobs saves a worker's start (its imports, about
+    3 s of CPU, and its store connection). A failure is re-raised here once it is seen; the groups not started
+    are then dropped, and the running ones waited for. After the last group the workers are told to exit, not
+    waited for: their exit overlaps what the caller does next."""
     todo, lock = collections.deque(groups), threading.Lock()
     ended: queue.SimpleQueue = queue.SimpleQueue()  # (group, future) of the workers, in the order they end
     stopping = threading.Event()
@@ -288,8 +337,7 @@ def _share(groups: list[list[int]], workers: int, run_group: Callable, tasks_of:
         ended.put((group, future))
         feed()
 
-    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch/MLflow/sqlite state
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    pool = pool if pool is not None else _new_pool(workers)
     seen = 0
     try:
         for _ in range(workers):
@@ -308,4 +356,4 @@ def _share(groups: list[list[int]], workers: int, run_group: Callable, tasks_of:
             seen += 1
     finally:
         stopping.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=seen < len(groups), cancel_futures=True)

@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from experiments.commands import leave
     from experiments.sweep import main as _main  # spawned workers and this process share one module
 
-    sys.exit(_main())
+    leave(_main())
