@@ -16,9 +16,12 @@ from .runs_table import METHODS
 from .seeds import SeedOutcome
 
 
-def png_bytes(fig) -> bytes:
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    from gmm.plot import laid_out
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    with laid_out(fig, dpi):
+        fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 

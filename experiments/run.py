@@ -323,11 +323,12 @@ def _log_run_figures(config, data, logger, model, result, em_result, evaluator, 
     validation = (evaluator.val_steps, evaluator.val_values)
     log_figures(client, run_id, data, model, result, em_result, true_nll, validation)
     if evaluator.steps:
-        from gmm.plot import plot_smallest_variances
+        from gmm.plot import laid_out, plot_smallest_variances
 
         smallest = torch.stack(evaluator.smallest)
         fig = plot_smallest_variances(evaluator.steps, smallest, config.clamp, result.events)
-        client.log_figure(run_id, fig, "figures/smallest_variance.png")
+        with laid_out(fig):
+            client.log_figure(run_id, fig, "figures/smallest_variance.png")
     return time.perf_counter() - t0
 
 

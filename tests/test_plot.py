@@ -4,6 +4,8 @@ scikit-learn's PCA; NLL curves mark resets and reference lines."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -17,6 +19,7 @@ import gmm
 from gmm.plot import (
     check_figure_path,
     component_colors,
+    laid_out,
     make_figure,
     plot_data_and_model,
     plot_nll_curve,
@@ -237,3 +240,32 @@ def test_nll_curve_bad_inputs():
         plot_nll_curve([1.0, 0.5], reference="EM")
     with pytest.raises(TypeError, match="history"):
         plot_nll_curve("3.6")
+
+
+def _png(fig, dpi, laid: bool) -> bytes:
+    buf = io.BytesIO()
+    with laid_out(fig, dpi) if laid else contextlib.nullcontext():
+        fig.savefig(buf, format="png", dpi=dpi or "figure")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("dpi", [None, 110])
+def test_laid_out_saves_the_same_pixels_and_gives_the_layout_back(dpi):
+    # laid_out runs the constrained layout once, at the save's dpi, instead of savefig's twice: the bytes of a
+    # figure with wide tick labels, a legend and two axes must not change, and the engine comes back after
+    def draw():
+        fig, axes = make_figure(2, figsize=(10.0, 4.4))
+        for ax in axes:
+            ax.plot([1, 10, 100], [-120000.5, -3.0, 2.0], "o-", label="seed 0")
+            ax.set_ylabel("final NLL (nats per sample)")
+            ax.legend(fontsize="x-small")
+        fig.suptitle("laid out once")
+        return fig
+
+    fig = draw()
+    engine = fig.get_layout_engine()
+    assert _png(fig, dpi, laid=True) == _png(draw(), dpi, laid=False)
+    assert fig.get_layout_engine() is engine and fig.dpi == 100
+    bare = Figure()  # no layout engine: saved as it is
+    bare.subplots().plot([0, 1])
+    assert _png(bare, dpi, laid=True) == _png(bare, dpi, laid=False)
