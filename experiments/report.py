@@ -176,6 +176,7 @@ def make_report(
         ValueError / TypeError: bad arguments or config (before anything runs).
         SeedFailed: a fit failed; no folder is written (the parent MLflow run ends FAILED).
     """
+    from .stores import check_store
     from .tracking import log_metrics, log_params, resolve_tracking_uri, tracked_run
 
     base, families, out, created = _checked(config, families, num_seeds, out, jobs, force)
@@ -193,6 +194,7 @@ def make_report(
         "report.seeds": str(num_seeds),
     }
     t0 = time.perf_counter()
+    check_store(uri)  # a store that cannot be used fails here, before workers start (their start takes seconds)
     with (
         started_workers(jobs, groups) as pool,  # their start overlaps the store's opening and the parent run
         tracked_run(uri, experiment, run_name=f"report {name}", tags=tags) as (client, parent_id),

@@ -447,6 +447,22 @@ def test_a_corrupt_mlflow_db_gives_one_line(tmp_path, complete_store, damage, ca
     assert str(db) in err and ("truncated" in err or "not a SQLite database" in err)
 
 
+def test_a_report_on_a_corrupt_store_fails_before_it_starts_workers(tmp_path, capsys, monkeypatch):
+    # a report with two jobs spawns its worker early (its start overlaps the store's opening): a store that
+    # cannot be used must fail first, with its one line, not after a worker's seconds-long start
+    from experiments import seeds
+
+    pools = []
+    new_pool = seeds._new_pool
+    monkeypatch.setattr(seeds, "_new_pool", lambda workers: pools.append(workers) or new_pool(workers))
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a database\n" * 100)
+    argv = ["--family", "all", "--seeds", "2", *TINY_RUN, "--jobs", "2", "--out", str(tmp_path / "report")]
+    err = _one_line(_main("experiments.report", [*argv, "--tracking-uri", f"sqlite:///{db}"], capsys))
+    assert "not a SQLite database" in err and f"mv {db} {db}.corrupt" in err
+    assert pools == []
+
+
 def test_a_corrupt_study_journal_gives_one_line(tmp_path, capsys):
     journal = tmp_path / "studies.log"
     journal.write_text('{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\n{broken\n{"op_code": 1}\n')
