@@ -106,8 +106,17 @@ class SeedOutcome:
 
 def _init_worker() -> None:
     """The initializer of a pool worker process (spawned for this pool alone, ended with it): the thread
-    count it sets is that process's, never the caller's. The serial path uses `one_thread`, which restores it."""
+    count it sets is that process's, never the caller's. The serial path uses `one_thread`, which restores it.
+    It also makes a seed's imports (MLflow, matplotlib) here, so that a worker `started_workers` spawned makes
+    them while the caller still sets up. Here, not in a first task: a Ctrl-C during an initializer ends the
+    worker (the pool is then broken, nothing more runs), where a task would catch it and go on to the next."""
     torch.set_num_threads(1)  # one core per seed: the same numbers as a serial run, no oversubscription
+    try:
+        import gmm.plot  # noqa: F401
+
+        from . import population  # noqa: F401
+    except KeyboardInterrupt:  # Ctrl-C as it starts: it holds nothing yet; end without a traceback (the
+        os._exit(130)  # command prints its one line), which also breaks the pool, so nothing more runs
 
 
 def run_seed(task: SeedTask) -> SeedOutcome:
@@ -266,12 +275,8 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
 
 
-def _warm() -> None:
-    """A started worker's first task: the imports of a seed's run (MLflow, matplotlib), made while the caller
-    still sets up."""
-    import gmm.plot  # noqa: F401
-
-    from . import population  # noqa: F401
+def _ready() -> None:
+    """A no-op task: submitting it spawns a worker now (a pool spawns its processes as tasks come)."""
 
 
 @contextlib.contextmanager
@@ -286,8 +291,8 @@ def started_workers(jobs: int, num_groups: int) -> Iterator[ProcessPoolExecutor 
         return
     pool = _new_pool(workers)
     try:
-        for _ in range(workers):  # one submit spawns one process while none is idle
-            pool.submit(_warm)
+        for _ in range(workers):  # one submit spawns one process while none is idle; _init_worker imports
+            pool.submit(_ready)
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -242,6 +242,17 @@ def test_nll_curve_bad_inputs():
         plot_nll_curve("3.6")
 
 
+def _two_axes() -> Figure:
+    """Two axes with wide tick labels (an NLL of -120000), a legend and a title: what the layout must fit."""
+    fig, axes = make_figure(2, figsize=(10.0, 4.4))
+    for ax in axes:
+        ax.plot([1, 10, 100], [-120000.5, -3.0, 2.0], "o-", label="seed 0")
+        ax.set_ylabel("final NLL (nats per sample)")
+        ax.legend(fontsize="x-small")
+    fig.suptitle("laid out once")
+    return fig
+
+
 def _png(fig, dpi, laid: bool) -> bytes:
     buf = io.BytesIO()
     with laid_out(fig, dpi) if laid else contextlib.nullcontext():
@@ -253,19 +264,36 @@ def _png(fig, dpi, laid: bool) -> bytes:
 def test_laid_out_saves_the_same_pixels_and_gives_the_layout_back(dpi):
     # laid_out runs the constrained layout once, at the save's dpi, instead of savefig's twice: the bytes of a
     # figure with wide tick labels, a legend and two axes must not change, and the engine comes back after
-    def draw():
-        fig, axes = make_figure(2, figsize=(10.0, 4.4))
-        for ax in axes:
-            ax.plot([1, 10, 100], [-120000.5, -3.0, 2.0], "o-", label="seed 0")
-            ax.set_ylabel("final NLL (nats per sample)")
-            ax.legend(fontsize="x-small")
-        fig.suptitle("laid out once")
-        return fig
-
-    fig = draw()
+    fig = _two_axes()
     engine = fig.get_layout_engine()
-    assert _png(fig, dpi, laid=True) == _png(draw(), dpi, laid=False)
+    assert _png(fig, dpi, laid=True) == _png(_two_axes(), dpi, laid=False)
     assert fig.get_layout_engine() is engine and fig.dpi == 100
     bare = Figure()  # no layout engine: saved as it is
     bare.subplots().plot([0, 1])
     assert _png(bare, dpi, laid=True) == _png(bare, dpi, laid=False)
+
+
+def test_laid_out_without_a_dpi_lays_out_at_savefig_s_default():
+    # MLflow's log_figure saves with no dpi, so at rcParams["savefig.dpi"]: laid_out(fig) must lay out there
+    import matplotlib as mpl
+
+    laid, plain = io.BytesIO(), io.BytesIO()
+    with mpl.rc_context({"savefig.dpi": 150}):
+        fig = _two_axes()
+        with laid_out(fig):
+            fig.savefig(laid, format="png")
+        _two_axes().savefig(plain, format="png")
+    assert laid.getvalue() == plain.getvalue()
+
+
+@pytest.mark.parametrize("suffix", ["svg", "png"])
+def test_save_figure_writes_what_savefig_writes(tmp_path, monkeypatch, suffix):
+    # a vector backend measures text its own way, so save_figure lays a pdf or svg out as savefig does (laid
+    # out on Agg, the axes would move by a fraction of a point); a raster one is laid out once, same bytes
+    import matplotlib as mpl
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # no date in the file
+    with mpl.rc_context({"svg.hashsalt": "gmm"}):
+        save_figure(_two_axes(), tmp_path / f"ours.{suffix}")
+        _two_axes().savefig(tmp_path / f"plain.{suffix}", dpi=120)
+    assert (tmp_path / f"ours.{suffix}").read_bytes() == (tmp_path / f"plain.{suffix}").read_bytes()
