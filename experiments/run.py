@@ -72,6 +72,7 @@ from .run_log import (
     curve_steps,
     events_csv,
     log_dataset_input,
+    log_figure,
     log_figures,
     log_fit_record,
     log_partial_record,
@@ -323,12 +324,11 @@ def _log_run_figures(config, data, logger, model, result, em_result, evaluator, 
     validation = (evaluator.val_steps, evaluator.val_values)
     log_figures(client, run_id, data, model, result, em_result, true_nll, validation)
     if evaluator.steps:
-        from gmm.plot import laid_out, plot_smallest_variances
+        from gmm.plot import plot_smallest_variances
 
         smallest = torch.stack(evaluator.smallest)
         fig = plot_smallest_variances(evaluator.steps, smallest, config.clamp, result.events)
-        with laid_out(fig):
-            client.log_figure(run_id, fig, "figures/smallest_variance.png")
+        log_figure(client, run_id, fig, "figures/smallest_variance.png")
     return time.perf_counter() - t0
 
 

@@ -105,9 +105,10 @@ class _OwnedTrials:
         return self.__dict__.setdefault("_owned_trial_ids", set())
 
     def _record_owner(self, trial_id: int) -> None:
-        if trial_id not in self._owned():
+        owned = self._owned()
+        if trial_id not in owned:
             self.set_trial_system_attr(trial_id, OWNER_KEY, worker_tag())
-            self._owned().add(trial_id)
+            owned.add(trial_id)
 
     def create_new_trial(self, study_id: int, template_trial=None) -> int:
         """Optuna's, with this process as the owner in the same record: a worker killed while it asks for a

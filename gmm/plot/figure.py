@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib as mpl
@@ -72,7 +71,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
     return path
 
 
-@contextmanager
+@contextlib.contextmanager
 def laid_out(fig: Figure, dpi: float | None = None) -> Iterator[Figure]:
     """`fig` laid out once by its layout engine (at `dpi`, the save's; by default savefig's own default,
     rcParams["savefig.dpi"]), the engine held off inside the block and restored after it. savefig runs a
