@@ -374,6 +374,41 @@ def batched_log_prob(x: Tensor, logits: Tensor, means: Tensor, cov: Covariance) 
     return logsumexp(batched_joint_log_prob(x, logits, means, cov))
 
 
+class Workspace:
+    """Buffers for the large intermediates of `batched_mixture_nll`, kept from one step to the next.
+
+    A population step forms several (B, K, D, n) and (B, K, n) tensors, each about a megabyte at B = 32. Fresh
+    ones every step are fresh pages for the allocator (glibc returns freed blocks that large to the system), and
+    touching those pages cost about a fifth of the step (bench.population). A step writes into the same buffers
+    instead (one set per chunk shape). Not shared between threads; a second forward through the same workspace
+    before the first one's backward makes that backward raise (autograd's in-place check on saved tensors), never
+    give a wrong gradient. Its backward writes into the saved buffers, so a graph through it goes backward once.
+    """
+
+    backward_once = True
+
+    def __init__(self):
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialized buffer of `shape` with `like`'s dtype and device, the same one at every call."""
+        key = (name, shape, like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+
+class _Fresh:
+    """A workspace that allocates at every call (one-off evaluations), and leaves saved tensors alone."""
+
+    backward_once = False
+
+    @staticmethod
+    def get(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
 class _BatchedMixtureNLL(torch.autograd.Function):
     """(B,) scale * sum_n logsumexp_k(joint_bkn) for B mixtures, as one autograd node (the per-op overhead of
     about twenty separate nodes, and autograd's generic broadcasting backward, cost most of a batched step).
@@ -381,9 +416,10 @@ class _BatchedMixtureNLL(torch.autograd.Function):
     Inputs: xt (B or 1, D, N), the data transposed so that N is the innermost, contiguous axis of every large
     intermediate (with D innermost, each broadcast op over (B, K, N, D) ran 3-5x slower at D = 2); means
     (B, K, D); logits (B, K); `whitener` W = L^{-1} (B, K', D, D) for the Cholesky families, or 1/std
-    (B, K', D) for the diagonal ones; half_log_det (B, K'). With d_kn = x_n - mu_k (the difference first: z is
-    exactly 0 at x_n == mu_k), z_kn = W_k d_kn (or d_kn / std_k), joint_kn = log_softmax(l)_k - h_k
-    - D/2 log 2 pi - |z_kn|^2 / 2 and r the responsibilities, the backward with a_kn = g scale r_kn is
+    (B, K', D) for the diagonal ones; half_log_det (B, K'); `work` the `Workspace` the large intermediates
+    are written into. With d_kn = x_n - mu_k (the difference first: z is exactly 0 at x_n == mu_k),
+    z_kn = W_k d_kn (or d_kn / std_k), joint_kn = log_softmax(l)_k - h_k - D/2 log 2 pi - |z_kn|^2 / 2 and r the
+    responsibilities, the backward with a_kn = g scale r_kn is
 
         dl = sum_n a - pi sum_k sum_n a,   dh = -sum_n a,   dz_kn = -a_kn z_kn,
         dW_k = sum_n dz_kn d_kn^T  (or d(1/std)_k = sum_n dz_kn * d_kn),   dmu_k = -W_k^T sum_n dz_kn,
@@ -392,15 +428,20 @@ class _BatchedMixtureNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xt, means, logits, whitener, half_log_det, scale: float):
-        num_dims = means.shape[-1]
-        diff = xt.unsqueeze(1) - means.unsqueeze(-1)  # (B, K, D, N)
+    def forward(ctx, xt, means, logits, whitener, half_log_det, scale: float, work):
+        num_members, num_components, num_dims = means.shape
+        big = (num_members, num_components, num_dims, xt.shape[-1])
+        diff = torch.sub(xt.unsqueeze(1), means.unsqueeze(-1), out=work.get("diff", big, means))  # (B, K, D, N)
         cholesky = whitener.ndim == 4
-        z = torch.matmul(whitener, diff) if cholesky else diff * whitener.unsqueeze(-1)  # K' = 1 broadcasts
-        q = _squared_rows(z)  # (B, K, N)
+        z = work.get("z", big, means)
+        if cholesky:
+            torch.matmul(whitener, diff, out=z)  # K' = 1 broadcasts
+        else:
+            torch.mul(diff, whitener.unsqueeze(-1), out=z)
+        joint = _squared_rows(z, work.get("joint", big[:2] + big[3:], means))  # (B, K, N): q, then the joint
         log_w = torch.log_softmax(logits, -1)
         bias = log_w - half_log_det - 0.5 * num_dims * LOG_2PI  # (B, K)
-        joint = torch.add(bias.unsqueeze(-1), q, alpha=-0.5)
+        torch.add(bias.unsqueeze(-1), joint, alpha=-0.5, out=joint)
         peak = joint.amax(1, keepdim=True)  # (B, 1, N)
         e = joint.sub_(peak).clamp_(min=exp_floor(joint.dtype)).exp_()
         total = e.sum(1, keepdim=True)  # (B, 1, N)
@@ -408,43 +449,55 @@ class _BatchedMixtureNLL(torch.autograd.Function):
         if any(ctx.needs_input_grad[1:5]):
             # the responsibilities e / total are formed in the backward, together with its scale (one pass)
             ctx.save_for_backward(diff, z, e, total, log_w, whitener)
-            ctx.scale, ctx.cholesky = scale, cholesky
+            ctx.scale, ctx.cholesky, ctx.work = scale, cholesky, work
         return lse.sum(-1) * scale  # (B,)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         diff, z, e, total, log_w, whitener = ctx.saved_tensors
-        neg_a = e * ((grad * -ctx.scale)[:, None, None] / total)  # (B, K, N): -g scale r
-        g_bias = -neg_a.sum(-1)  # (B, K)
+        # the big products take the responsibilities r >= exp(exp_floor) / K, and the member's factor
+        # c = -g scale is applied to their sums over n: r c (c = -1/N) fell below float32's smallest normal
+        # number for far points, and every op on such denormals ran 3-8x slower (bench.population)
+        # a Workspace's graph goes backward once (a fit's step): its products overwrite the saved buffers, which
+        # keeps the working set small (10% of the step at B = 32); fresh tensors otherwise, so that a retained
+        # graph (gradcheck, per-member autograd.grad) can go backward again
+        once = ctx.work.backward_once
+        c = grad * -ctx.scale  # (B,)
+        r = torch.div(e, total, out=e if once else None)  # (B, K, N)
+        g_bias = r.sum(-1).mul_(c.unsqueeze(-1)).neg_()  # (B, K)
         g_logits = g_bias - log_w.exp() * g_bias.sum(-1, keepdim=True)
         shared = whitener.shape[1] != z.shape[1]
         g_h = -(g_bias.sum(-1, keepdim=True) if shared else g_bias)
-        dz = z * neg_a.unsqueeze(2)  # (B, K, D, N)
-        s = dz.sum(-1)  # (B, K, D) sum over n
+        dz = torch.mul(z, r.unsqueeze(2), out=z if once else None)  # (B, K, D, N): dloss/dz / c
+        c3 = c.view(-1, 1, 1)
+        s = dz.sum(-1).mul_(c3)  # (B, K, D) sum over n of dloss/dz
         if ctx.cholesky:
-            g_w = torch.matmul(dz, diff.transpose(-1, -2))  # (B, K, D, D)
+            g_w = torch.matmul(dz, diff.transpose(-1, -2)).mul_(c3.unsqueeze(-1))  # (B, K, D, D)
             g_means = -(s.unsqueeze(-2) @ whitener).squeeze(-2)  # -W^T s
         else:
-            g_w = (dz * diff).sum(-1)  # (B, K, D)
+            g_w = dz.mul_(diff).sum(-1).mul_(c3)  # (B, K, D)
             g_means = -s * whitener
         if shared:
             g_w = g_w.sum(1, keepdim=True)
-        return None, g_means, g_logits, g_w, g_h, None
+        return None, g_means, g_logits, g_w, g_h, None, None
 
 
-def _squared_rows(z: Tensor) -> Tensor:
-    """(B, K, D, N) -> (B, K, N) sum_d z_d^2: for small D one multiply-add per axis over long rows (at D = 2 about
-    half the time of (z * z).sum(2), which forms a (B, K, D, N) square first)."""
+def _squared_rows(z: Tensor, out: Tensor) -> Tensor:
+    """(B, K, D, N) -> (B, K, N) sum_d z_d^2, written into `out`: for small D one multiply-add per axis over long
+    rows (at D = 2 about half the time of (z * z).sum(2), which forms a (B, K, D, N) square first)."""
     if z.shape[2] > 8:
-        return (z * z).sum(2)
-    q = z[:, :, 0] * z[:, :, 0]
+        return torch.sum(z * z, 2, out=out)
+    torch.mul(z[:, :, 0], z[:, :, 0], out=out)
     for d in range(1, z.shape[2]):
-        q.addcmul_(z[:, :, d], z[:, :, d])
-    return q
+        out.addcmul_(z[:, :, d], z[:, :, d])
+    return out
 
 
-def batched_mixture_nll(xt: Tensor, logits: Tensor, means: Tensor, cov: Covariance, scale: float) -> Tensor:
+def batched_mixture_nll(
+    xt: Tensor, logits: Tensor, means: Tensor, cov: Covariance, scale: float, work: Workspace | None = None
+) -> Tensor:
     """(B,) scale * sum_n log p_b(x_bn) for B mixtures (`_BatchedMixtureNLL`; xt is the data transposed,
-    (B or 1, D, N)): the population fit's loss with scale = -1/N is the sum of its entries, each member's mean NLL."""
+    (B or 1, D, N)): the population fit's loss with scale = -1/N is the sum of its entries, each member's mean NLL.
+    `work`: a `Workspace` to reuse buffers across calls (one per fit); fresh tensors without it."""
     whitener = tril_inverse(cov.scale_tril) if cov.scale_tril is not None else cov.variances.rsqrt()
-    return _BatchedMixtureNLL.apply(xt, means, logits, whitener, cov.half_log_det, scale)
+    return _BatchedMixtureNLL.apply(xt, means, logits, whitener, cov.half_log_det, scale, work or _Fresh)

@@ -213,13 +213,14 @@ class PopulationStep:
         self.logits_before = model.logits.detach().clone()
         self.floor_view = model.family.floor_view(model.raw_cov.detach())  # (B, K', m): the entries the floor acts on
         self._floor_of: tuple[Tensor, Tensor] | None = None  # (clamp, raw floor) of the last clamp call
+        self.work = likelihood.Workspace()  # the NLL's large intermediates, reused from step to step
 
     def nll(self) -> Tensor:
         """(B,) float64 mean NLL of every member's current parameters, without gradients."""
         m = self.model
         with torch.no_grad():  # the step's own arithmetic: a member's value does not depend on B
             cov = m.covariance()
-            parts = [likelihood.batched_mixture_nll(c, m.logits, m.locs, cov, self.scale) for c in self.chunks_t]
+            parts = [likelihood.batched_mixture_nll(c, m.logits, m.locs, cov, self.scale, self.work) for c in self.chunks_t]
         return parts[0].double() if len(parts) == 1 else sum(p.double() for p in parts)
 
     def step(self, lr_mixture: Tensor, lr_component: Tensor) -> Tensor:
@@ -229,7 +230,7 @@ class PopulationStep:
             p.grad = None
         values = None
         for chunk in self.chunks_t:
-            per = likelihood.batched_mixture_nll(chunk, m.logits, m.locs, m.covariance(), self.scale)  # (B,)
+            per = likelihood.batched_mixture_nll(chunk, m.logits, m.locs, m.covariance(), self.scale, self.work)  # (B,)
             per.sum().backward()
             values = per.detach() if values is None else values.double() + per.detach()
         self.logits_before.copy_(m.logits.detach())

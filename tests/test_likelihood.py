@@ -130,3 +130,61 @@ def test_constant_cache_is_bounded():
         assert likelihood._ones(n, x).shape == (n,)
     info = likelihood._make_constant.cache_info()
     assert info.maxsize is not None and info.currsize <= info.maxsize
+
+
+def _population_inputs(family: str, dtype: torch.dtype, far: float = 0.0):
+    """Two members of 3 components in 2 dims, torch tensors with gradients; `far` moves component 2 that far
+    away (in its standard deviations), so its responsibilities sit at the log-sum-exp's floor."""
+    members = [random_parameters(family, 3, 2, seed=s) for s in (7, 8)]
+    with torch.no_grad():
+        for m in members:
+            m.locs[2] += far * m.covariances[2].diagonal().sqrt().max()
+    stack = [torch.stack([getattr(m, name).detach() for m in members]).to(dtype) for name in ("logits", "locs", "raw_cov")]
+    x = torch.randn(2, 60, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 3
+    return [t.clone().requires_grad_() for t in stack], x.to(dtype), members
+
+
+def _batched_loss(family: str, x: torch.Tensor, logits, locs, raw, work=None):
+    fam = gmm.families.get_family(family, 2)
+    xt = x.transpose(1, 2).contiguous()
+    return likelihood.batched_mixture_nll(xt, logits, locs, fam.covariance(raw), -1.0 / x.shape[1], work)
+
+
+@pytest.mark.parametrize("family", [f for f in gmm.FAMILIES if f != "constant"])
+def test_population_loss_gradcheck_and_value(family):
+    """The population's fused loss node (gmm.likelihood._BatchedMixtureNLL): gradcheck in float64, and each
+    member's value is its own -mean log_prob."""
+    (logits, locs, raw), x, members = _population_inputs(family, torch.float64)
+    assert torch.autograd.gradcheck(lambda lg, mu, r: _batched_loss(family, x, lg, mu, r), (logits, locs, raw))
+    expected = torch.stack([-m.log_prob(x[i]).mean() for i, m in enumerate(members)])
+    torch.testing.assert_close(_batched_loss(family, x, logits, locs, raw), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
+def test_population_loss_in_float32_with_far_components_and_a_reused_workspace(family):
+    """float32 with one component 30 standard deviations away (its responsibilities at the exp floor, the state
+    whose products fell into float32's denormals before the backward applied -1/N last): the gradients are the
+    float64 ones to float32 rounding, and a workspace reused over two steps gives what fresh tensors give."""
+    (logits, locs, raw), x, _ = _population_inputs(family, torch.float64, far=30.0)
+    _batched_loss(family, x, logits, locs, raw).sum().backward()
+    exact = [t.grad.clone() for t in (logits, locs, raw)]
+    (logits, locs, raw), x, _ = _population_inputs(family, torch.float32, far=30.0)
+    work = likelihood.Workspace()
+    for _ in range(2):  # the second pass writes into the buffers of the first
+        for t in (logits, locs, raw):
+            t.grad = None
+        _batched_loss(family, x, logits, locs, raw, work).sum().backward()
+        for t, g in zip((logits, locs, raw), exact, strict=True):
+            # float32: about 1e-7 relative per op, over sums of 60 terms of gradients of order 1
+            torch.testing.assert_close(t.grad.double(), g, rtol=1e-4, atol=1e-5)
+    assert float(exact[1][:, 2].abs().max()) < 1e-30  # the far component's mean gradient: nothing but the floor's
+
+
+def test_a_workspace_refuses_a_second_forward_before_the_backward():
+    """Reusing a workspace's buffers while a graph still holds them is an error, never a wrong gradient."""
+    (logits, locs, raw), x, _ = _population_inputs("diagonal", torch.float32)
+    work = likelihood.Workspace()
+    first = _batched_loss("diagonal", x, logits, locs, raw, work).sum()
+    _batched_loss("diagonal", x + 1.0, logits, locs, raw, work)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
