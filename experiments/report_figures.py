@@ -17,11 +17,11 @@ from .seeds import SeedOutcome
 
 
 def png_bytes(fig, dpi: int = 110) -> bytes:
-    from gmm.plot import laid_out
+    from gmm.plot import FAST_PNG, laid_out
 
     buf = io.BytesIO()
     with laid_out(fig, dpi):
-        fig.savefig(buf, format="png", dpi=dpi)
+        fig.savefig(buf, dpi=dpi, **FAST_PNG)
     return buf.getvalue()
 
 

@@ -17,6 +17,7 @@ from sklearn.decomposition import PCA
 
 import gmm
 from gmm.plot import (
+    FAST_PNG,
     check_figure_path,
     component_colors,
     laid_out,
@@ -284,6 +285,17 @@ def test_laid_out_without_a_dpi_lays_out_at_savefig_s_default():
             fig.savefig(laid, format="png")
         _two_axes().savefig(plain, format="png")
     assert laid.getvalue() == plain.getvalue()
+
+
+def test_fast_png_keeps_the_pixels():
+    # the run and report figures are written with zlib level 1 (FAST_PNG): another file, the same image
+    from PIL import Image
+
+    default, fast = io.BytesIO(), io.BytesIO()
+    _two_axes().savefig(default, format="png")
+    _two_axes().savefig(fast, **FAST_PNG)
+    assert default.getvalue() != fast.getvalue()
+    assert np.array_equal(np.asarray(Image.open(default)), np.asarray(Image.open(fast)))
 
 
 @pytest.mark.parametrize("suffix", ["svg", "png"])

@@ -22,13 +22,14 @@ What is drawn for data of D dimensions:
 """
 
 from .curves import plot_nll_curve, plot_smallest_variances
-from .figure import check_figure_path, component_colors, laid_out, make_figure, save_figure
+from .figure import FAST_PNG, check_figure_path, component_colors, laid_out, make_figure, save_figure
 from .mixture import plot_data_and_model
 
 __all__ = [
     "check_figure_path",
     "component_colors",
     "laid_out",
+    "FAST_PNG",
     "make_figure",
     "plot_data_and_model",
     "plot_nll_curve",

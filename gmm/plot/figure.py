@@ -71,6 +71,12 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 120) -> Path:
     return path
 
 
+# savefig keywords for PNGs written many at a time (a run's figures, a report's): zlib level 1 instead of
+# Pillow's default 6. Encoding was a fifth of a run figure's save; level 1 saves about 35 ms a run (three figures)
+# for files about 11% larger. The pixels are the same.
+FAST_PNG = {"format": "png", "pil_kwargs": {"compress_level": 1}}
+
+
 @contextlib.contextmanager
 def laid_out(fig: Figure, dpi: float | None = None) -> Iterator[Figure]:
     """`fig` laid out once by its layout engine (at `dpi`, the save's; by default savefig's own default,
