@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .figure import component_colors, finish, target
+from .figure import component_colors, finish, plain_power_labels, target
 
 
 def plot_nll_curve(
@@ -63,6 +63,7 @@ def plot_nll_curve(
         )
     if log_x:
         ax.set_xscale("symlog", linthresh=1.0)
+        plain_power_labels(ax.xaxis)
     ax.set_xlim(left=0)
     ax.set_xlabel("step (updates)" + (", symmetric log scale" if log_x else ""))
     ax.set_ylabel("mean NLL (nats per sample)")
@@ -229,6 +230,7 @@ def plot_smallest_variances(
     if clamp is not None:
         ax.axhline(clamp, color="0.2", linestyle=":", linewidth=1.2, label=f"clamp {clamp:.3g}")
     ax.set_yscale("log")
+    plain_power_labels(ax.yaxis)
     ax.set_xlabel("step (updates)")
     ax.set_ylabel("smallest variance of each component")
     ax.grid(True, alpha=0.3, which="both")
