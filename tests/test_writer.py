@@ -93,9 +93,10 @@ def test_a_dead_helper_is_noticed_and_its_unmade_writes_are_made_here(mlflow_uri
 
 
 _PARENT = """
-import os, signal, sys
+import faulthandler, os, signal, sys, time
 from mlflow.entities import Metric
 from experiments.tracking import tracked_run, write_behind
+faulthandler.dump_traceback_later(90)  # a hang shows every thread's stack in the test's failure
 uri, how = sys.argv[1], sys.argv[2]
 with write_behind(uri):
     with tracked_run(uri, "wb") as (client, run_id):
@@ -105,8 +106,9 @@ with write_behind(uri):
         client.set_tag(run_id, "sent", "all")
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        os.killpg(0, signal.SIGINT)  # Ctrl-C at the terminal: this process and the helper get it
-        signal.pause()
+        os.killpg(0, signal.SIGINT)  # Ctrl-C at the terminal: its group gets it (the helper has its own session)
+        while True:  # not signal.pause(): a signal taken before pause() starts (by another thread) never wakes it
+            time.sleep(0.05)
 """
 
 
@@ -114,10 +116,14 @@ with write_behind(uri):
 def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_path, how):
     get_client(mlflow_uri)  # the store exists before the parent starts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_PARENT), mlflow_uri, how],
-        capture_output=True, text=True, env=env, timeout=120, start_new_session=True,
-    )  # fmt: skip
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(_PARENT), mlflow_uri, how],
+            capture_output=True, text=True, env=env, timeout=120, start_new_session=True,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as err:  # its stderr holds the stacks faulthandler dumped at 90 s
+        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        pytest.fail(f"the parent did not end in 120 s; its stderr:\n{stderr[-6000:]}")
     run_id = proc.stdout.split()[0]
     raw = MlflowClient(mlflow_uri)
     deadline = time.monotonic() + 60  # SIGKILL: the orphaned helper finishes what the pipe holds, then exits
