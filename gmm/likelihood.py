@@ -261,12 +261,16 @@ def mixture_nll_sum(
     scale = -1/N (0-d tensor), exact difference path.
 
     Cholesky families go through one fused autograd node (`_CholeskyMixtureNLL`); the others through
-    `family.covariance`, `joint_log_prob` and `logsumexp`.
+    `family.covariance` and the population's node (`_BatchedMixtureNLL`) with one member. Through
+    `joint_log_prob` and `logsumexp` instead, their backward multiplied the responsibilities by 1/N first, and
+    far points' products fell into float32's denormals: a diagonal step at N = 1000 was about 15% slower.
     """
     if family.cholesky:
         return _CholeskyMixtureNLL.apply(x, raw, means, logits, scale, augmented)
-    joint = joint_log_prob(x, logits, means, family.covariance(raw), augmented)
-    return logsumexp(joint).sum() * scale
+    cov = family.covariance(raw)
+    xt = (x[:, : means.shape[1]] if augmented else x).T.unsqueeze(0)  # (1, D, N)
+    whitener, half_log_det = cov.variances.rsqrt().unsqueeze(0), cov.half_log_det.unsqueeze(0)
+    return _BatchedMixtureNLL.apply(xt, means.unsqueeze(0), logits.unsqueeze(0), whitener, half_log_det, scale, _Fresh)[0]
 
 
 def logsumexp(joint: Tensor) -> Tensor:
