@@ -394,12 +394,12 @@ class Workspace:
     def __init__(self):
         self._buffers: dict[tuple, Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """An uninitialized buffer of `shape` with `like`'s dtype and device, the same one at every call."""
-        key = (name, shape, like.dtype, like.device)
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized buffer of that shape, dtype and device, the same one at every call."""
+        key = (name, shape, dtype, device)
         buf = self._buffers.get(key)
         if buf is None:
-            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
 
@@ -409,8 +409,8 @@ class _Fresh:
     backward_once = False
 
     @staticmethod
-    def get(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    def get(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
 
 
 class _BatchedMixtureNLL(torch.autograd.Function):
@@ -435,14 +435,15 @@ class _BatchedMixtureNLL(torch.autograd.Function):
     def forward(ctx, xt, means, logits, whitener, half_log_det, scale: float, work):
         num_members, num_components, num_dims = means.shape
         big = (num_members, num_components, num_dims, xt.shape[-1])
-        diff = torch.sub(xt.unsqueeze(1), means.unsqueeze(-1), out=work.get("diff", big, means))  # (B, K, D, N)
+        kind = (torch.promote_types(xt.dtype, means.dtype), means.device)  # float64 data lifts float32 parameters
+        diff = torch.sub(xt.unsqueeze(1), means.unsqueeze(-1), out=work.get("diff", big, *kind))  # (B, K, D, N)
         cholesky = whitener.ndim == 4
-        z = work.get("z", big, means)
+        z = work.get("z", big, *kind)
         if cholesky:
             torch.matmul(whitener, diff, out=z)  # K' = 1 broadcasts
         else:
             torch.mul(diff, whitener.unsqueeze(-1), out=z)
-        joint = _squared_rows(z, work.get("joint", big[:2] + big[3:], means))  # (B, K, N): q, then the joint
+        joint = _squared_rows(z, work.get("joint", big[:2] + big[3:], *kind))  # (B, K, N): q, then the joint
         log_w = torch.log_softmax(logits, -1)
         bias = log_w - half_log_det - 0.5 * num_dims * LOG_2PI  # (B, K)
         torch.add(bias.unsqueeze(-1), joint, alpha=-0.5, out=joint)
@@ -450,18 +451,18 @@ class _BatchedMixtureNLL(torch.autograd.Function):
         e = joint.sub_(peak).clamp_(min=exp_floor(joint.dtype)).exp_()
         total = e.sum(1, keepdim=True)  # (B, 1, N)
         lse = total.log().add_(peak).squeeze(1)  # (B, N)
-        if any(ctx.needs_input_grad[1:5]):
+        if any(ctx.needs_input_grad[:5]):
             # the responsibilities e / total are formed in the backward, together with its scale (one pass)
             ctx.save_for_backward(diff, z, e, total, log_w, whitener)
-            ctx.scale, ctx.cholesky, ctx.work = scale, cholesky, work
+            ctx.scale, ctx.cholesky, ctx.work, ctx.data_members = scale, cholesky, work, xt.shape[0]
         return lse.sum(-1) * scale  # (B,)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         diff, z, e, total, log_w, whitener = ctx.saved_tensors
         # the big products take the responsibilities r >= exp(exp_floor) / K, and the member's factor
-        # c = -g scale is applied to their sums over n: r c (c = -1/N) fell below float32's smallest normal
-        # number for far points, and every op on such denormals ran 3-8x slower (bench.population)
+        # c = -g scale (1/N for the fit's loss) is applied to their sums over n: r c, and its products with z, fell
+        # below float32's smallest normal number for far points, and every op on such denormals ran 3-8x slower
         # a Workspace's graph goes backward once (a fit's step): its products overwrite the saved buffers, which
         # keeps the working set small (10% of the step at B = 32); fresh tensors otherwise, so that a retained
         # graph (gradcheck, per-member autograd.grad) can go backward again
@@ -475,6 +476,12 @@ class _BatchedMixtureNLL(torch.autograd.Function):
         dz = torch.mul(z, r.unsqueeze(2), out=z if once else None)  # (B, K, D, N): dloss/dz / c
         c3 = c.view(-1, 1, 1)
         s = dz.sum(-1).mul_(c3)  # (B, K, D) sum over n of dloss/dz
+        g_x = None
+        if ctx.needs_input_grad[0]:  # rarely wanted: dloss/dx_n = sum_k W_k^T dloss/dz_kn
+            dd = torch.matmul(whitener.transpose(-1, -2), dz) if ctx.cholesky else dz * whitener.unsqueeze(-1)
+            g_x = dd.sum(1).mul_(c3)  # (B, D, N)
+            if ctx.data_members != g_x.shape[0]:  # data shared by every member
+                g_x = g_x.sum(0, keepdim=True)
         if ctx.cholesky:
             g_w = torch.matmul(dz, diff.transpose(-1, -2)).mul_(c3.unsqueeze(-1))  # (B, K, D, D)
             g_means = -(s.unsqueeze(-2) @ whitener).squeeze(-2)  # -W^T s
@@ -483,7 +490,7 @@ class _BatchedMixtureNLL(torch.autograd.Function):
             g_means = -s * whitener
         if shared:
             g_w = g_w.sum(1, keepdim=True)
-        return None, g_means, g_logits, g_w, g_h, None, None
+        return g_x, g_means, g_logits, g_w, g_h, None, None
 
 
 def _squared_rows(z: Tensor, out: Tensor) -> Tensor:

@@ -132,15 +132,15 @@ def test_constant_cache_is_bounded():
     assert info.maxsize is not None and info.currsize <= info.maxsize
 
 
-def _population_inputs(family: str, dtype: torch.dtype, far: float = 0.0):
-    """Two members of 3 components in 2 dims, torch tensors with gradients; `far` moves component 2 that far
-    away (in its standard deviations), so its responsibilities sit at the log-sum-exp's floor."""
+def _population_inputs(family: str, dtype: torch.dtype, far: float = 0.0, n: int = 60):
+    """Two members of 3 components in 2 dims, torch tensors with gradients, and (2, n, 2) data; `far` moves
+    component 2 that far away (in its standard deviations), so its responsibilities sit at the log-sum-exp's floor."""
     members = [random_parameters(family, 3, 2, seed=s) for s in (7, 8)]
     with torch.no_grad():
         for m in members:
             m.locs[2] += far * m.covariances[2].diagonal().sqrt().max()
     stack = [torch.stack([getattr(m, name).detach() for m in members]).to(dtype) for name in ("logits", "locs", "raw_cov")]
-    x = torch.randn(2, 60, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 3
+    x = torch.randn(2, n, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * 3
     return [t.clone().requires_grad_() for t in stack], x.to(dtype), members
 
 
@@ -158,17 +158,49 @@ def test_population_loss_gradcheck_and_value(family):
     assert torch.autograd.gradcheck(lambda lg, mu, r: _batched_loss(family, x, lg, mu, r), (logits, locs, raw))
     expected = torch.stack([-m.log_prob(x[i]).mean() for i, m in enumerate(members)])
     torch.testing.assert_close(_batched_loss(family, x, logits, locs, raw), expected, rtol=1e-12, atol=1e-12)
+    # the data's gradient too: one set per member, and one set shared by both
+    for data in (x, x[:1]):
+        data = data.detach().clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda d: _batched_loss(family, d.expand(2, -1, -1), logits, locs, raw), (data,))
+        assert torch.autograd.gradcheck(lambda d: _batched_loss(family, d, logits, locs, raw), (data,))
+
+
+@pytest.mark.parametrize("family", gmm.FAMILIES)
+@pytest.mark.parametrize("augmented", [False, True])
+def test_fit_loss_gradient_in_the_data(family, augmented):
+    """The fit's loss differentiates in the data too (every family's path), and float64 data lifts float32
+    parameters to float64 rather than rounding the data to float32."""
+    model = random_parameters(family, 3, 2, seed=5)
+    x = (torch.randn(40, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 3).requires_grad_()
+    fam, params = model.family, (model.logits.detach(), model.locs.detach(), model.raw_cov.detach())
+
+    def loss(data):
+        xin = likelihood.augment(data) if augmented else data
+        return likelihood.mixture_nll_sum(xin, *params, fam, -1.0 / data.shape[0], augmented=augmented)
+
+    assert torch.autograd.gradcheck(loss, (x,))
+    if not fam.cholesky:  # (the Cholesky node refuses mixed dtypes)
+        single = [p.float() for p in params]
+        value = likelihood.mixture_nll_sum(x.detach(), *single, fam, -1.0 / x.shape[0])
+        assert value.dtype == torch.float64
 
 
 @pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
 def test_population_loss_in_float32_with_far_components_and_a_reused_workspace(family):
-    """float32 with one component 30 standard deviations away (its responsibilities at the exp floor, the state
-    whose products fell into float32's denormals before the backward applied -1/N last): the gradients are the
-    float64 ones to float32 rounding, and a workspace reused over two steps gives what fresh tensors give."""
-    (logits, locs, raw), x, _ = _population_inputs(family, torch.float64, far=30.0)
+    """float32 with one component 30 standard deviations away and N = 4000: its responsibilities sit at the exp
+    floor, and times 1/N they are float32 denormals (the state whose products ran 3-8x slower before the backward
+    applied 1/N last). The gradients are the float64 ones to float32 rounding, and a workspace reused over two
+    steps gives what fresh tensors give."""
+    (logits, locs, raw), x, _ = _population_inputs(family, torch.float64, far=30.0, n=4000)
     _batched_loss(family, x, logits, locs, raw).sum().backward()
     exact = [t.grad.clone() for t in (logits, locs, raw)]
-    (logits, locs, raw), x, _ = _population_inputs(family, torch.float32, far=30.0)
+    (logits, locs, raw), x, _ = _population_inputs(family, torch.float32, far=30.0, n=4000)
+    with torch.no_grad():  # the state: the far component's responsibilities / N below float32's smallest normal
+        fam = gmm.families.get_family(family, 2)
+        joint = likelihood.batched_joint_log_prob(x, logits, locs, fam.covariance(raw))
+        e = (joint - joint.amax(-1, keepdim=True)).clamp_min(likelihood.exp_floor(joint.dtype)).exp()  # the forward's
+        resp = e / e.sum(-1, keepdim=True)
+        assert bool((resp[..., 2] / x.shape[1] < torch.finfo(torch.float32).tiny).all())
     work = likelihood.Workspace()
     for _ in range(2):  # the second pass writes into the buffers of the first
         for t in (logits, locs, raw):

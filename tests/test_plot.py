@@ -302,6 +302,19 @@ def test_log_axes_label_their_powers_in_plain_text():
     curve = plot_nll_curve([4.0, 3.9, 3.8, 3.7] * 50, log_x=True)
     curve.canvas.draw()
     assert [t.get_text() for t in curve.axes[0].get_xticklabels()][:2] == ["0", "10⁰"]
+    # the settings of the formatters it replaces are kept: a symlog axis's unlabelled minor ticks stay unlabelled,
+    # and a log axis with subs labels its minor ticks only where matplotlib would
+    from matplotlib.ticker import NullFormatter
+
+    from gmm.plot.figure import plain_power_labels
+
+    assert isinstance(curve.axes[0].xaxis.get_minor_formatter(), NullFormatter)
+    ax = Figure().subplots()
+    ax.set_yscale("log", subs=[2, 5])
+    ax.set_ylim(1e-3, 1e2)
+    before = ax.yaxis.get_minor_formatter().labelOnlyBase
+    plain_power_labels(ax.yaxis)
+    assert isinstance(ax.yaxis.get_minor_formatter(), PlainPowers) and ax.yaxis.get_minor_formatter().labelOnlyBase == before
     fmt = PlainPowers(10)
     fig.axes[0].yaxis.set_major_formatter(fmt)
     assert [fmt(v) for v in (1e-12, 1e3, -100.0, 0.0)] == ["10⁻¹²", "10³", "\N{MINUS SIGN}10²", "0"]

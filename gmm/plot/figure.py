@@ -164,11 +164,15 @@ class PlainPowers(LogFormatterSciNotation):
 
 
 def plain_power_labels(axis) -> None:
-    """Give a log or symlog `axis` (ax.xaxis, ax.yaxis) PlainPowers labels, as its scale set them otherwise:
-    decades on the major ticks, the minor ticks labelled only where the axis spans too few decades."""
-    base = getattr(axis.get_transform(), "base", 10)
-    axis.set_major_formatter(PlainPowers(base))
-    axis.set_minor_formatter(PlainPowers(base, labelOnlyBase=False))
+    """Turn the LogFormatterSciNotation labels of a log or symlog `axis` (ax.xaxis, ax.yaxis) into PlainPowers
+    with the same settings (base, which ticks are labelled, the symlog threshold); other formatters (a symlog
+    axis's unlabelled minor ticks, one the caller set) are left as they are."""
+    transform = axis.get_transform()
+    base, linthresh = getattr(transform, "base", 10), getattr(transform, "linthresh", None)
+    pairs = [(axis.get_major_formatter(), axis.set_major_formatter), (axis.get_minor_formatter(), axis.set_minor_formatter)]
+    for fmt, setter in pairs:
+        if type(fmt) is LogFormatterSciNotation:
+            setter(PlainPowers(base, fmt.labelOnlyBase, fmt.minor_thresholds, linthresh))
 
 
 def finish(fig: Figure, show: bool) -> Figure:
