@@ -1,5 +1,7 @@
 """The private fused-Adam call (gmm.optim.FusedAdam: `torch._fused_adam_`) against the public
-`torch.optim.Adam(fused=True)`, timed in the same run: the gain that keeps the private op (issue 17).
+`torch.optim.Adam(fused=True)`, timed in the same run: the gain that keeps the private op (issue 17). Then the
+population optimizer (gmm.optim.PopulationAdam: `torch._foreach_*` calls, Python-float bias corrections) against
+the same arithmetic in public per-tensor ops, a step alone at B = 10 and 32: the gain that keeps those.
 
     python -m bench.adam            # 9 interleaved rounds of 400 iterations per variant
     python -m bench.adam --quick    # 3 rounds of 200
@@ -15,11 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 import warnings
 
 import torch
 
 import gmm
+import gmm.optim
 import gmm.steps
 
 NUM_SAMPLES, NUM_COMPONENTS, NUM_DIMS = 1000, 5, 2
@@ -57,6 +61,42 @@ def _fit(x: torch.Tensor, iterations: int, public: bool) -> gmm.FitResult:
         gmm.steps.FusedAdam = saved
 
 
+class PerTensorPopulationAdam(gmm.optim.PopulationAdam):
+    """PopulationAdam's arithmetic in public per-tensor ops and (B,) tensor bias corrections (what it was before
+    the foreach calls)."""
+
+    @torch.no_grad()
+    def step(self, lrs: list[torch.Tensor]) -> None:
+        self.steps.add_(1.0)
+        bias1 = 1.0 - self.beta1**self.steps
+        bias2_sqrt = (1.0 - self.beta2**self.steps).sqrt_()
+        dtype = self.params[0].dtype
+        eps = (self.eps * bias2_sqrt).to(dtype)
+        for group, lr in zip(self.groups, lrs, strict=True):
+            per_member = (lr.to(torch.float64) * bias2_sqrt / bias1).to(dtype)
+            for p in group:
+                m, v, shape = self.exp_avg[p], self.exp_avg_sq[p], self._shapes[p]
+                m.lerp_(p.grad, 1.0 - self.beta1)
+                v.mul_(self.beta2).addcmul_(p.grad, p.grad, value=1.0 - self.beta2)
+                denom = v.sqrt().add_(eps.view(shape)).div_(per_member.view(shape))
+                p.addcdiv_(m, denom, value=-1.0)
+
+
+def _population_adam(members: int, steps: int, cls) -> tuple[float, list[torch.Tensor]]:
+    """(us per step, the parameters after `steps` steps) of `cls` on a full-family population's parameter shapes."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(members, NUM_COMPONENTS), (members, NUM_COMPONENTS, NUM_DIMS), (members, NUM_COMPONENTS, NUM_DIMS, NUM_DIMS)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    lrs = [torch.full((members,), MIXTURE_LR, dtype=torch.float64), torch.rand(members, generator=g, dtype=torch.float64)]
+    opt = cls([[params[0]], params[1:]], members)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step(lrs)
+    return 1e6 * (time.perf_counter() - t0) / steps, params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter blocks")
@@ -81,7 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     ratio = statistics.median(ratios)
     print(f"ratio public / private: {ratio:.2f}x ({100 * (ratio - 1):+.0f}% time per iteration with the public optimizer)")
     print(f"NLL histories agree: max |diff| = {diff:.2e} over {block} steps")
-    return 0 if diff < 1e-4 else 1
+    torch.set_num_threads(1)
+    same = True
+    print(f"\nPopulation Adam, one step alone (K={NUM_COMPONENTS}, D={NUM_DIMS}, full's shapes, float32, 1 thread; "
+          f"medians of {rounds} interleaved rounds of {5 * block} steps)")  # fmt: skip
+    for members in (10, 32):
+        ours, theirs = [], []
+        for _ in range(rounds):
+            t_ours, p_ours = _population_adam(members, 5 * block, gmm.optim.PopulationAdam)
+            t_theirs, p_theirs = _population_adam(members, 5 * block, PerTensorPopulationAdam)
+            ours.append(t_ours)
+            theirs.append(t_theirs)
+            same = same and all(torch.equal(a, b) for a, b in zip(p_ours, p_theirs, strict=True))
+        a, b = statistics.median(theirs), statistics.median(ours)
+        print(f"B={members:<3} per-tensor public ops {a:6.1f} us, foreach (gmm.optim) {b:6.1f} us: {a / b:.2f}x")
+    print(f"the same parameters bit for bit: {same}")
+    return 0 if diff < 1e-4 and same else 1
 
 
 if __name__ == "__main__":
