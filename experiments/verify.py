@@ -230,8 +230,22 @@ def verify_report(
                 f"PASS: {folder}: {len(expected)} runs, {cells} values reproduced {mode}; every file regenerated and "
                 f"compared, {figures}; timestamps and timings taken from the folder ({', '.join(_TIMING_FIELDS)})"
             )
+        if not passed:
+            message += _commit_hint(manifest)
         client.set_tag(run_id, "report.verify", "PASS" if passed else "FAIL")
     return Verdict(passed, exact, message, difference, run_id)
+
+
+def _commit_hint(manifest: dict[str, Any]) -> str:
+    """A FAIL line's last clause when another commit of this project made the report ("" otherwise): the exact
+    comparison looks at Python, torch and numpy, and code that rounds differently also changes the numbers."""
+    made, now = (manifest.get("git") or {}).get("commit"), environment()["git"]["commit"]
+    if not made or not now or "unknown" in (made, now) or made == now:
+        return ""
+    return (
+        f"; note: commit {made[:12]} made the report and this is {now[:12]}: newer code may round differently; "
+        f"check out {made[:12]} to reproduce it exactly"
+    )
 
 
 def _fingerprint_difference(manifest: dict[str, Any], outcomes: Sequence[SeedOutcome]) -> tuple[dict[str, Any] | None, int]:

@@ -213,6 +213,24 @@ def test_verify_fails_when_the_manifest_no_longer_matches(written, tmp_path, mlf
     assert code == 1 and out.startswith("FAIL: ") and names in out, out
 
 
+def test_a_failed_verify_names_the_commit_that_made_the_report(written, tmp_path, mlflow_uri, capsys):
+    """Exact verification looks at Python, torch and numpy; another commit of this project may round differently,
+    so a FAIL of a report another commit made says which one to check out (and a report of this commit does not)."""
+    folder = tmp_path / "older"
+    shutil.copytree(written[0], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["git"]["commit"] not in ("", "unknown")  # this checkout's own commit
+    manifest["runs"][0]["dataset_fingerprint"] = "0" * 64  # a FAIL
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    code, out, _ = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
+    assert code == 1 and "made the report" not in out, out
+    manifest["git"]["commit"] = "0123456789ab" + "c" * 28
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    code, out, _ = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
+    assert code == 1 and "commit 0123456789ab made the report" in out and "check out 0123456789ab" in out, out
+    assert len(out.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("name", "old", "new"),
     [
