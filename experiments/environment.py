@@ -78,6 +78,18 @@ def same_environment(manifest: dict[str, Any], env: dict[str, Any]) -> tuple[boo
     return not diffs, ", ".join(diffs)
 
 
+def commit_note(manifest: dict[str, Any]) -> str:
+    """The last clause of a verify FAIL line when another commit of this project wrote `manifest` ("" otherwise):
+    `same_environment` looks at Python, torch and numpy, and code that rounds differently changes numbers too."""
+    made, now = (manifest.get("git") or {}).get("commit"), environment()["git"]["commit"]
+    if not made or not now or "unknown" in (made, now) or made == now:
+        return ""
+    return (
+        f"; note: commit {made[:12]} made it and this is {now[:12]}: newer code may round differently; "
+        f"check out {made[:12]} to reproduce it exactly"
+    )
+
+
 def environment_rows(manifest: dict[str, Any]) -> list[list[str]]:
     """The rows a report's Environment table shows of a manifest: its versions, then its platform."""
     rows = [[f"version.{k}", v] for k, v in manifest["versions"].items()]

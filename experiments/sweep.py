@@ -57,7 +57,7 @@ from gmm.cli import OneLineParser
 from gmm.recovery import RECOVERY_FLOOR_FACTOR, RECOVERY_MARGIN
 
 from . import sweep_outputs as outputs
-from .environment import environment, same_environment
+from .environment import commit_note, environment, same_environment
 from .files import WrittenFolder, check_out_dir, print_written, read_manifest, write_folder
 from .seeds import default_jobs, one_thread
 from .sweep_plan import (
@@ -375,11 +375,13 @@ def verify_sweep(folder: str | Path, *, jobs: int | None = None) -> tuple[bool, 
     mode = "exactly (same platform and versions)" if exact else f"within rtol {outputs.RTOL}, atol {outputs.ATOL} ({why})"
     difference, count = outputs.first_difference(expected, got, outputs.KEY_COLUMNS, exact)
     if difference is not None:
-        return False, f"FAIL: {folder}/sweep.csv: {difference} ({count} differing value(s); compared {mode})"
+        where = f"{folder}/sweep.csv: {difference} ({count} differing value(s); compared {mode})"
+        return False, f"FAIL: {where}{commit_note(manifest)}"
     got_summary = outputs.summarize(got)
     difference, count = outputs.first_difference(expected_summary, got_summary, outputs.CELL_COLUMNS, exact)
     if difference is not None:
-        return False, f"FAIL: {folder}/summary.csv: {difference} ({count} differing value(s); compared {mode})"
+        where = f"{folder}/summary.csv: {difference} ({count} differing value(s); compared {mode})"
+        return False, f"FAIL: {where}{commit_note(manifest)}"
     if sweep_sha256(expected) != manifest.get("sweep_csv_sha256"):
         return False, f"FAIL: {folder}/sweep.csv does not match the manifest's sha256 (edited after it was written?)"
     return True, f"PASS: {folder}: {len(expected)} fits and {len(expected_summary)} cells reproduced {mode}"

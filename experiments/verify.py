@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ExperimentConfig
-from .environment import environment, same_environment
+from .environment import commit_note, environment, same_environment
 from .files import MANIFEST_FORMAT, read_manifest
 from .report_doc import report_files
 from .report_figures import all_figures
@@ -231,21 +231,9 @@ def verify_report(
                 f"compared, {figures}; timestamps and timings taken from the folder ({', '.join(_TIMING_FIELDS)})"
             )
         if not passed:
-            message += _commit_hint(manifest)
+            message += commit_note(manifest)
         client.set_tag(run_id, "report.verify", "PASS" if passed else "FAIL")
     return Verdict(passed, exact, message, difference, run_id)
-
-
-def _commit_hint(manifest: dict[str, Any]) -> str:
-    """A FAIL line's last clause when another commit of this project made the report ("" otherwise): the exact
-    comparison looks at Python, torch and numpy, and code that rounds differently also changes the numbers."""
-    made, now = (manifest.get("git") or {}).get("commit"), environment()["git"]["commit"]
-    if not made or not now or "unknown" in (made, now) or made == now:
-        return ""
-    return (
-        f"; note: commit {made[:12]} made the report and this is {now[:12]}: newer code may round differently; "
-        f"check out {made[:12]} to reproduce it exactly"
-    )
 
 
 def _fingerprint_difference(manifest: dict[str, Any], outcomes: Sequence[SeedOutcome]) -> tuple[dict[str, Any] | None, int]:

@@ -223,11 +223,11 @@ def test_a_failed_verify_names_the_commit_that_made_the_report(written, tmp_path
     manifest["runs"][0]["dataset_fingerprint"] = "0" * 64  # a FAIL
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     code, out, _ = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
-    assert code == 1 and "made the report" not in out, out
+    assert code == 1 and "made it" not in out, out
     manifest["git"]["commit"] = "0123456789ab" + "c" * 28
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     code, out, _ = _run(["--verify", str(folder), "--tracking-uri", mlflow_uri], capsys)
-    assert code == 1 and "commit 0123456789ab made the report" in out and "check out 0123456789ab" in out, out
+    assert code == 1 and "commit 0123456789ab made it" in out and "check out 0123456789ab" in out, out
     assert len(out.strip().splitlines()) == 1
 
 

@@ -293,6 +293,11 @@ def test_the_sweep_end_to_end(tmp_path, capsys):
     assert code == 1
     assert out.startswith(f"FAIL: {edited}/sweep.csv: row 7 ") and "column val_nll" in out, out
     assert repr(float(rows.loc[5, "val_nll"])) in out
+    assert "made it" not in out  # this commit's own sweep; another commit's FAIL names that commit
+    manifest["git"]["commit"] = "0123456789ab" + "c" * 28
+    (edited / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    code, out, _ = _run(["--verify", str(edited)], capsys)
+    assert code == 1 and "commit 0123456789ab made it" in out and "check out 0123456789ab" in out, out
 
 
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys):
