@@ -267,10 +267,9 @@ def mixture_nll_sum(
     """
     if family.cholesky:
         return _CholeskyMixtureNLL.apply(x, raw, means, logits, scale, augmented)
-    cov = family.covariance(raw)
     xt = (x[:, : means.shape[1]] if augmented else x).T.unsqueeze(0)  # (1, D, N)
-    whitener, half_log_det = cov.variances.rsqrt().unsqueeze(0), cov.half_log_det.unsqueeze(0)
-    return _BatchedMixtureNLL.apply(xt, means.unsqueeze(0), logits.unsqueeze(0), whitener, half_log_det, scale, _Fresh)[0]
+    cov = family.covariance(raw.unsqueeze(0))  # a population of one
+    return batched_mixture_nll(xt, logits.unsqueeze(0), means.unsqueeze(0), cov, scale)[0]
 
 
 def logsumexp(joint: Tensor) -> Tensor:
