@@ -101,8 +101,10 @@ class PopulationAdam:
         self.exp_avg = {p: torch.zeros_like(p) for p in self.params}
         self.exp_avg_sq = {p: torch.zeros_like(p) for p in self.params}
         device = self.params[0].device
+        # the step count of every member while they agree (the common case: no member restarted alone), else
+        # None and `steps` holds each member's; `steps` is only kept up to date then
+        self._count: int | None = 0
         self.steps = torch.zeros(num_members, dtype=torch.float64, device=device)
-        self._count: int | None = 0  # every member's step count while they agree, else None (see `steps`)
         self._shapes = {p: (num_members,) + (1,) * (p.ndim - 1) for p in self.params}
 
     def _corrections(self) -> tuple[float | Tensor, float | Tensor]:
@@ -113,6 +115,7 @@ class PopulationAdam:
             bias1 = 1.0 - self.beta1**self._count
             bias2_sqrt = math.sqrt(1.0 - self.beta2**self._count)
             return self.eps * bias2_sqrt, bias2_sqrt / bias1
+        self.steps.add_(1.0)
         bias1 = 1.0 - self.beta1**self.steps  # (B,) float64
         bias2_sqrt = (1.0 - self.beta2**self.steps).sqrt_()
         return self.eps * bias2_sqrt, bias2_sqrt / bias1
@@ -120,7 +123,6 @@ class PopulationAdam:
     @torch.no_grad()
     def step(self, lrs: list[Tensor]) -> None:
         """One update; `lrs[g]` is the (B,) learning rate of each member for group g (0 freezes it)."""
-        self.steps.add_(1.0)
         eps, factor = self._corrections()
         dtype = self.params[0].dtype
         per_eps = isinstance(eps, Tensor)
@@ -158,9 +160,13 @@ class PopulationAdam:
         for p in self.params:
             self.exp_avg[p][member] = 0
             self.exp_avg_sq[p][member] = 0
+        if (isinstance(member, slice) and member == slice(None)) or len(self.steps) == 1:
+            self._count = 0  # every member restarts: the counts agree again
+            return
+        if self._count is not None:  # one member restarts alone: from now on each member has its own count
+            self.steps.fill_(self._count)
+            self._count = None
         self.steps[member] = 0
-        everyone = isinstance(member, slice) and member == slice(None)
-        self._count = 0 if everyone or len(self.steps) == 1 else None  # one member restarted: counts differ
 
     @torch.no_grad()
     def reset_rows(self, params: list[Tensor], member: int | slice, rows: Tensor) -> None:
