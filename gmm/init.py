@@ -113,7 +113,34 @@ def scatter_covariances(x: Tensor, resp: Tensor, means: Tensor, base: Tensor, pr
     return (scatter + prior * base) / (counts + prior)[:, None, None]
 
 
-def _kmeans_start(model, xs: Tensor, base: Tensor, g: torch.Generator, clamp: float):
+def _kmeans_runs(model, x: Tensor, g: torch.Generator) -> tuple[Tensor, Standardizer, tuple[Tensor, Tensor]]:
+    """The rows k-means runs on (float64), their standardization, and the `_KMEANS_SEEDINGS` Lloyd runs
+    (centers in z, labels) from k-means++ seedings drawn from `g`."""
+    xs = x  # k-means runs on at most _KMEANS_MAX_SAMPLES rows, drawn before the float64 copy
+    if xs.shape[0] > _KMEANS_MAX_SAMPLES:
+        xs = xs[torch.randperm(xs.shape[0], generator=g)[:_KMEANS_MAX_SAMPLES].to(xs.device)]
+    xs = xs.double()
+    coords = Standardizer.of(xs, model)
+    zs = coords.data(xs)
+    # every seeding first (the draws from g in the order of one run after the other), then all Lloyd runs at once
+    runs = lloyd(zs, torch.stack([kmeans_plus_plus(zs, model.num_components, g) for _ in range(_KMEANS_SEEDINGS)]))
+    return xs, coords, runs
+
+
+def _shared_kmeans_runs(model, x: Tensor, g: torch.Generator, shared: dict | None):
+    """`_kmeans_runs`, made once per data tensor, family, K and generator state when `shared` is a dict."""
+    if shared is None:
+        return _kmeans_runs(model, x, g)
+    where = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), model.family.name, model.num_components)
+    key = (*where, bytes(g.get_state().numpy()))
+    if key not in shared:
+        shared[key] = (_kmeans_runs(model, x, g), g.get_state())
+    runs, state = shared[key]
+    g.set_state(state)
+    return runs
+
+
+def _kmeans_start(model, x: Tensor, base: Tensor, g: torch.Generator, clamp: float, shared: dict | None = None):
     """(means, covariances, weights) of the best of `_KMEANS_SEEDINGS` k-means runs from k-means++ seedings
     (distances in standardized coordinates): the partition whose clusters a full-covariance mixture (their
     scatter matrices, floored at `clamp`) explains best, i.e. with the lowest NLL. Judging every family's
@@ -121,12 +148,9 @@ def _kmeans_start(model, xs: Tensor, base: Tensor, g: torch.Generator, clamp: fl
     one wide component of a constrained family (measured at the demo defaults: inertia and the family's own
     NLL each picked such a start for one family of six; this criterion for none)."""
     k, d = model.num_components, model.num_dims
-    coords = Standardizer.of(xs, model)
-    zs = coords.data(xs)
+    xs, coords, runs = _shared_kmeans_runs(model, x, g, shared)
     judge = MixtureModel(k, d, "full", dtype=torch.float64, device=xs.device)
     best = None
-    # every seeding first (the draws from g in the order of one run after the other), then all Lloyd runs at once
-    runs = lloyd(zs, torch.stack([kmeans_plus_plus(zs, k, g) for _ in range(_KMEANS_SEEDINGS)]))
     for centers, labels in zip(*runs, strict=True):
         means = centers * coords.scale + coords.shift
         resp = torch.nn.functional.one_hot(labels, k).double()
@@ -140,17 +164,22 @@ def _kmeans_start(model, xs: Tensor, base: Tensor, g: torch.Generator, clamp: fl
 
 
 @torch.no_grad()
-def initialize(model, x: Tensor, method: str, g: torch.Generator, *, clamp: float, init_radius: float | None = None):
-    """Set `model`'s parameters from data `x` (N, D) by `method` (one of INITS), drawing from `g`."""
+def initialize(
+    model, x: Tensor, method: str, g: torch.Generator, *, clamp: float, init_radius: float | None = None, shared=None
+):
+    """Set `model`'s parameters from data `x` (N, D) by `method` (one of INITS), drawing from `g`.
+
+    `shared`: a dict kept by the caller across the starts of several models of one family on the same `x`
+    tensor (gmm.population's members): k-means runs from the same generator state are made once and reused,
+    with `g` left in the state they leave it in, so each start is the one it would be alone. Only the
+    partitions are shared; the choice among them depends on each model's `clamp`.
+    """
     if method == "keep":
         return
     k, d = model.num_components, model.num_dims
     base = base_covariance(x, k, clamp)
     if method == "kmeans++":
-        xs = x  # k-means runs on at most _KMEANS_MAX_SAMPLES rows, drawn before the float64 copy
-        if xs.shape[0] > _KMEANS_MAX_SAMPLES:
-            xs = xs[torch.randperm(xs.shape[0], generator=g)[:_KMEANS_MAX_SAMPLES].to(xs.device)]
-        means, covariances, weights = _kmeans_start(model, xs.double(), base, g, clamp)
+        means, covariances, weights = _kmeans_start(model, x, base, g, clamp, shared)
     elif method == "random":
         idx = torch.randperm(x.shape[0], generator=g)[:k].to(x.device)
         means = x[idx].double()

@@ -43,10 +43,11 @@ class Start:
     min_mass: float
 
 
-def make_start(model: MixtureModel, x: Tensor, opts: FitOptions, g: torch.Generator) -> Start:
-    """Initialize `model` on `x` (N, D) with `g`, floored in data units, and the coordinates and floors of the fit."""
+def make_start(model: MixtureModel, x: Tensor, opts: FitOptions, g: torch.Generator, shared: dict | None = None) -> Start:
+    """Initialize `model` on `x` (N, D) with `g`, floored in data units, and the coordinates and floors of the fit
+    (`shared`: see gmm.init.initialize)."""
     k, d = model.num_components, model.num_dims
-    initialize(model, x, opts.init, g, clamp=opts.clamp, init_radius=opts.init_radius)
+    initialize(model, x, opts.init, g, clamp=opts.clamp, init_radius=opts.init_radius, shared=shared)
     model.family.clamp_(model.raw_cov, opts.clamp)
     coords = Standardizer.of(x, model, opts.standardize)
     base = base_covariance(x, k, opts.clamp).to(model.device, model.dtype)

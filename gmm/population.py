@@ -167,6 +167,7 @@ class _Population:
         self.log_freq = opts[0].log_freq or max(1, self.total // 100)
         self.callback: Callable | None = opts[0].callback
         self.params = parameter_tensors(model)
+        self.shared_starts: dict = {}  # members on the same data and seed make their k-means runs once (gmm.init)
 
     # -- setup ------------------------------------------------------------------------------------------
     def _setup_member(self, i: int) -> tuple[_Member, MixtureModel]:
@@ -175,7 +176,7 @@ class _Population:
         x = self.x[i if self.x.shape[0] > 1 else 0]
         one = model.member(i)
         g = make_generator(opts.seed)
-        start = make_start(one, x, opts, g)
+        start = make_start(one, x, opts, g, self.shared_starts)
         start.coords.to_standard_(one)
         one.family.clamp_(one.raw_cov, start.clamp)  # written into the batch once every member is set up (run)
         recovery = Recovery(model.family, model.raw_cov.detach()[i], start.clamp, start.coords.log_det, member=i)
@@ -198,6 +199,7 @@ class _Population:
         t0 = time.perf_counter()
         # every member's start on its own copy first: an error or Ctrl-C here leaves the model as it was
         self.members, self.ones = zip(*(self._setup_member(i) for i in range(num)), strict=True)
+        self.shared_starts.clear()
         for i, one in enumerate(self.ones):
             model.set_member(i, one)
         same = all(m.z is self.members[0].z or torch.equal(m.z, self.members[0].z) for m in self.members)

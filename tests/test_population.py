@@ -70,6 +70,28 @@ def test_each_member_is_the_fit_it_would_be_alone(family):
     torch.testing.assert_close(result.final_nll, torch.tensor([r.final_nll for r in result], dtype=torch.float64))
 
 
+def test_members_with_one_seed_share_their_k_means_runs_and_each_is_still_its_fit_alone(monkeypatch):
+    # a study's trials: one data set, one seed, clamps and rates apart. The k-means runs are made once per seed
+    # (gmm.init's `shared`); each member's choice among them (it depends on the clamp), its generator state
+    # after them (member 2's resets draw from it) and so its whole fit are still what gmm.fit gives it alone
+    import gmm.init
+
+    made = []
+    runs = gmm.init._kmeans_runs
+    monkeypatch.setattr(gmm.init, "_kmeans_runs", lambda *a: made.append(1) or runs(*a))
+    x = torch.cat([_blobs(2), torch.tensor([[30.0, -30.0]], dtype=torch.float64)])  # an isolated point: a reset
+    options = {"component_lr": [0.01, 0.05, 0.03, 0.02], "clamp": [1e-6, 1e-3, 3.0, 1e-3], "seed": [7, 7, 7, 8]}
+    population = gmm.make_model("full", 4, 2, batch_shape=(4,), dtype=torch.float64)
+    result = gmm.fit(population, x, num_iterations=60, **options)
+    assert len(made) == 2  # seeds 7 and 8
+    assert result[2].reset_count > 0  # drawn from the generator the shared runs left
+    for i in range(4):
+        alone = gmm.make_model("full", 4, 2, dtype=torch.float64)
+        expected = gmm.fit(alone, x, num_iterations=60, **{k: v[i] for k, v in options.items()})
+        _same_fit(result[i], expected, population.member(i), alone)
+    assert len(made) == 2 + 4
+
+
 @pytest.mark.parametrize("family", ["full", "diagonal", "isotropic"])
 def test_a_member_on_a_point_mass_collapses_and_is_reset_like_alone(family):
     # a built state: component 0 of every member sits on an isolated point with a variance just above the clamp
