@@ -222,6 +222,19 @@ def write_behind(tracking_uri: str | None = None) -> Iterator[None]:
             log.error("%d MLflow writes to %s failed and were kept in %s", failed, redact(uri), client.unsent_file)
 
 
+@contextmanager
+def runs_first(tracking_uri: str | None = None) -> Iterator[None]:
+    """Within the block, this process's own calls to the store (opening a burst of runs) go before the
+    write-behind helper's writes, which wait (experiments.writer, "Turns at the store"). A no-op without a
+    write-behind block for the store."""
+    client = _write_behind.get(resolve_tracking_uri(tracking_uri))
+    if client is None:
+        yield
+        return
+    with client.first():
+        yield
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None) -> str:
     """The id of experiment `name`, created when missing (restored when deleted).
 

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig
 from experiments.run import StopRun, run_experiment
-from experiments.tracking import history_metrics, log_metrics_batched, log_params, tracked_run
+from experiments.tracking import history_metrics, log_metrics_batched, log_params, runs_first, tracked_run
 
 from .space import SearchSpace
 from .storage import worker_tag
@@ -261,11 +261,12 @@ class Objective:
         ends: dict[int, StopRun] = {}
         start = time.perf_counter()
         try:
-            for t, cm, ov in zip(trials, contexts, overrides, strict=True):
-                client, run_id = cm.__enter__()
-                opened.append((client, run_id))
-                t.set_user_attr("mlflow_run_id", run_id)
-                log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
+            with runs_first(self.tracking_uri):  # the batch's trial runs before the helper's pending writes
+                for t, cm, ov in zip(trials, contexts, overrides, strict=True):
+                    client, run_id = cm.__enter__()
+                    opened.append((client, run_id))
+                    t.set_user_attr("mlflow_run_id", run_id)
+                    log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
             alive = list(range(len(trials)))
             for i, name in enumerate(s.datasets):
                 if not alive:  # every trial of the batch was pruned or failed

@@ -18,7 +18,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from experiments.stores import PID_TAG, WRITER_TAG, why_dead
-from experiments.tracking import get_client, tracked_run, write_behind
+from experiments.tracking import get_client, runs_first, tracked_run, write_behind
 from experiments.writer import WriteBehindClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,16 +95,18 @@ def test_a_dead_helper_is_noticed_and_its_unmade_writes_are_made_here(mlflow_uri
 _PARENT = """
 import faulthandler, os, signal, sys, time
 from mlflow.entities import Metric
-from experiments.tracking import tracked_run, write_behind
+from experiments.tracking import runs_first, tracked_run, write_behind
 faulthandler.dump_traceback_later(90)  # a hang shows every thread's stack in the test's failure
 uri, how = sys.argv[1], sys.argv[2]
 with write_behind(uri):
     with tracked_run(uri, "wb") as (client, run_id):
         print(run_id, flush=True)
+        if how == "kill-in-turn":  # dies holding the store's turn: the kernel drops it, and the helper goes on
+            runs_first(uri).__enter__()
         for k in range(40):  # about 0.5 MB of curves: most are still in the pipe when this process dies
             client.log_batch(run_id, metrics=[Metric(f"c{k}", float(i), 0, i) for i in range(250)])
         client.set_tag(run_id, "sent", "all")
-        if how == "kill":
+        if how.startswith("kill"):
             os.kill(os.getpid(), signal.SIGKILL)
         os.killpg(0, signal.SIGINT)  # Ctrl-C at the terminal: its group gets it (the helper has its own session)
         while True:  # not signal.pause(): a signal taken before pause() starts (by another thread) never wakes it
@@ -112,7 +114,7 @@ with write_behind(uri):
 """
 
 
-@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
+@pytest.mark.parametrize("how", ["kill", "ctrl-c", "kill-in-turn"])
 def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_path, how):
     get_client(mlflow_uri)  # the store exists before the parent starts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -132,11 +134,28 @@ def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_p
     run = raw.get_run(run_id)
     assert run.data.tags.get("sent") == "all", proc.stderr[-2000:]
     assert all(len(raw.get_metric_history(run_id, f"c{k}")) == 250 for k in range(40))
-    if how == "kill":
+    if how.startswith("kill"):
         assert proc.returncode == -signal.SIGKILL and run.info.status == "RUNNING"  # ended KILLED by the next command
     else:
         assert proc.returncode != 0 and run.info.status == "KILLED"
         assert run.data.tags["stop_reason"].startswith("interrupted")
+
+
+def test_the_helper_waits_while_this_process_opens_runs_first_and_a_read_there_gives_the_turn_back(mlflow_uri):
+    raw = MlflowClient(mlflow_uri)
+    with write_behind(mlflow_uri):
+        with tracked_run(mlflow_uri, "wb") as (client, run_id):
+            client.set_tag(run_id, "s", "0")
+            assert client.get_run(run_id).data.tags["s"] == "0"  # the helper is up (its start takes seconds)
+            with runs_first(mlflow_uri):
+                client.set_tag(run_id, "t", "1")
+                with tracked_run(mlflow_uri, "wb", run_name="opened first") as (_, other):
+                    time.sleep(1.0)  # the helper had time to make the tag, had it not waited for its turn
+                    assert "t" not in raw.get_run(run_id).data.tags and raw.get_run(other).info.status == "RUNNING"
+                    assert client.get_run(run_id).data.tags["t"] == "1"  # a read drains: the turn is given back
+                client.set_tag(run_id, "u", "2")
+            assert client.get_run(run_id).data.tags["u"] == "2"  # after the block, the helper's turn again
+    assert raw.get_run(other).info.status == "FINISHED" and client._proc.poll() == 0
 
 
 def test_a_run_stays_open_while_the_helper_of_its_dead_process_still_writes(mlflow_uri):
