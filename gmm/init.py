@@ -19,6 +19,8 @@ covariances are then those of the clusters in the data's units.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,7 @@ INITS: tuple[str, ...] = ("kmeans++", "random", "radius", "keep")
 _KMEANS_MAX_SAMPLES = 100_000
 _KMEANS_ITERATIONS = 20
 _KMEANS_SEEDINGS = 10  # k-means runs from this many k-means++ seedings; the start with the lowest NLL is kept
+_JUDGE_TIE = 1e-12  # relative: NLLs of the seedings' starts this close count as equal (the first is kept)
 
 
 _CHUNK_ROWS = 1 << 16  # rows per float64 block when scanning large data (memory stays O(chunk), not O(N))
@@ -149,18 +152,31 @@ def _kmeans_start(model, x: Tensor, base: Tensor, g: torch.Generator, clamp: flo
     NLL each picked such a start for one family of six; this criterion for none)."""
     k, d = model.num_components, model.num_dims
     xs, coords, runs = _shared_kmeans_runs(model, x, g, shared)
-    judge = MixtureModel(k, d, "full", dtype=torch.float64, device=xs.device)
-    best = None
+    starts = []
     for centers, labels in zip(*runs, strict=True):
         means = centers * coords.scale + coords.shift
         resp = torch.nn.functional.one_hot(labels, k).double()
-        start = means, scatter_covariances(xs, resp, means, base.to(xs.device), d + 1.0), (resp.sum(0) + 1) / (len(xs) + k)
-        judge.set_parameters(*start)
-        judge.family.clamp_(judge.raw_cov.detach(), clamp)
-        nll = judge.nll(xs)
-        if best is None or nll < best[0]:
-            best = (nll, start)
-    return best[1]
+        covariances = scatter_covariances(xs, resp, means, base.to(xs.device), d + 1.0)
+        starts.append((means, covariances, (resp.sum(0) + 1) / (len(xs) + k)))
+    # the judge: every start as one member of a batched full mixture, floored at clamp, all NLLs in one pass
+    judge = MixtureModel(k, d, "full", dtype=torch.float64, device=xs.device, batch_shape=(len(starts),))
+    means, covariances, weights = (torch.stack(part) for part in zip(*starts, strict=True))
+    judge.logits.copy_(weights.clamp_min(torch.finfo(torch.float64).tiny).log())
+    judge.locs.copy_(means)
+    judge.raw_cov.copy_(judge.family.from_covariances(covariances))
+    judge.family.clamp_(judge.raw_cov.detach(), clamp)
+    return starts[_first_lowest(judge.nll(xs).tolist())]
+
+
+def _first_lowest(nlls: list[float]) -> int:
+    """The first index whose NLL is within _JUDGE_TIE of the lowest (0 when none is finite). Runs that found
+    the same partition under other labels score the same NLL up to rounding, which differs between math
+    kernels: the tolerance makes the pick the same on every machine."""
+    finite = [v for v in nlls if math.isfinite(v)]
+    if not finite:
+        return 0
+    lowest = min(finite)
+    return next(i for i, v in enumerate(nlls) if v <= lowest + _JUDGE_TIE * max(1.0, abs(lowest)))
 
 
 @torch.no_grad()
