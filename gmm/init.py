@@ -14,7 +14,8 @@ the covariance a collapsed component is reset to.
 its std for full, tied and diagonal, all by one RMS std for the isotropic families), so a column in other
 units does not dominate the clustering and the start does not depend on the data's units; the means and
 covariances are then those of the clusters in the data's units.
-(**) of 10 k-means++ seedings, the partition with the lowest NLL as a full-covariance mixture (`_kmeans_start`).
+(**) of 10 k-means++ seedings, the partition with the lowest NLL as a full-covariance mixture (`_kmeans_start`;
+the first of those within 1e-12 of it, so the same partition under other labels gives the same start on any CPU).
 """
 
 from __future__ import annotations
