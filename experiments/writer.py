@@ -34,8 +34,9 @@ What it keeps (tests/test_writer.py):
   the burst of runs this process opens for the next one (`first()`) would wait a sleep step per run: 13 ms a
   run instead of 8 in a batched study. Within `first()` the helper waits instead: both processes hold the
   same unlinked temporary file, and a POSIX record lock on it (`_Turn`) is held by the helper around each of
-  its writes and by this process for the block. The kernel drops a process's lock when it dies, and a wait
-  for the helper (a read's drain) inside the block gives the turn back first.
+  its writes and by this process for the block. The kernel drops a process's lock when it dies, a wait for
+  the helper (a read's drain) inside the block gives the turn back first, and the helper waits TURN_WAIT
+  seconds at most (a write into a full pipe inside the block would otherwise wait for a helper that waits).
 
 Only SQLite stores, and only in the process that owns the block: a worker process of `--jobs` writes itself
 (it has its own core), and so does a tracking server (HTTP: its own retries and keep-locally rules apply).
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -72,6 +74,7 @@ DIRECT = frozenset(
 )  # fmt: skip
 _DRAIN, _CLOSE = "__drain__", "__close__"
 RETRY_SECONDS = 1.0
+TURN_WAIT = 0.5  # seconds the helper waits at most for this process's block (runs_first), then writes anyway
 FAILING = 3  # writes failed in a row after which the helper stops retrying (see serve)
 
 
@@ -226,49 +229,74 @@ class WriteBehindClient:
 class _Turn:
     """Whose turn it is at the store: a POSIX record lock (fcntl.lockf) on an unlinked temporary file that this
     process and its helper both hold open. Record locks belong to a process, so the two exclude each other,
-    and the kernel drops a dead process's lock. Where fcntl is missing, every turn is free (a no-op)."""
+    and the kernel drops a dead process's lock.
 
-    def __init__(self, file=None, fd: int | None = None):
+    The helper waits for its turn at most `wait` seconds (TURN_WAIT), then writes without it until the turn
+    is free again: whatever this process does inside its block (a write into a full pipe, a lock left behind
+    by a Ctrl-C at the wrong instant), the helper is slowed once, never stopped. Where fcntl or the lock is not
+    available, every turn is free."""
+
+    def __init__(self, file=None, fd: int | None = None, wait: float = 0.0):
         self._file = file  # keeps the file open in the parent
         self.fd = fd if fd is not None else (file.fileno() if file is not None else None)
+        self.wait = wait  # the helper's longest wait for its turn
         self.depth = 0  # nested blocks of this process (one record lock: only the outermost takes and gives it)
+        self.owner: int | None = None  # the thread whose block holds it
+        self.overdue = False  # the helper gave up waiting: it writes without the turn until the turn is free
 
     @classmethod
     def new(cls) -> _Turn:
         try:
             import fcntl  # noqa: F401
-        except ImportError:
+
+            return cls(tempfile.TemporaryFile())
+        except (ImportError, OSError):
             return cls()
-        return cls(tempfile.TemporaryFile())
 
     def argv(self) -> list[str]:
-        return [] if self.fd is None else [str(self.fd)]
+        """The helper's arguments: the file's descriptor and its longest wait (TURN_WAIT, read now)."""
+        return [] if self.fd is None else [str(self.fd), repr(TURN_WAIT)]
 
     def fds(self) -> tuple[int, ...]:
         return () if self.fd is None else (self.fd,)
 
-    def _lock(self, op_name: str) -> None:
-        if self.fd is not None:
-            import fcntl
+    def _lock(self, op: str, wait: bool = True) -> bool:
+        """lockf `op` ("LOCK_EX", "LOCK_UN"); False when another process holds it (wait=False) or locks fail
+        here (then none is used again)."""
+        if self.fd is None:
+            return False
+        import fcntl
 
-            fcntl.lockf(self.fd, getattr(fcntl, op_name))
+        try:
+            fcntl.lockf(self.fd, getattr(fcntl, op) | (0 if wait or op == "LOCK_UN" else fcntl.LOCK_NB))
+            return True
+        except OSError as err:
+            if not wait and err.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            self.fd = None  # no record locks on this system or file: turns are free from now on
+            return False
 
+    # -- this process -------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def held(self):
-        if self.depth == 0:
-            self._lock("LOCK_EX")
+        """The turn for the block (nested blocks share the outermost's)."""
         self.depth += 1
         try:
+            if self.depth == 1:
+                self.owner = threading.get_ident()
+                self._lock("LOCK_EX")
             yield
         finally:
             self.depth -= 1
             if self.depth == 0:
-                self._lock("LOCK_UN")
+                self.owner = None
+                self._lock("LOCK_UN")  # also after a Ctrl-C during the wait for it: unlocking none is harmless
 
     @contextlib.contextmanager
     def given_back(self):
-        """The turn given back for the block when held (waiting for the helper inside `held` would deadlock)."""
-        if self.depth == 0:
+        """The turn given back for the block when the calling thread's block holds it (a wait for the helper's
+        writes there would otherwise last TURN_WAIT per write)."""
+        if self.depth == 0 or self.owner != threading.get_ident():
             yield
             return
         self._lock("LOCK_UN")
@@ -276,6 +304,22 @@ class _Turn:
             yield
         finally:
             self._lock("LOCK_EX")
+
+    # -- the helper ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def waited(self):
+        """The helper's turn for one write: after the parent's block, or after `wait` seconds at most."""
+        took = self._lock("LOCK_EX", wait=False)
+        deadline = time.monotonic() + (0.0 if self.overdue else self.wait)
+        while not took and self.fd is not None and time.monotonic() < deadline:
+            time.sleep(0.001)
+            took = self._lock("LOCK_EX", wait=False)
+        self.overdue = not took and self.fd is not None
+        try:
+            yield
+        finally:
+            if took:
+                self._lock("LOCK_UN")
 
     def close(self) -> None:
         if self._file is not None:
@@ -336,8 +380,7 @@ def serve(uri: str, recv, replies, path: Path, turn: _Turn | None = None) -> Non
             return
         if name != _DRAIN:
             # a store that keeps failing: after FAILING failures in a row, no retry (and no wait before it)
-            with turn.held():  # after the parent's block, if it is in one (WriteBehindClient.first)
-                ok = _make(client, name, args, kwargs, path, tries=1 if in_a_row >= FAILING else 2)
+            ok = _make(client, name, args, kwargs, path, tries=1 if in_a_row >= FAILING else 2, turn=turn)
             in_a_row = 0 if ok else in_a_row + 1
             failed += not ok
             made += 1
@@ -354,13 +397,15 @@ class _Nowhere:
         pass
 
 
-def _make(client, name: str, args: tuple, kwargs: dict, path: Path, tries: int = 2) -> bool:
-    """Make one write (up to `tries` times, RETRY_SECONDS apart); if it fails, keep it in the file `path` (one
-    JSON line) and say so on stderr. Returns whether it was made."""
+def _make(client, name: str, args: tuple, kwargs: dict, path: Path, tries: int = 2, turn: _Turn | None = None) -> bool:
+    """Make one write (up to `tries` times, RETRY_SECONDS apart; each try in the helper's `turn`, not the sleep
+    between); if it fails, keep it in the file `path` (one JSON line) and say so on stderr. Returns whether it
+    was made."""
     error: BaseException | None = None
     for attempt in range(tries):
         try:
-            getattr(client, name)(*args, **kwargs)
+            with turn.waited() if turn is not None else contextlib.nullcontext():
+                getattr(client, name)(*args, **kwargs)
             return True
         except Exception as err:  # noqa: BLE001  (kept and reported below; the next write goes on)
             error = err
@@ -393,17 +438,18 @@ def _jsonable(obj):
 
 
 def main(argv: list[str]) -> int:
-    """python -m experiments.writer URI UNSENT_FILE [TURN_FD]: serve the pipes on stdin and stdout (started by
+    """python -m experiments.writer URI UNSENT_FILE [TURN_FD TURN_WAIT]: serve the pipes on stdin and stdout (started by
     WriteBehindClient; not a command for people)."""
     from multiprocessing.connection import Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a signal to the group: the parent ends its runs, through here
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     uri, path, *turn = argv
+    turn = _Turn(fd=int(turn[0]), wait=float(turn[1])) if turn else None
     recv = Connection(os.dup(0), writable=False)
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # whatever MLflow prints goes to stderr, not into the replies
-    serve(uri, recv, replies, Path(path), _Turn(fd=int(turn[0])) if turn else None)
+    serve(uri, recv, replies, Path(path), turn)
     return 0
 
 

@@ -30,6 +30,7 @@ The fit chunks over N so that B x N x K x D never sits in memory at once.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 import warnings
@@ -176,7 +177,7 @@ class _Population:
         x = self.x[i if self.x.shape[0] > 1 else 0]
         one = model.member(i)
         g = make_generator(opts.seed)
-        start = make_start(one, x, opts, g, self.shared_starts)
+        start = make_start(one, x, opts, g, self.shared_starts if i in self.sharing else None)
         start.coords.to_standard_(one)
         one.family.clamp_(one.raw_cov, start.clamp)  # written into the batch once every member is set up (run)
         recovery = Recovery(model.family, model.raw_cov.detach()[i], start.clamp, start.coords.log_det, member=i)
@@ -198,8 +199,14 @@ class _Population:
         model, num = self.model, self.model.num_members
         t0 = time.perf_counter()
         # every member's start on its own copy first: an error or Ctrl-C here leaves the model as it was
-        self.members, self.ones = zip(*(self._setup_member(i) for i in range(num)), strict=True)
-        self.shared_starts.clear()
+        # members on the same data with the same seed make their k-means runs once (gmm.init); the others keep none
+        data = [i if self.x.shape[0] > 1 else 0 for i in range(num)]
+        seeds = collections.Counter(zip(data, (o.seed for o in self.opts), strict=True))
+        self.sharing = {i for i in range(num) if seeds[data[i], self.opts[i].seed] > 1}
+        try:
+            self.members, self.ones = zip(*(self._setup_member(i) for i in range(num)), strict=True)
+        finally:
+            self.shared_starts.clear()
         for i, one in enumerate(self.ones):
             model.set_member(i, one)
         same = all(m.z is self.members[0].z or torch.equal(m.z, self.members[0].z) for m in self.members)

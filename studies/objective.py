@@ -262,11 +262,11 @@ class Objective:
         start = time.perf_counter()
         try:
             with runs_first(self.tracking_uri):  # the batch's trial runs before the helper's pending writes
-                for t, cm, ov in zip(trials, contexts, overrides, strict=True):
-                    client, run_id = cm.__enter__()
-                    opened.append((client, run_id))
-                    t.set_user_attr("mlflow_run_id", run_id)
-                    log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
+                for cm in contexts:
+                    opened.append(cm.__enter__())
+            for t, (client, run_id), ov in zip(trials, opened, overrides, strict=True):  # writes: after the block
+                t.set_user_attr("mlflow_run_id", run_id)
+                log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
             alive = list(range(len(trials)))
             for i, name in enumerate(s.datasets):
                 if not alive:  # every trial of the batch was pruned or failed

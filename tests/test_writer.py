@@ -17,6 +17,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from experiments import writer
 from experiments.stores import PID_TAG, WRITER_TAG, why_dead
 from experiments.tracking import get_client, runs_first, tracked_run, write_behind
 from experiments.writer import WriteBehindClient
@@ -102,7 +103,8 @@ with write_behind(uri):
     with tracked_run(uri, "wb") as (client, run_id):
         print(run_id, flush=True)
         if how == "kill-in-turn":  # dies holding the store's turn: the kernel drops it, and the helper goes on
-            runs_first(uri).__enter__()
+            turn = runs_first(uri)  # kept: a dropped block would give the turn back when collected
+            turn.__enter__()
         for k in range(40):  # about 0.5 MB of curves: most are still in the pipe when this process dies
             client.log_batch(run_id, metrics=[Metric(f"c{k}", float(i), 0, i) for i in range(250)])
         client.set_tag(run_id, "sent", "all")
@@ -141,7 +143,8 @@ def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_p
         assert run.data.tags["stop_reason"].startswith("interrupted")
 
 
-def test_the_helper_waits_while_this_process_opens_runs_first_and_a_read_there_gives_the_turn_back(mlflow_uri):
+def test_the_helper_waits_while_this_process_opens_runs_first_and_a_read_there_gives_the_turn_back(mlflow_uri, monkeypatch):
+    monkeypatch.setattr(writer, "TURN_WAIT", 60.0)  # the helper's longest wait, far beyond this test's sleep
     raw = MlflowClient(mlflow_uri)
     with write_behind(mlflow_uri):
         with tracked_run(mlflow_uri, "wb") as (client, run_id):
@@ -156,6 +159,41 @@ def test_the_helper_waits_while_this_process_opens_runs_first_and_a_read_there_g
                 client.set_tag(run_id, "u", "2")
             assert client.get_run(run_id).data.tags["u"] == "2"  # after the block, the helper's turn again
     assert raw.get_run(other).info.status == "FINISHED" and client._proc.poll() == 0
+
+
+_FULL_PIPE = """
+import faulthandler, sys
+from mlflow.entities import Metric
+from experiments.tracking import runs_first, tracked_run, write_behind
+faulthandler.dump_traceback_later(90)
+uri = sys.argv[1]
+with write_behind(uri):
+    with tracked_run(uri, "wb") as (client, run_id):
+        print(run_id, flush=True)
+        with runs_first(uri):  # writes enough to fill the pipe while the helper waits for its turn
+            for k in range(120):
+                client.log_batch(run_id, metrics=[Metric(f"c{k}", float(i), 0, i) for i in range(250)])
+        client.set_tag(run_id, "sent", "all")
+"""
+
+
+def test_writes_that_fill_the_pipe_inside_runs_first_do_not_stop_the_helper(mlflow_uri):
+    # the helper waits for its turn at most TURN_WAIT, then writes without it: the pipe empties, nothing hangs
+    get_client(mlflow_uri)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(_FULL_PIPE), mlflow_uri], capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as err:
+        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
+        pytest.fail(f"the parent did not end in 120 s; its stderr:\n{stderr[-6000:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    raw = MlflowClient(mlflow_uri)
+    run = raw.get_run(proc.stdout.split()[0])
+    assert run.info.status == "FINISHED" and run.data.tags["sent"] == "all"
+    assert all(len(raw.get_metric_history(run.info.run_id, f"c{k}")) == 250 for k in (0, 59, 119))
 
 
 def test_a_run_stays_open_while_the_helper_of_its_dead_process_still_writes(mlflow_uri):
