@@ -231,8 +231,8 @@ class _Turn:
     process and its helper both hold open. Record locks belong to a process, so the two exclude each other,
     and the kernel drops a dead process's lock.
 
-    The helper waits for its turn at most `wait` seconds (TURN_WAIT), then writes without it until the turn
-    is free again: whatever this process does inside its block (a write into a full pipe, a lock left behind
+    The helper waits for its turn at most `wait` seconds (TURN_WAIT), then writes without waiting for as long
+    again: whatever this process does inside its block (a write into a full pipe, a lock left behind
     by a Ctrl-C at the wrong instant), the helper is slowed once, never stopped. Where fcntl or the lock is not
     available, every turn is free."""
 
@@ -242,7 +242,7 @@ class _Turn:
         self.wait = wait  # the helper's longest wait for its turn
         self.depth = 0  # nested blocks of this process (one record lock: only the outermost takes and gives it)
         self.owner: int | None = None  # the thread whose block holds it
-        self.overdue = False  # the helper gave up waiting: it writes without the turn until the turn is free
+        self.free_until = 0.0  # the helper gave up waiting: until then (monotonic) it writes without waiting
 
     @classmethod
     def new(cls) -> _Turn:
@@ -255,7 +255,7 @@ class _Turn:
 
     def argv(self) -> list[str]:
         """The helper's arguments: the file's descriptor and its longest wait (TURN_WAIT, read now)."""
-        return [] if self.fd is None else [str(self.fd), repr(TURN_WAIT)]
+        return [] if self.fd is None else [str(self.fd), str(float(TURN_WAIT))]
 
     def fds(self) -> tuple[int, ...]:
         return () if self.fd is None else (self.fd,)
@@ -279,7 +279,8 @@ class _Turn:
     # -- this process -------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def held(self):
-        """The turn for the block (nested blocks share the outermost's)."""
+        """The turn for the block (nested blocks share the outermost's). For one thread: the main one, which
+        opens runs; other threads only write and drain."""
         self.depth += 1
         try:
             if self.depth == 1:
@@ -310,11 +311,13 @@ class _Turn:
     def waited(self):
         """The helper's turn for one write: after the parent's block, or after `wait` seconds at most."""
         took = self._lock("LOCK_EX", wait=False)
-        deadline = time.monotonic() + (0.0 if self.overdue else self.wait)
+        now = time.monotonic()
+        deadline = now + self.wait if now >= self.free_until else now
         while not took and self.fd is not None and time.monotonic() < deadline:
             time.sleep(0.001)
             took = self._lock("LOCK_EX", wait=False)
-        self.overdue = not took and self.fd is not None
+        if not took and self.fd is not None and now >= self.free_until:  # gave up: no wait for the next `wait` s
+            self.free_until = time.monotonic() + self.wait
         try:
             yield
         finally:
@@ -324,6 +327,7 @@ class _Turn:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = self.fd = None
 
 
 @contextlib.contextmanager

@@ -262,10 +262,10 @@ class Objective:
         start = time.perf_counter()
         try:
             with runs_first(self.tracking_uri):  # the batch's trial runs before the helper's pending writes
-                for cm in contexts:
+                for t, cm in zip(trials, contexts, strict=True):
                     opened.append(cm.__enter__())
+                    t.set_user_attr("mlflow_run_id", opened[-1][1])  # Optuna's storage: not the helper's pipe
             for t, (client, run_id), ov in zip(trials, opened, overrides, strict=True):  # writes: after the block
-                t.set_user_attr("mlflow_run_id", run_id)
                 log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
             alive = list(range(len(trials)))
             for i, name in enumerate(s.datasets):

@@ -75,15 +75,18 @@ def test_members_with_one_seed_share_their_k_means_runs_and_each_is_still_its_fi
     # (gmm.init's `shared`); each member's choice among them (it depends on the clamp), its generator state
     # after them (member 2's resets draw from it) and so its whole fit are still what gmm.fit gives it alone
     import gmm.init
+    import gmm.population
 
-    made = []
-    runs = gmm.init._kmeans_runs
+    made, kept = [], []
+    runs, start = gmm.init._kmeans_runs, gmm.population.make_start
     monkeypatch.setattr(gmm.init, "_kmeans_runs", lambda *a: made.append(1) or runs(*a))
+    monkeypatch.setattr(gmm.population, "make_start", lambda *a: kept.append(a[-1] is not None) or start(*a))
     x = torch.cat([_blobs(2), torch.tensor([[30.0, -30.0]], dtype=torch.float64)])  # an isolated point: a reset
     options = {"component_lr": [0.01, 0.05, 0.03, 0.02], "clamp": [1e-6, 1e-3, 3.0, 1e-3], "seed": [7, 7, 7, 8]}
     population = gmm.make_model("full", 4, 2, batch_shape=(4,), dtype=torch.float64)
     result = gmm.fit(population, x, num_iterations=60, **options)
     assert len(made) == 2  # seeds 7 and 8
+    assert kept == [True, True, True, False]  # seed 8, alone on its seed, keeps nothing to share
     assert result[2].reset_count > 0  # drawn from the generator the shared runs left
     for i in range(4):
         alone = gmm.make_model("full", 4, 2, dtype=torch.float64)

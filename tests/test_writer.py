@@ -96,9 +96,12 @@ def test_a_dead_helper_is_noticed_and_its_unmade_writes_are_made_here(mlflow_uri
 _PARENT = """
 import faulthandler, os, signal, sys, time
 from mlflow.entities import Metric
+from experiments import writer
 from experiments.tracking import runs_first, tracked_run, write_behind
 faulthandler.dump_traceback_later(90)  # a hang shows every thread's stack in the test's failure
 uri, how = sys.argv[1], sys.argv[2]
+if how == "kill-in-turn":  # a helper that waits for its turn this long would miss the test's deadline
+    writer.TURN_WAIT = 600.0
 with write_behind(uri):
     with tracked_run(uri, "wb") as (client, run_id):
         print(run_id, flush=True)
@@ -144,7 +147,7 @@ def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_p
 
 
 def test_the_helper_waits_while_this_process_opens_runs_first_and_a_read_there_gives_the_turn_back(mlflow_uri, monkeypatch):
-    monkeypatch.setattr(writer, "TURN_WAIT", 60.0)  # the helper's longest wait, far beyond this test's sleep
+    monkeypatch.setattr(writer, "TURN_WAIT", 120.0)  # the helper's longest wait, far beyond this test's waits
     raw = MlflowClient(mlflow_uri)
     with write_behind(mlflow_uri):
         with tracked_run(mlflow_uri, "wb") as (client, run_id):
@@ -155,7 +158,9 @@ def test_the_helper_waits_while_this_process_opens_runs_first_and_a_read_there_g
                 with tracked_run(mlflow_uri, "wb", run_name="opened first") as (_, other):
                     time.sleep(1.0)  # the helper had time to make the tag, had it not waited for its turn
                     assert "t" not in raw.get_run(run_id).data.tags and raw.get_run(other).info.status == "RUNNING"
+                    t0 = time.monotonic()
                     assert client.get_run(run_id).data.tags["t"] == "1"  # a read drains: the turn is given back
+                    assert time.monotonic() - t0 < 60  # not after the helper's longest wait
                 client.set_tag(run_id, "u", "2")
             assert client.get_run(run_id).data.tags["u"] == "2"  # after the block, the helper's turn again
     assert raw.get_run(other).info.status == "FINISHED" and client._proc.poll() == 0
