@@ -373,7 +373,6 @@ def serve(uri: str, recv, replies, path: Path, turn: _Turn | None = None) -> Non
     configure_mlflow()
     install_log_redaction("mlflow", "alembic", "sqlalchemy")
     client = MlflowClient(tracking_uri=uri)
-    turn = turn or _Turn()
     failed = made = in_a_row = 0
     while True:
         try:

@@ -168,16 +168,20 @@ class _Population:
         self.log_freq = opts[0].log_freq or max(1, self.total // 100)
         self.callback: Callable | None = opts[0].callback
         self.params = parameter_tensors(model)
-        self.shared_starts: dict = {}  # members on the same data and seed make their k-means runs once (gmm.init)
 
     # -- setup ------------------------------------------------------------------------------------------
-    def _setup_member(self, i: int) -> tuple[_Member, MixtureModel]:
-        """Member i's start, coordinates and floors, exactly as gmm.fit makes them for one model."""
+    def _data_index(self, i: int) -> int:
+        """Member i's row of the data (1 or B, N, D)."""
+        return i if self.x.shape[0] > 1 else 0
+
+    def _setup_member(self, i: int, shared: dict | None) -> tuple[_Member, MixtureModel]:
+        """Member i's start, coordinates and floors, exactly as gmm.fit makes them for one model (`shared`: the
+        k-means runs of members on its data and seed, gmm.init.initialize)."""
         opts, model = self.opts[i], self.model
-        x = self.x[i if self.x.shape[0] > 1 else 0]
+        x = self.x[self._data_index(i)]
         one = model.member(i)
         g = make_generator(opts.seed)
-        start = make_start(one, x, opts, g, self.shared_starts if i in self.sharing else None)
+        start = make_start(one, x, opts, g, shared)
         start.coords.to_standard_(one)
         one.family.clamp_(one.raw_cov, start.clamp)  # written into the batch once every member is set up (run)
         recovery = Recovery(model.family, model.raw_cov.detach()[i], start.clamp, start.coords.log_det, member=i)
@@ -196,17 +200,18 @@ class _Population:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run(self) -> PopulationResult:
-        model, num = self.model, self.model.num_members
+        model = self.model
         t0 = time.perf_counter()
         # every member's start on its own copy first: an error or Ctrl-C here leaves the model as it was
-        # members on the same data with the same seed make their k-means runs once (gmm.init); the others keep none
-        data = [i if self.x.shape[0] > 1 else 0 for i in range(num)]
-        seeds = collections.Counter(zip(data, (o.seed for o in self.opts), strict=True))
-        self.sharing = {i for i in range(num) if seeds[data[i], self.opts[i].seed] > 1}
+        # members on the same data with the same seed make their k-means runs once (gmm.init); a seed alone keeps none
+        keys = [(self._data_index(i), opts.seed) for i, opts in enumerate(self.opts)]
+        repeats = collections.Counter(keys)
+        shared: dict = {}
         try:
-            self.members, self.ones = zip(*(self._setup_member(i) for i in range(num)), strict=True)
+            setups = [self._setup_member(i, shared if repeats[key] > 1 else None) for i, key in enumerate(keys)]
         finally:
-            self.shared_starts.clear()
+            shared.clear()
+        self.members, self.ones = zip(*setups, strict=True)
         for i, one in enumerate(self.ones):
             model.set_member(i, one)
         same = all(m.z is self.members[0].z or torch.equal(m.z, self.members[0].z) for m in self.members)
