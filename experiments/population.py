@@ -29,7 +29,7 @@ from .config import ExperimentConfig
 from .datasets import load_dataset
 from .run import ExperimentResult, default_run_name, finish_run, run_tags_of, start_logging
 from .run_log import Evaluator, log_partial_record
-from .tracking import resolve_tracking_uri, runs_first, tracked_run
+from .tracking import resolve_tracking_uri, tracked_run
 
 __all__ = ["population_options", "run_population"]
 
@@ -100,9 +100,8 @@ def run_population(
     opened: list = []
     errors: list[BaseException | None] = [None] * count  # members that ended on their own, filled by _run
     try:
-        with runs_first(uri):  # the burst of new runs before the helper's writes of the last population's records
-            for cm in contexts:
-                opened.append(cm.__enter__())
+        for cm in contexts:
+            opened.append(cm.__enter__())
         outcomes = _run(configs, datas, opened, options, on_eval, errors)
     except BaseException:
         info = sys.exc_info()

@@ -255,7 +255,7 @@ def finish_run(config, data, logger, model, result, evaluator, train, val) -> Ex
         return _finish(config, data, logger, model, result, evaluator, train, val)
     except MlflowException as err:
         try:
-            err.kept_at = keep_locally(logger.run_id, config, model, result, logger.pending, err)
+            err.kept_at = keep_locally(logger.run_id, config, model, result, logger.unsent(), err)
         except Exception as keep_err:  # the store's error stays the one reported
             log.error("could not keep run %s's fit locally either: %s", logger.run_id, keep_err)
         raise

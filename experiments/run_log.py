@@ -7,8 +7,6 @@ fit's curves grow in the UI) and once at the end; a store that stops answering d
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -28,9 +26,11 @@ from .datasets import Dataset
 from .redact import redact
 from .tracking import (
     MAX_METRICS_PER_BATCH,
+    csv_text,
     deferred_signals,
     finite_or_none,
-    history_metrics,
+    log_csv,
+    log_curve,
     log_metrics_batched,
 )
 
@@ -48,11 +48,13 @@ CLAMP_CURVE, RESET_CURVE = "events/clamps", "events/resets"
 
 # -- buffered logging -----------------------------------------------------------------------------------
 class RunLogger:
-    """Buffers metrics; writes them with log_batch every _FLUSH_SECONDS and on flush(); times every call."""
+    """Buffers metrics; writes them with log_batch every _FLUSH_SECONDS and on flush(); times every call.
+    Whole curves wait as numbers (`curves`) and are written with tracking.log_curve."""
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
         self.pending: list[Metric] = []
+        self.curves: list[tuple[str, list[float], list[int], int]] = []  # (key, values, steps, timestamp ms)
         self.latest: dict[str, Metric] = {}  # the last point added of each key (the model links those at its step)
         self.seconds = 0.0
         self.closing = False  # True while a failed run's record is written: signals are then dropped
@@ -81,16 +83,25 @@ class RunLogger:
             self.flush()
 
     def add_curve(self, key: str, values, steps) -> None:
-        added = history_metrics(key, values, steps)
-        self.pending.extend(added)
-        if added:
-            self.latest[key] = max(added, key=lambda m: m.step)
+        values, steps = [float(v) for v in values], [int(s) for s in steps]
+        if len(values) != len(steps):
+            raise ValueError(f"{key}: {len(values)} values but {len(steps)} steps; pass one step per value")
+        if not values:
+            return
+        now = int(time.time() * 1000)
+        self.curves.append((key, values, steps, now))
+        last = max(range(len(steps)), key=steps.__getitem__)
+        self.latest[key] = Metric(key, values[last], now, steps[last])
+
+    def unsent(self) -> list[Metric]:
+        """Every metric buffered and not written yet."""
+        return self.pending + [Metric(k, v, t, s) for k, vs, ss, t in self.curves for v, s in zip(vs, ss, strict=True)]
 
     def flush(self) -> None:
         """Write the buffered metrics. While the fit runs, a store that fails (a server that dropped out,
         after MLflow's bounded retries) does not stop it: the unsent metrics stay buffered, in order, and the
         next flush tries again. Outside the fit the error propagates (the run then keeps its record locally)."""
-        sent = 0
+        sent = curves = 0
         try:
             while sent < len(self.pending):
                 chunk = self.pending[sent : sent + MAX_METRICS_PER_BATCH]
@@ -100,6 +111,13 @@ class RunLogger:
                     sent += len(chunk)
                     raise
                 sent += len(chunk)
+            while curves < len(self.curves):
+                try:
+                    self.timed(log_curve, self.client, self.run_id, *self.curves[curves])
+                except KeyboardInterrupt:  # as above: the curve is in the store
+                    curves += 1
+                    raise
+                curves += 1
         except MlflowException as err:
             if not self.in_fit or self.closing:
                 raise
@@ -111,8 +129,9 @@ class RunLogger:
                 )
         finally:
             del self.pending[:sent]
+            del self.curves[:curves]
             self.last_flush = time.perf_counter()
-        if sent and self.outage_since is not None:
+        if (sent or curves) and self.outage_since is not None:
             log.warning(
                 "the tracking store answers again after %.0f s; the buffered metrics are written",
                 time.monotonic() - self.outage_since,
@@ -248,18 +267,17 @@ def log_fit_record(logger: RunLogger, result: gmm.FitResult | None, config: Expe
     if flush:
         logger.flush()
     events = result.events if result is not None else ()
-    logger.timed(logger.client.log_text, logger.run_id, events_csv(events), "events.csv")
+    logger.timed(log_csv, logger.client, logger.run_id, EVENT_COLUMNS, event_rows(events), "events.csv")
+
+
+def event_rows(events) -> list[tuple]:
+    """The events as rows of EVENT_COLUMNS (step, component, kind, detail)."""
+    return [(e.step, e.component, e.kind, e.detail) for e in events]
 
 
 def events_csv(events) -> str:
     """The events as CSV text with a header (step, component, kind, detail)."""
-
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(EVENT_COLUMNS)
-    for e in events:
-        writer.writerow([e.step, e.component, e.kind, e.detail])
-    return out.getvalue()
+    return csv_text(EVENT_COLUMNS, event_rows(events))
 
 
 def log_figure(client, run_id: str, fig, artifact: str) -> None:

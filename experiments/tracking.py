@@ -222,19 +222,6 @@ def write_behind(tracking_uri: str | None = None) -> Iterator[None]:
             log.error("%d MLflow writes to %s failed and were kept in %s", failed, redact(uri), client.unsent_file)
 
 
-@contextmanager
-def runs_first(tracking_uri: str | None = None) -> Iterator[None]:
-    """Within the block, this process's own calls to the store (opening a burst of runs) go before the
-    write-behind helper's writes, which wait (experiments.writer, "Turns at the store"). A no-op without a
-    write-behind block for the store."""
-    client = _write_behind.get(resolve_tracking_uri(tracking_uri))
-    if client is None:
-        yield
-        return
-    with client.first():
-        yield
-
-
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None, uri: str | None = None) -> str:
     """The id of experiment `name`, created when missing (restored when deleted).
 
@@ -403,6 +390,10 @@ def tracked_run(
         parent_run_id: nest the run under this one (tag mlflow.parentRunId).
         tags: extra tags, on top of `repro_tags()`.
 
+    Inside `write_behind(uri)` the helper process creates the run, in order with the writes, and `run_id` is a
+    stand-in until then: every call through `client` takes it, and `real_run_id(client, run_id)` gives the
+    store's id (waiting for the helper to make the run).
+
     Raises:
         Whatever the block raised, after the run has been ended.
     """
@@ -421,7 +412,10 @@ def tracked_run(
     status, end_tags, error_text, raised = "FINISHED", {}, None, True
     with _sigterm_as_interrupt():
         try:
-            run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+            if isinstance(client, WriteBehindClient):  # made by the helper: a stand-in id until then
+                run_id = client.create_run_later(experiment_id, _now_ms(), all_tags, run_name)
+            else:
+                run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
         except MlflowException:  # the remembered experiment was deleted meanwhile: look it up (restore) again
             _experiments[where] = experiment_id = ensure_experiment(client, experiment_name, artifact_location, uri)
             run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
@@ -455,6 +449,13 @@ def tracked_run(
                 _end_run(client, run_id, status, {k: redact(v) for k, v in end_tags.items()}, error_text)
 
 
+def real_run_id(client: MlflowClient, run_id: str, wait: bool = True) -> str | None:
+    """The store's id of a run `tracked_run` opened with `client`: `run_id` itself, except inside
+    `write_behind`, where it waits until the helper has made the run (wait=False: None if it has not yet;
+    None too when its creation failed, which is kept in the unsent file)."""
+    return client.real_id(run_id, wait=wait) if isinstance(client, WriteBehindClient) else run_id
+
+
 class _Heartbeat:
     """A daemon thread that refreshes an open run's heartbeat tag every HEARTBEAT_SECONDS (see stores)."""
 
@@ -485,7 +486,8 @@ def _end_run(client: MlflowClient, run_id: str, status: str, tags: dict, error_t
     except Exception as err:  # never let a logging problem keep the run open
         log.warning("could not record why run %s ended: %s", run_id, _one_line(err))
     try:
-        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+        # the end as this process saw it (a write-behind helper may make it later)
+        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)), end_time=_now_ms())
     except Exception as err:  # the store is gone: the heartbeat lets the next command on it end the run
         log.warning("could not end run %s (%s); the next command on this store ends it KILLED", run_id, _one_line(err))
 
@@ -533,6 +535,53 @@ def log_metric_history(
 ) -> int:
     """Log a whole curve of metric `key` in batches (MlflowClient.log_batch, <= 1000 per call)."""
     return log_metrics_batched(client, run_id, history_metrics(key, values, steps, timestamps))
+
+
+def log_curve(
+    client: MlflowClient, run_id: str, key: str, values: Sequence[float], steps: Sequence[int], timestamp: int | None = None
+) -> int:
+    """Log a whole curve of metric `key` (values[i] at steps[i], all at `timestamp` ms, default now), like
+    `log_metric_history`; with a write-behind client its helper builds the entities (experiments.writer
+    `later`), so this process only sends the numbers. Returns the number of points."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+    steps = np.asarray(steps, dtype=np.int64).reshape(-1).tolist()
+    if len(values) != len(steps):
+        raise ValueError(f"{key}: {len(values)} values but {len(steps)} steps; pass one step per value")
+    stamp = _now_ms() if timestamp is None else int(timestamp)
+    if isinstance(client, WriteBehindClient):
+        client.later(_log_curve_now, run_id, key, values, steps, stamp)
+    else:
+        _log_curve_now(client, run_id, key, values, steps, stamp)
+    return len(values)
+
+
+def _log_curve_now(client: MlflowClient, run_id: str, key: str, values: list, steps: list, stamp: int) -> None:
+    log_metrics_batched(client, run_id, [Metric(key, v, stamp, s) for v, s in zip(values, steps, strict=True)])
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Sequence]) -> str:
+    """`rows` as CSV text under a header of `columns`."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def log_csv(client: MlflowClient, run_id: str, columns: Sequence[str], rows: Sequence[tuple], artifact_file: str) -> None:
+    """The table `rows` (tuples of plain values) as the CSV artifact `artifact_file`; with a write-behind client
+    its helper writes the text (experiments.writer `later`)."""
+    if isinstance(client, WriteBehindClient):
+        client.later(_log_csv_now, run_id, tuple(columns), list(rows), artifact_file)
+    else:
+        _log_csv_now(client, run_id, columns, rows, artifact_file)
+
+
+def _log_csv_now(client: MlflowClient, run_id: str, columns: Sequence[str], rows: Sequence[tuple], artifact_file: str):
+    client.log_text(run_id, csv_text(columns, rows), artifact_file)
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0) -> int:

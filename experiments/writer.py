@@ -1,12 +1,21 @@
 """Write-behind tracking: a helper process makes the MLflow writes of a study's runs while this process fits
 the next ones (studies.worker's trial loop; reports and single runs write themselves).
 
-A batched study spends about a quarter of its trials phase in MLflow's SQLite store (about 60 ms of
-SQLAlchemy work per run: its curve, events.csv, tags, its end), all of it in the one thread that also fits,
-while the second core idles: a small fit runs in one thread. Within `experiments.tracking.write_behind(uri)`,
-`get_client(uri)` returns a `WriteBehindClient`: the writes (`WRITES`) are sent through a pipe to a helper
-process, which makes them in order with its own MlflowClient; the rest is called here, and every read first
-waits for the writes sent before it (so a read sees them).
+A batched study spends about a quarter of its trials phase in MLflow's SQLite store (about 70 ms of
+SQLAlchemy work per run: its creation, curve, events.csv, tags, its end), all of it in the one thread that
+also fits, while the second core idles: a small fit runs in one thread. Within
+`experiments.tracking.write_behind(uri)`, `get_client(uri)` returns a `WriteBehindClient`: the writes
+(`WRITES`) are sent through a pipe to a helper process, which makes them in order with its own MlflowClient;
+the rest is called here, and every read first waits for the writes sent before it (so a read sees them).
+
+- **Runs, too, are created by the helper** (`create_run_later`, which tracking.tracked_run uses inside the
+  block): this process gets a stand-in id at once and goes on fitting. Every call through the client maps a
+  stand-in to its run's id (a write in the helper, a read or direct call here, which first waits for the
+  run to be made), and `real_id` gives the store's id to whatever keeps it elsewhere (a study's trial
+  attribute `mlflow_run_id`). The run's start time is the one this process asked for, and its end time too
+  (tracking passes `end_time`), so a run lasts in the store what it lasted here.
+- **Writes whose entities the helper builds** (`later(fn, *args)`): a curve is sent as its numbers and
+  events.csv as its rows; the helper makes the Metric entities and the CSV text (tracking.log_curve, log_csv).
 
 What it keeps (tests/test_writer.py):
 - **Order and completeness.** One pipe, one helper, one call at a time: the store receives the writes in the
@@ -15,8 +24,9 @@ What it keeps (tests/test_writer.py):
 - **A killed parent loses nothing it sent.** A write is in the pipe (the kernel's buffer) when its call
   returns here; if this process dies (SIGKILL included), the helper makes what the pipe holds, then exits.
   The helper runs in its own session, so Ctrl-C at the terminal reaches only this process, which ends its
-  runs KILLED through the helper (it also ignores SIGINT and SIGTERM sent to it). The runs of a killed
-  parent are ended KILLED by the next command (heartbeats).
+  runs KILLED through the helper (it also ignores SIGINT and SIGTERM sent to it). When the parent dies, the
+  helper ends KILLED the runs it created that are still open (tag stop_reason: the process died); runs the
+  parent created itself are ended KILLED by the next command (heartbeats).
 - **A failed write is kept, not dropped.** The helper retries a write that fails once, then logs one line
   and appends it to `<unsent dir>/writes-<pid>.jsonl` (experiments.unsent's folder), to be read by hand;
   after 3 failures in a row it stops retrying until a write succeeds again. The run itself still ends
@@ -26,17 +36,10 @@ What it keeps (tests/test_writer.py):
   helper acknowledges it, so the next call here notices, logs one line, makes the unacknowledged writes
   itself and every later one. The helper acknowledges every ACK_EVERY writes while it is behind, so up to
   that many writes it had made may be made twice (a curve point twice, a tag set again).
+- **A run whose creation failed** (after the retry) has its create_run kept in the unsent file like any
+  failed write; the writes to it are kept there too, without a try, and `real_id` gives None for it.
 - **Messages are whole.** SIGINT and SIGTERM are held back while a message is written to the pipe or a reply
   read from it, and while the unacknowledged writes of a dead helper are made.
-
-- **Turns at the store.** SQLite lets one writer in at a time, and a writer that finds the store locked
-  sleeps in steps of 1 to 100 ms before it tries again. So while the helper writes a population's records,
-  the burst of runs this process opens for the next one (`first()`) would wait a sleep step per run: 13 ms a
-  run instead of 8 in a batched study. Within `first()` the helper waits instead: both processes hold the
-  same unlinked temporary file, and a POSIX record lock on it (`_Turn`) is held by the helper around each of
-  its writes and by this process for the block. The kernel drops a process's lock when it dies, a wait for
-  the helper (a read's drain) inside the block gives the turn back first, and the helper waits TURN_WAIT
-  seconds at most (a write into a full pipe inside the block would otherwise wait for a helper that waits).
 
 Only SQLite stores, and only in the process that owns the block: a worker process of `--jobs` writes itself
 (it has its own core), and so does a tracking server (HTTP: its own retries and keep-locally rules apply).
@@ -47,7 +50,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -55,9 +57,9 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,9 @@ DIRECT = frozenset(
     {"create_run", "create_experiment", "get_experiment", "get_experiment_by_name", "restore_experiment",
      "search_experiments", "log_artifact", "log_artifacts", "log_figure", "log_image"}
 )  # fmt: skip
-_DRAIN, _CLOSE = "__drain__", "__close__"
+_DRAIN, _CLOSE, _CALL, _CREATE = "__drain__", "__close__", "__call__", "__create__"  # see _Maker
+STAND_IN = "stand-in-"  # the start of the ids `create_run_later` hands out before the helper made the run
 RETRY_SECONDS = 1.0
-TURN_WAIT = 0.5  # seconds the helper waits at most for this process's block (runs_first), then writes anyway
 FAILING = 3  # writes failed in a row after which the helper stops retrying (see serve)
 
 
@@ -91,22 +93,22 @@ class WriteBehindClient:
         # its own interpreter (no forked SQLite connections, none of this program's imports); stdin and stdout
         # are its pipes, its stderr is ours; its own session: Ctrl-C at the terminal reaches this process only
         # (which ends its runs KILLED through the helper), also while the helper is still starting
-        self._turn = _Turn.new()
-        command = [sys.executable, "-m", "experiments.writer", uri, str(path), *self._turn.argv()]
+        command = [sys.executable, "-m", "experiments.writer", uri, str(path)]
         self._proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True,
-            pass_fds=self._turn.fds(),
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
         )  # fmt: skip
         _widen(self._proc.stdin)
         self._send = Connection(os.dup(self._proc.stdin.fileno()), readable=False)
         self._replies = Connection(os.dup(self._proc.stdout.fileno()), writable=False)
         self._proc.stdin.close()
         self._proc.stdout.close()
-        self._lock = threading.Lock()  # the heartbeat threads write too
+        self._lock = threading.RLock()  # the heartbeat threads write too
         self._seq = 0
         self._pending: collections.deque = collections.deque()  # (seq, name, args, kwargs) sent, not yet made
         self._failed = self._reported = 0  # writes failed (made nowhere but the unsent file) / returned by drain
         self._alive = True
+        self._maker = _Maker(client, path)  # the stand-in ids the helper made, and what makes writes here
+        self._creates: dict[str, int] = {}  # stand-in id -> the number of its create message
 
     @property
     def pid(self) -> int:
@@ -124,26 +126,32 @@ class WriteBehindClient:
         attr = getattr(self._client, name)
         if name in WRITES:
             return functools.partial(self._write, name)
-        if name in DIRECT or not callable(attr):
+        if not callable(attr):
             return attr
 
         @functools.wraps(attr)
-        def read(*args, **kwargs):
-            self.drain()  # a read sees every write sent before it
+        def call(*args, **kwargs):
+            if name not in DIRECT:
+                self.drain()  # a read sees every write sent before it
+            args = tuple(self.real_id(a) if _is_stand_in(a) else a for a in args)
+            kwargs = {k: self.real_id(v) if _is_stand_in(v) else v for k, v in kwargs.items()}
+            if isinstance(kwargs.get("tags"), dict):  # create_run's parent
+                kwargs["tags"] = {k: self.real_id(v) if _is_stand_in(v) else v for k, v in kwargs["tags"].items()}
             return attr(*args, **kwargs)
 
-        return read
+        return call
 
-    def _write(self, name: str, *args, **kwargs) -> None:
+    def _write(self, name: str, *args, **kwargs) -> int | None:
+        """Send a write (returns its number), or make it here when the helper is gone (returns None)."""
         with self._lock:
             if self._alive:
                 try:
                     self._collect()
-                    self._post(name, args, kwargs)
-                    return
+                    return self._post(name, args, kwargs)
                 except (EOFError, OSError):
                     self._lost()
-        getattr(self._client, name)(*args, **kwargs)
+            self._maker.call(name, args, kwargs)
+        return None
 
     def _post(self, name: str, args: tuple = (), kwargs: dict | None = None) -> int:
         """Send one message whole (a signal cannot cut it in two: it is held back until the message is in the
@@ -165,10 +173,11 @@ class WriteBehindClient:
                 if self._proc.poll() is not None:
                     raise EOFError
             with _signals_held():  # a reply is read whole
-                done, failed = self._replies.recv()
+                done, failed, ids = self._replies.recv()
             while self._pending and self._pending[0][0] <= done:
                 self._pending.popleft()
             self._failed += failed
+            self._maker.ids.update(ids)
             if drain is not None and done >= drain:
                 return
 
@@ -189,18 +198,48 @@ class WriteBehindClient:
             while self._pending:
                 _, name, args, kwargs = self._pending[0]
                 if name not in (_DRAIN, _CLOSE):
-                    self._failed += not _make(self._client, name, args, kwargs, self._path)
+                    self._failed += not self._maker.make(name, args, kwargs)
                 self._pending.popleft()
 
-    def first(self):
-        """A block in which this process's own store calls (opening runs) go before the helper's writes (see
-        the module docstring); the helper waits for its turn until the block ends."""
-        return self._turn.held()
+    def create_run_later(self, experiment_id: str, start_time: int, tags: dict[str, str], run_name: str | None) -> str:
+        """A new run that the helper creates in order with the writes (MlflowClient.create_run, with this
+        `start_time` in ms). Returns a stand-in id at once: every call through this client maps it to the run's
+        id, and `real_id` gives that id (once the helper has made the run)."""
+        stand_in = f"{STAND_IN}{uuid.uuid4().hex}"
+        with self._lock:  # its number is known before a reply can name it
+            seq = self._write(_CREATE, stand_in, experiment_id, start_time, dict(tags), run_name)
+            if seq is not None:
+                self._creates[stand_in] = seq
+        return stand_in
+
+    def real_id(self, run_id: str, wait: bool = True) -> str | None:
+        """The store's id of a run: `run_id` itself, or for a stand-in id of `create_run_later` the id of the run
+        the helper made (this waits until it is made; with wait=False, None when it is not made yet), or None
+        when its creation failed (kept in the unsent file)."""
+        if not _is_stand_in(run_id):
+            return run_id
+        with self._lock:
+            if not wait and self._alive:
+                with contextlib.suppress(EOFError, OSError):  # a gone helper is noticed by the next call
+                    self._collect()
+                return self._maker.ids.get(run_id)
+            while run_id not in self._maker.ids and self._alive:
+                try:
+                    self._collect(drain=self._creates[run_id])
+                except (EOFError, OSError):
+                    self._lost()
+            return self._maker.ids.get(run_id)
+
+    def later(self, fn, *args) -> None:
+        """A write that `fn(client, *args)` makes, in order with the others: by the helper, with its own client.
+        `fn` is a module-level function (sent by name); the work of building the write's entities (a curve's
+        Metrics, a CSV text) is then done there, not in this process."""
+        self._write(_CALL, fn, *args)
 
     def drain(self) -> int:
         """Wait until every write sent so far is made; returns how many writes failed since the last drain (each
         is logged and kept, see the module docstring)."""
-        with self._turn.given_back(), self._lock:
+        with self._lock:
             if self._alive and any(m[1] != _DRAIN for m in self._pending):
                 try:
                     self._collect(drain=self._post(_DRAIN))
@@ -222,112 +261,7 @@ class WriteBehindClient:
             self._replies.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout)
-        self._turn.close()
         return failed
-
-
-class _Turn:
-    """Whose turn it is at the store: a POSIX record lock (fcntl.lockf) on an unlinked temporary file that this
-    process and its helper both hold open. Record locks belong to a process, so the two exclude each other,
-    and the kernel drops a dead process's lock.
-
-    The helper waits for its turn at most `wait` seconds (TURN_WAIT), then writes without waiting for as long
-    again: whatever this process does inside its block (a write into a full pipe, a lock left behind
-    by a Ctrl-C at the wrong instant), the helper is slowed once, never stopped. Where fcntl or the lock is not
-    available, every turn is free."""
-
-    def __init__(self, file=None, fd: int | None = None, wait: float = 0.0):
-        self._file = file  # keeps the file open in the parent
-        self.fd = fd if fd is not None else (file.fileno() if file is not None else None)
-        self.wait = wait  # the helper's longest wait for its turn
-        self.depth = 0  # nested blocks of this process (one record lock: only the outermost takes and gives it)
-        self.owner: int | None = None  # the thread whose block holds it
-        self.free_until = 0.0  # the helper gave up waiting: until then (monotonic) it writes without waiting
-
-    @classmethod
-    def new(cls) -> _Turn:
-        try:
-            import fcntl  # noqa: F401
-
-            return cls(tempfile.TemporaryFile())
-        except (ImportError, OSError):
-            return cls()
-
-    def argv(self) -> list[str]:
-        """The helper's arguments: the file's descriptor and its longest wait (TURN_WAIT, read now)."""
-        return [] if self.fd is None else [str(self.fd), str(float(TURN_WAIT))]
-
-    def fds(self) -> tuple[int, ...]:
-        return () if self.fd is None else (self.fd,)
-
-    def _lock(self, op: str, wait: bool = True) -> bool:
-        """lockf `op` ("LOCK_EX", "LOCK_UN"); False when another process holds it (wait=False) or locks fail
-        here (then none is used again)."""
-        if self.fd is None:
-            return False
-        import fcntl
-
-        try:
-            fcntl.lockf(self.fd, getattr(fcntl, op) | (0 if wait or op == "LOCK_UN" else fcntl.LOCK_NB))
-            return True
-        except OSError as err:
-            if not wait and err.errno in (errno.EACCES, errno.EAGAIN):
-                return False
-            self.fd = None  # no record locks on this system or file: turns are free from now on
-            return False
-
-    # -- this process -------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def held(self):
-        """The turn for the block (nested blocks share the outermost's). For one thread: the main one, which
-        opens runs; other threads only write and drain."""
-        self.depth += 1
-        try:
-            if self.depth == 1:
-                self.owner = threading.get_ident()
-                self._lock("LOCK_EX")
-            yield
-        finally:
-            self.depth -= 1
-            if self.depth == 0:
-                self.owner = None
-                self._lock("LOCK_UN")  # also after a Ctrl-C during the wait for it: unlocking none is harmless
-
-    @contextlib.contextmanager
-    def given_back(self):
-        """The turn given back for the block when the calling thread's block holds it (a wait for the helper's
-        writes there would otherwise last TURN_WAIT per write)."""
-        if self.depth == 0 or self.owner != threading.get_ident():
-            yield
-            return
-        self._lock("LOCK_UN")
-        try:
-            yield
-        finally:
-            self._lock("LOCK_EX")
-
-    # -- the helper ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def waited(self):
-        """The helper's turn for one write: after the parent's block, or after `wait` seconds at most."""
-        took = self._lock("LOCK_EX", wait=False)
-        now = time.monotonic()
-        deadline = now + self.wait if now >= self.free_until else now
-        while not took and self.fd is not None and time.monotonic() < deadline:
-            time.sleep(0.001)
-            took = self._lock("LOCK_EX", wait=False)
-        if not took and self.fd is not None and now >= self.free_until:  # gave up: no wait for the next `wait` s
-            self.free_until = time.monotonic() + self.wait
-        try:
-            yield
-        finally:
-            if took:
-                self._lock("LOCK_UN")
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = self.fd = None
 
 
 @contextlib.contextmanager
@@ -362,7 +296,7 @@ def _widen(conn) -> None:
 ACK_EVERY = 64  # the helper acknowledges its progress this often, and whenever it has caught up
 
 
-def serve(uri: str, recv, replies, path: Path, turn: _Turn | None = None) -> None:
+def serve(uri: str, recv, replies, path: Path, parent: int = 0) -> None:
     """The helper's loop: make each write in order, acknowledge them, answer drains with the number of failed
     writes; exit on close or when the parent is gone (ended or died), after the writes the pipe still held."""
     from mlflow.tracking import MlflowClient
@@ -372,25 +306,28 @@ def serve(uri: str, recv, replies, path: Path, turn: _Turn | None = None) -> Non
 
     configure_mlflow()
     install_log_redaction("mlflow", "alembic", "sqlalchemy")
-    client = MlflowClient(tracking_uri=uri)
+    maker = _Maker(MlflowClient(tracking_uri=uri), path)
     failed = made = in_a_row = 0
     while True:
         try:
             seq, name, args, kwargs = recv.recv()
-        except EOFError:  # the parent is gone, and so is everything it sent
+        except EOFError:  # the parent died (it sends _CLOSE when it ends): what it sent is made; its runs end
+            maker.end_open_runs(parent)
             return
         if name == _CLOSE:
             return
         if name != _DRAIN:
             # a store that keeps failing: after FAILING failures in a row, no retry (and no wait before it)
-            ok = _make(client, name, args, kwargs, path, tries=1 if in_a_row >= FAILING else 2, turn=turn)
+            ok = maker.make(name, args, kwargs, tries=1 if in_a_row >= FAILING else 2)
             in_a_row = 0 if ok else in_a_row + 1
             failed += not ok
             made += 1
-        if name == _DRAIN or made % ACK_EVERY == 0 or not recv.poll():
-            try:  # (number of the last message made, writes failed since the last reply)
-                replies.send((seq, failed))
+        # a new run's id goes back at once: the parent may be waiting for it (real_id)
+        if name in (_DRAIN, _CREATE) or made % ACK_EVERY == 0 or not recv.poll():
+            try:  # (number of the last message made, writes failed since the last reply, new runs' ids)
+                replies.send((seq, failed, maker.made_ids))
                 failed = 0
+                maker.made_ids = {}
             except OSError:  # the parent stopped reading: it is gone; make what the pipe still holds
                 replies = _Nowhere()
 
@@ -400,36 +337,107 @@ class _Nowhere:
         pass
 
 
-def _make(client, name: str, args: tuple, kwargs: dict, path: Path, tries: int = 2, turn: _Turn | None = None) -> bool:
-    """Make one write (up to `tries` times, RETRY_SECONDS apart; each try in the helper's `turn`, not the sleep
-    between); if it fails, keep it in the file `path` (one JSON line) and say so on stderr. Returns whether it
-    was made."""
-    error: BaseException | None = None
-    for attempt in range(tries):
-        try:
-            with turn.waited() if turn is not None else contextlib.nullcontext():
-                getattr(client, name)(*args, **kwargs)
-            return True
-        except Exception as err:  # noqa: BLE001  (kept and reported below; the next write goes on)
-            error = err
-            if attempt + 1 < tries:
-                time.sleep(RETRY_SECONDS)
-    from .redact import redact
+def _is_stand_in(value) -> bool:
+    return isinstance(value, str) and value.startswith(STAND_IN)
 
-    run_id = args[0] if args else kwargs.get("run_id", "?")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps({"method": name, "args": args, "kwargs": kwargs}, default=_jsonable) + "\n")
-        kept = f"kept in {path}"
-    except OSError as err:
-        kept = f"and could not be kept ({err})"
-    print(
-        f"MLflow writer: {name} of run {run_id} was not made ({redact(' '.join(str(error).split()))[:300]}); {kept}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return False
+
+class _NotCreated(Exception):
+    """A write to a run whose creation failed (its create_run is kept in the unsent file)."""
+
+
+class _Maker:
+    """Makes messages with one MlflowClient: the helper's, or this process's once the helper is gone.
+
+    A message is a client method by name, `later`'s function (`_CALL`), or a run to create (`_CREATE`) under a
+    stand-in id that `ids` maps to the store's id once it is made (None when its creation failed). Every
+    top-level string argument that is a stand-in, and every value of a created run's tags that is one (its
+    parent), is replaced by its run's id; a write to a run that was not created is kept without a try.
+    """
+
+    def __init__(self, client, path: Path):
+        self.client, self.path = client, path
+        self.ids: dict[str, str | None] = {}  # stand-in -> the store's run id (None: not created)
+        self.made_ids: dict[str, str | None] = {}  # those made since the last reply (the helper sends them back)
+        self.open: dict[str, None] = {}  # runs created here and not ended yet, in order
+
+    def _real(self, value):
+        if isinstance(value, str) and value.startswith(STAND_IN):
+            real = self.ids.get(value)
+            if real is None:
+                raise _NotCreated(f"its run was not created (stand-in id {value})")
+            return real
+        return value
+
+    def call(self, name: str, args: tuple, kwargs: dict) -> None:
+        """Make the message once; raises what the store raised."""
+        if name == _CREATE:
+            stand_in, experiment_id, start_time, tags, run_name = args
+            tags = {k: v for k, v in tags.items() if not (isinstance(v, str) and v.startswith(STAND_IN))} | {
+                k: self.ids[v] for k, v in tags.items() if isinstance(v, str) and self.ids.get(v) is not None
+            }  # a parent that was not created is left out
+            try:
+                run = self.client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+            except Exception:  # its experiment deleted meanwhile: restored, as tracking.ensure_experiment does
+                if self.client.get_experiment(experiment_id).lifecycle_stage != "deleted":
+                    raise
+                self.client.restore_experiment(experiment_id)
+                run = self.client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
+            self.ids[stand_in] = self.made_ids[stand_in] = run.info.run_id
+            self.open[run.info.run_id] = None
+            return
+        fn = functools.partial(args[0], self.client) if name == _CALL else getattr(self.client, name)
+        args = tuple(self._real(a) for a in (args[1:] if name == _CALL else args))
+        kwargs = {k: self._real(v) for k, v in kwargs.items()}
+        fn(*args, **kwargs)
+        if name == "set_terminated":
+            self.open.pop(args[0] if args else kwargs.get("run_id"), None)
+
+    def end_open_runs(self, pid: int) -> None:
+        """End KILLED the runs created here that process `pid` (the parent, now dead) left open."""
+        for run_id in list(self.open):
+            self.make("set_tag", (run_id, "stop_reason", f"process {pid} died while the run was open"), {})
+            self.make("set_terminated", (run_id, "KILLED"), {})
+
+    def make(self, name: str, args: tuple, kwargs: dict, tries: int = 2) -> bool:
+        """Make one message (up to `tries` times, RETRY_SECONDS apart); if it fails, keep it in the file `path`
+        (one JSON line) and say so on stderr. Returns whether it was made."""
+        error: BaseException | None = None
+        for attempt in range(tries):
+            try:
+                self.call(name, args, kwargs)
+                return True
+            except _NotCreated as err:
+                error = err
+                break
+            except Exception as err:  # noqa: BLE001  (kept and reported below; the next write goes on)
+                error = err
+                if attempt + 1 < tries:
+                    time.sleep(RETRY_SECONDS)
+        if name == _CREATE:
+            self.ids[args[0]] = self.made_ids[args[0]] = None
+        self._keep(name, args, kwargs, error)
+        return False
+
+    def _keep(self, name: str, args: tuple, kwargs: dict, error: BaseException) -> None:
+        from .redact import redact
+
+        if name == _CALL:
+            name, args = f"{args[0].__module__}.{args[0].__qualname__}", args[1:]
+        elif name == _CREATE:
+            name = "create_run"
+        run_id = args[0] if args else kwargs.get("run_id", "?")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"method": name, "args": args, "kwargs": kwargs}, default=_jsonable) + "\n")
+            kept = f"kept in {self.path}"
+        except OSError as err:
+            kept = f"and could not be kept ({err})"
+        print(
+            f"MLflow writer: {name} of run {run_id} was not made ({redact(' '.join(str(error).split()))[:300]}); {kept}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _jsonable(obj):
@@ -441,18 +449,17 @@ def _jsonable(obj):
 
 
 def main(argv: list[str]) -> int:
-    """python -m experiments.writer URI UNSENT_FILE [TURN_FD TURN_WAIT]: serve the pipes on stdin and stdout (started by
+    """python -m experiments.writer URI UNSENT_FILE: serve the pipes on stdin and stdout (started by
     WriteBehindClient; not a command for people)."""
     from multiprocessing.connection import Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a signal to the group: the parent ends its runs, through here
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    uri, path, *turn = argv
-    turn = _Turn(fd=int(turn[0]), wait=float(turn[1])) if turn else None
+    uri, path = argv
     recv = Connection(os.dup(0), writable=False)
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # whatever MLflow prints goes to stderr, not into the replies
-    serve(uri, recv, replies, Path(path), turn)
+    serve(uri, recv, replies, Path(path), os.getppid())
     return 0
 
 

@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 
 from experiments.config import ExperimentConfig
 from experiments.run import StopRun, run_experiment
-from experiments.tracking import history_metrics, log_metrics_batched, log_params, runs_first, tracked_run
+from experiments.tracking import history_metrics, log_metrics_batched, log_params, real_run_id, tracked_run
 
 from .space import SearchSpace
 from .storage import worker_tag
@@ -170,7 +170,7 @@ class Objective:
                 parent_run_id=self.parent_run_id,
                 tags={**tags, "kind": "trial"},
             ) as (client, run_id):
-                trial.set_user_attr("mlflow_run_id", run_id)
+                state.link(client, run_id, wait=False)
                 log_params(client, run_id, {**trial.params, **overrides, "datasets": ",".join(s.datasets)})
                 try:
                     for i, (name, config) in enumerate(zip(s.datasets, configs, strict=True)):
@@ -181,6 +181,7 @@ class Objective:
                         except (FloatingPointError, torch.linalg.LinAlgError) as e:
                             raise StopRun(f"{name}: {e}", status="FAILED") from e
                         state.end(name, result)
+                        state.link(client, run_id)  # made by now, unless the store lags a whole fit
                         state.report(i + 1)
                 finally:
                     state.wall_time = time.perf_counter() - start
@@ -261,11 +262,10 @@ class Objective:
         ends: dict[int, StopRun] = {}
         start = time.perf_counter()
         try:
-            with runs_first(self.tracking_uri):  # the batch's trial runs before the helper's pending writes
-                for t, cm in zip(trials, contexts, strict=True):
-                    opened.append(cm.__enter__())
-                    t.set_user_attr("mlflow_run_id", opened[-1][1])  # Optuna's storage: not the helper's pipe
-            for t, (client, run_id), ov in zip(trials, opened, overrides, strict=True):  # writes: after the block
+            for t, cm, state, ov in zip(trials, contexts, states, overrides, strict=True):
+                opened.append(cm.__enter__())
+                client, run_id = opened[-1]
+                state.link(client, run_id, wait=False)
                 log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
             alive = list(range(len(trials)))
             for i, name in enumerate(s.datasets):
@@ -273,6 +273,8 @@ class Objective:
                     break
                 batch = _Batch(trials, states, [c[i] for c in configs], [run_id for _, run_id in opened], tags, ends)
                 alive = self._fit_dataset(batch, i, name, alive)
+                for state, (client, run_id) in zip(states, opened, strict=True):
+                    state.link(client, run_id)  # made by now, unless the store lags a whole population
         except BaseException as err:
             info = sys.exc_info()
             ended = {}  # trials pruned or failed before the interrupt keep that outcome (told by optimize_batched)
@@ -391,6 +393,14 @@ class _TrialState:
         self.pruned = False
         self.wall_time = 0.0
         self.value = math.nan
+        self.linked = False
+
+    def link(self, client, run_id: str, wait: bool = True) -> None:
+        """The trial's MLflow run as its user attribute `mlflow_run_id`, once. Inside write_behind the helper
+        makes the run: this waits until it has (wait=False: nothing yet if it has not)."""
+        if not self.linked and (real := real_run_id(client, run_id, wait=wait)) is not None:
+            self.trial.set_user_attr("mlflow_run_id", real)
+            self.linked = True
 
     def begin(self, index: int, name: str) -> None:
         self.index, self.name = index, name
@@ -421,6 +431,7 @@ class _TrialState:
 
     def record(self, client, run_id: str) -> None:
         """User attributes on the trial, final metrics and the reported curve on its MLflow run."""
+        self.link(client, run_id)
         counts = {
             "clamp_count": sum(v for k, v in self.attrs.items() if k.startswith("clamp_count/")),
             "reset_count": sum(v for k, v in self.attrs.items() if k.startswith("reset_count/")),

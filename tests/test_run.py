@@ -351,3 +351,27 @@ def test_runs_after_their_experiment_was_deleted_land_in_it_restored(mlflow_uri)
     assert client.get_run(second).info.experiment_id == experiment
     assert client.get_experiment(experiment).lifecycle_stage == "active"
     assert client.get_run(second).info.status == "FINISHED"
+
+
+def test_a_loggers_curves_wait_as_numbers_while_the_store_fails_and_are_written_whole_after(mlflow_uri, caplog):
+    """RunLogger keeps whole curves as numbers: a flush during the fit that the store refuses keeps them (and
+    `unsent()` lists them point by point, for keep_locally); the next flush writes every point."""
+    from experiments.run_log import RunLogger
+    from experiments.tracking import tracked_run
+
+    with tracked_run(mlflow_uri, "logger") as (client, run_id):
+        logger = RunLogger(client, "0" * 32)  # no such run: the store refuses every write
+        logger.in_fit = True
+        logger.add({"nll/val": 2.0}, 10, flush=False)
+        logger.add_curve("nll/train", [3.0, 2.5, float(2)], range(3))
+        logger.flush()
+        assert "does not answer" in caplog.text
+        assert [(m.key, m.step, m.value) for m in logger.unsent()] == [
+            ("nll/val", 10, 2.0), ("nll/train", 0, 3.0), ("nll/train", 1, 2.5), ("nll/train", 2, 2.0)
+        ]  # fmt: skip
+        assert logger.latest["nll/train"].step == 2 and logger.latest["nll/train"].value == 2.0
+        logger.run_id = run_id  # the store answers again
+        logger.flush()
+        assert logger.unsent() == [] and "answers again" in caplog.text
+    train = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "nll/train"))
+    assert train == [(0, 3.0), (1, 2.5), (2, 2.0)] and client.get_run(run_id).data.metrics["nll/val"] == 2.0

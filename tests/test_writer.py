@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import writer
 from experiments.stores import PID_TAG, WRITER_TAG, why_dead
-from experiments.tracking import get_client, runs_first, tracked_run, write_behind
+from experiments.tracking import get_client, log_csv, log_curve, real_run_id, tracked_run, write_behind
 from experiments.writer import WriteBehindClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def _curve(n: int = 300) -> list[Metric]:
     return [Metric("nll/train", float(i) / 7, 1_700_000_000_000 + i, i) for i in range(n)]
 
 
-def test_writes_inside_the_block_land_in_order_and_reads_see_them(mlflow_uri):
+def test_writes_inside_the_block_land_in_order_and_reads_see_them(mlflow_uri, tmp_path):
     with write_behind(mlflow_uri):
         with tracked_run(mlflow_uri, "wb", run_name="a") as (client, run_id):
             assert isinstance(client, WriteBehindClient)
@@ -38,13 +38,22 @@ def test_writes_inside_the_block_land_in_order_and_reads_see_them(mlflow_uri):
             client.set_tag(run_id, "t", "1")
             client.set_tag(run_id, "t", "2")  # the later write wins: they are made in order
             client.log_text(run_id, "a,b\n", "events.csv")
+            # writes whose entities the helper builds (`later`): a curve's Metrics, a CSV text
+            log_curve(client, run_id, "nll/val", [0.5, 0.25, 0.125], [0, 10, 20], timestamp=1_700_000_000_000)
+            log_csv(client, run_id, ("step", "kind"), [(3, "clamp"), (4, 'reset, then "more"')], "events2.csv")
             seen = client.get_run(run_id)  # a read waits for the writes before it
             assert seen.data.metrics["nll/train"] == pytest.approx(299 / 7) and seen.data.tags["t"] == "2"
+            assert seen.data.metrics["nll/val"] == 0.125
+            run_id = real_run_id(client, run_id)
     # after the block: every write made, the run ended, the helper gone; the client is a plain one again
     raw = MlflowClient(mlflow_uri)
     run = raw.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["t"] == "2"
     assert len(raw.get_metric_history(run_id, "nll/train")) == 300
+    val = [(m.step, m.value, m.timestamp) for m in raw.get_metric_history(run_id, "nll/val")]
+    assert sorted(val) == [(0, 0.5, 1_700_000_000_000), (10, 0.25, 1_700_000_000_000), (20, 0.125, 1_700_000_000_000)]
+    text = Path(raw.download_artifacts(run_id, "events2.csv", str(tmp_path))).read_text()
+    assert text == 'step,kind\n3,clamp\n4,"reset, then ""more"""\n'
     assert not isinstance(get_client(mlflow_uri), WriteBehindClient)
     assert client._proc.poll() == 0
 
@@ -58,18 +67,23 @@ def test_writes_that_fail_are_kept_and_counted_and_the_next_ones_go_on(mlflow_ur
             client.set_tag(run_id, "between", "yes")  # made: the store itself works
             for k in range(5):  # after 3 failures in a row the helper stops retrying them
                 client.set_tag(gone, "k", str(k))
+            log_curve(client, gone, "c", [1.5], [7], timestamp=5)  # a write the helper builds: kept as its numbers
             client.set_tag(run_id, "after", "yes")
-            assert client.drain() == 6
+            assert client.drain() == 7
+            run_id = real_run_id(client, run_id)
             assert client.drain() == 0  # each failure is counted once
     tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
     assert tags["between"] == "yes" and tags["after"] == "yes"
     (kept,) = (tmp_path / "unsent").glob("writes-*.jsonl")
     records = [json.loads(line) for line in kept.read_text().splitlines()]
-    assert [r["method"] for r in records] == ["log_batch"] + ["set_tag"] * 5 and records[0]["args"][0] == gone
+    methods = ["log_batch"] + ["set_tag"] * 5 + ["experiments.tracking._log_curve_now"]
+    assert [r["method"] for r in records] == methods and records[0]["args"][0] == gone
     assert len(records[0]["kwargs"]["metrics"]) == 3 and records[0]["kwargs"]["metrics"][2]["step"] == 2
-    assert [r["args"][2] for r in records[1:]] == ["0", "1", "2", "3", "4"]  # in the order they were made
-    assert f"log_batch of run {gone} was not made" in capfd.readouterr().err
-    assert "6 MLflow writes" in caplog.text and str(kept) in caplog.text
+    assert [r["args"][2] for r in records[1:6]] == ["0", "1", "2", "3", "4"]  # in the order they were made
+    assert records[6]["args"] == [gone, "c", [1.5], [7], 5]
+    err = capfd.readouterr().err
+    assert f"log_batch of run {gone} was not made" in err and f"_log_curve_now of run {gone} was not made" in err
+    assert "7 MLflow writes" in caplog.text and str(kept) in caplog.text
 
 
 @pytest.mark.parametrize("when", ["starting", "writing"])
@@ -81,33 +95,30 @@ def test_a_dead_helper_is_noticed_and_its_unmade_writes_are_made_here(mlflow_uri
                 client._proc.kill()  # before the helper made anything (a stray kill, OOM)
             for start in range(0, 300, 10):
                 client.log_batch(run_id, metrics=curve[start : start + 10])
+            log_curve(client, run_id, "built", [2.0, 3.0], [0, 1])  # a `later` write, made here when unmade there
             if when == "writing":
                 client._proc.kill()  # with writes in the pipe, some made, some not
             client._proc.wait(timeout=30)
             client.set_tag(run_id, "after", "yes")  # noticed here: the unmade writes and this one are made here
             client.log_batch(run_id, metrics=[Metric("x", 1.0, 0, 0)])
+            run_id = real_run_id(client, run_id)  # "starting": the run too was created here
     assert "the MLflow writer process ended" in caplog.text
     raw = MlflowClient(mlflow_uri)
     run = raw.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["after"] == "yes" and run.data.metrics["x"] == 1.0
     assert {m.step for m in raw.get_metric_history(run_id, "nll/train")} == set(range(300))  # the whole curve
+    assert sorted(m.value for m in raw.get_metric_history(run_id, "built")) == [2.0, 3.0]
 
 
 _PARENT = """
 import faulthandler, os, signal, sys, time
 from mlflow.entities import Metric
-from experiments import writer
-from experiments.tracking import runs_first, tracked_run, write_behind
+from experiments.tracking import tracked_run, write_behind
 faulthandler.dump_traceback_later(90)  # a hang shows every thread's stack in the test's failure
 uri, how = sys.argv[1], sys.argv[2]
-if how == "kill":  # a helper that waits for its turn this long would miss the test's deadline
-    writer.TURN_WAIT = 600.0
 with write_behind(uri):
-    with tracked_run(uri, "wb") as (client, run_id):
-        print(run_id, flush=True)
-        if how == "kill":  # dies holding the store's turn (runs_first): the kernel drops it, and the helper goes on
-            turn = runs_first(uri)  # kept: a dropped block would give the turn back when collected
-            turn.__enter__()
+    with tracked_run(uri, "wb", run_name="parent " + how) as (client, run_id):
+        print(run_id, flush=True)  # a stand-in: the helper creates the run, maybe after this process is dead
         for k in range(40):  # about 0.5 MB of curves: most are still in the pipe when this process dies
             client.log_batch(run_id, metrics=[Metric(f"c{k}", float(i), 0, i) for i in range(250)])
         client.set_tag(run_id, "sent", "all")
@@ -131,73 +142,77 @@ def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_p
     except subprocess.TimeoutExpired as err:  # its stderr holds the stacks faulthandler dumped at 90 s
         stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
         pytest.fail(f"the parent did not end in 120 s; its stderr:\n{stderr[-6000:]}")
-    run_id = proc.stdout.split()[0]
+    assert proc.stdout.startswith(writer.STAND_IN), proc.stderr[-2000:]
     raw = MlflowClient(mlflow_uri)
-    deadline = time.monotonic() + 60  # SIGKILL: the orphaned helper finishes what the pipe holds, then exits
-    while time.monotonic() < deadline and raw.get_run(run_id).data.tags.get("sent") != "all":
+    experiment = raw.get_experiment_by_name("wb").experiment_id
+
+    def run_of_parent():  # SIGKILL: the orphaned helper makes what the pipe holds (the run's creation too), then exits
+        runs = raw.search_runs([experiment], f"attributes.run_name = 'parent {how}'")
+        return runs[0] if runs and runs[0].data.tags.get("sent") == "all" else None
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run_of_parent() is None:
         time.sleep(0.2)
-    run = raw.get_run(run_id)
-    assert run.data.tags.get("sent") == "all", proc.stderr[-2000:]
-    assert all(len(raw.get_metric_history(run_id, f"c{k}")) == 250 for k in range(40))
-    if how == "kill":
-        assert proc.returncode == -signal.SIGKILL and run.info.status == "RUNNING"  # ended KILLED by the next command
+    run = run_of_parent()
+    assert run is not None, proc.stderr[-2000:]
+    assert all(len(raw.get_metric_history(run.info.run_id, f"c{k}")) == 250 for k in range(40))
+    if how == "kill":  # the helper, which created the run, ends it once the pipe is empty
+        assert proc.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and raw.get_run(run.info.run_id).info.status == "RUNNING":
+            time.sleep(0.2)
+        run = raw.get_run(run.info.run_id)
+        assert run.info.status == "KILLED" and run.data.tags["stop_reason"].endswith("died while the run was open")
     else:
         assert proc.returncode != 0 and run.info.status == "KILLED"
         assert run.data.tags["stop_reason"].startswith("interrupted")
 
 
-def test_the_helper_waits_while_this_process_opens_runs_first_and_a_read_there_gives_the_turn_back(mlflow_uri, monkeypatch):
-    monkeypatch.setattr(writer, "TURN_WAIT", 120.0)  # the helper's longest wait, far beyond this test's waits
+def test_runs_opened_in_the_block_are_made_by_the_helper_and_their_stand_in_ids_work_everywhere(mlflow_uri, tmp_path):
     raw = MlflowClient(mlflow_uri)
     with write_behind(mlflow_uri):
-        with tracked_run(mlflow_uri, "wb") as (client, run_id):
-            client.set_tag(run_id, "s", "0")
-            assert client.get_run(run_id).data.tags["s"] == "0"  # the helper is up (its start takes seconds)
-            with runs_first(mlflow_uri):
-                client.set_tag(run_id, "t", "1")
-                with tracked_run(mlflow_uri, "wb", run_name="opened first") as (_, other):
-                    time.sleep(1.0)  # the helper had time to make the tag, had it not waited for its turn
-                    assert "t" not in raw.get_run(run_id).data.tags and raw.get_run(other).info.status == "RUNNING"
-                    t0 = time.monotonic()
-                    assert client.get_run(run_id).data.tags["t"] == "1"  # a read drains: the turn is given back
-                    assert time.monotonic() - t0 < 60  # not after the helper's longest wait
-                client.set_tag(run_id, "u", "2")
-            assert client.get_run(run_id).data.tags["u"] == "2"  # after the block, the helper's turn again
-    assert raw.get_run(other).info.status == "FINISHED" and client._proc.poll() == 0
+        t0 = int(time.time() * 1000)
+        with tracked_run(mlflow_uri, "wb", run_name="parent") as (client, parent):
+            with tracked_run(mlflow_uri, "wb", run_name="child", parent_run_id=parent) as (_, child):
+                assert parent.startswith(writer.STAND_IN) and child.startswith(writer.STAND_IN)
+                client.set_tag(child, "t", "1")  # a write: the helper maps the stand-in
+                (tmp_path / "a.txt").write_text("artifact")
+                client.log_artifact(child, str(tmp_path / "a.txt"))  # a direct call: mapped here, once the run is made
+                assert client.get_run(child).data.tags["t"] == "1"  # a read: mapped after the drain
+                real_child = real_run_id(client, child)
+                t1 = int(time.time() * 1000)
+            real_parent = real_run_id(client, parent)
+            ended = int(time.time() * 1000)
+            time.sleep(0.05)  # the helper ends the run later than this process did
+    assert real_child != child and not real_child.startswith(writer.STAND_IN)
+    run = raw.get_run(real_child)
+    assert run.info.run_name == "child" and run.data.tags["mlflow.parentRunId"] == real_parent
+    assert run.data.tags["t"] == "1" and [a.path for a in raw.list_artifacts(real_child)] == ["a.txt"]
+    assert t0 <= run.info.start_time <= t1 and t1 <= run.info.end_time <= ended  # the times this process saw
+    assert raw.get_run(real_parent).info.status == "FINISHED" and real_run_id(raw, real_parent) == real_parent
 
 
-_FULL_PIPE = """
-import faulthandler, sys
-from experiments.tracking import runs_first, tracked_run, write_behind
-faulthandler.dump_traceback_later(90)
-uri = sys.argv[1]
-with write_behind(uri):
-    with tracked_run(uri, "wb") as (client, run_id):
-        print(run_id, flush=True)
-        with runs_first(uri):  # 2.4 MB of writes: the pipe (1 MiB) fills while the helper waits for its turn
-            for k in range(24):
-                client.log_text(run_id, f"{k:02d}" * 50_000, f"blobs/{k:02d}.txt")
-        client.set_tag(run_id, "sent", "all")
-"""
-
-
-def test_writes_that_fill_the_pipe_inside_runs_first_do_not_stop_the_helper(mlflow_uri):
-    # the helper waits for its turn at most TURN_WAIT, then writes without it: the pipe empties, nothing hangs
-    get_client(mlflow_uri)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(_FULL_PIPE), mlflow_uri], capture_output=True, text=True, env=env,
-            timeout=120,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired as err:
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else err.stderr or ""
-        pytest.fail(f"the parent did not end in 120 s; its stderr:\n{stderr[-6000:]}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_a_run_the_helper_could_not_create_keeps_its_writes_and_one_whose_experiment_was_deleted_is_restored(
+    mlflow_uri, tmp_path, monkeypatch, capfd
+):
+    monkeypatch.setenv("GMM_UNSENT_DIR", str(tmp_path / "unsent"))
+    monkeypatch.setattr(writer, "RETRY_SECONDS", 0.01)
     raw = MlflowClient(mlflow_uri)
-    run = raw.get_run(proc.stdout.split()[0])
-    assert run.info.status == "FINISHED" and run.data.tags["sent"] == "all"
-    assert [a.path for a in raw.list_artifacts(run.info.run_id, "blobs")] == [f"blobs/{k:02d}.txt" for k in range(24)]
+    with write_behind(mlflow_uri):
+        with tracked_run(mlflow_uri, "wb", run_name="first") as (client, first):
+            raw.delete_experiment(raw.get_experiment_by_name("wb").experiment_id)  # tracked_run remembers its id
+            with tracked_run(mlflow_uri, "wb", run_name="after the delete") as (_, restored):
+                pass
+            nowhere = client.create_run_later("987654", int(time.time() * 1000), {}, "in no experiment")
+            client.set_tag(nowhere, "k", "v")
+            assert real_run_id(client, nowhere) is None and client.drain() == 2  # the creation and the write
+            assert real_run_id(client, restored) is not None
+    assert raw.get_run(real_run_id(client, restored)).info.status == "FINISHED"
+    assert raw.get_experiment_by_name("wb").lifecycle_stage == "active"
+    (kept,) = (tmp_path / "unsent").glob("writes-*.jsonl")
+    records = [json.loads(line) for line in kept.read_text().splitlines()]
+    assert [r["method"] for r in records] == ["create_run", "set_tag"] and records[1]["args"] == [nowhere, "k", "v"]
+    assert "its run was not created" in capfd.readouterr().err
 
 
 def test_a_run_stays_open_while_the_helper_of_its_dead_process_still_writes(mlflow_uri):
@@ -207,7 +222,7 @@ def test_a_run_stays_open_while_the_helper_of_its_dead_process_still_writes(mlfl
     host = socket.gethostname()
     with write_behind(mlflow_uri):
         with tracked_run(mlflow_uri, "wb") as (client, run_id):
-            tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
+            tags = MlflowClient(mlflow_uri).get_run(real_run_id(client, run_id)).data.tags
             assert tags[WRITER_TAG] == str(client.pid)
             orphaned = {**tags, PID_TAG: dead.stdout.strip()}  # as if this process had been killed
             assert why_dead(orphaned, time.time(), host) is None  # its helper runs
