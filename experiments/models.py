@@ -32,7 +32,9 @@ def log_model(
     from mlflow.entities import LoggedModelOutput, Metric
     from mlflow.models import infer_signature
 
-    from .tracking import fluent_tracking_uri
+    from .tracking import fluent_tracking_uri, real_run_id
+
+    run_id = real_run_id(client, run_id)  # the store's id: MLflow's fluent API below does not go through `client`
 
     snapshot = copy.deepcopy(model).cpu()
     snapshot.fit_result_ = None  # the fit record (curves, events) is the run's, not the model's

@@ -82,6 +82,7 @@ from .tracking import (
     add_tracking_arguments,
     get_client,
     log_params,
+    real_run_id,
     resolve_tracking_uri,
     start_command,
     tracked_run,
@@ -255,7 +256,8 @@ def finish_run(config, data, logger, model, result, evaluator, train, val) -> Ex
         return _finish(config, data, logger, model, result, evaluator, train, val)
     except MlflowException as err:
         try:
-            err.kept_at = keep_locally(logger.run_id, config, model, result, logger.unsent(), err)
+            run_id = real_run_id(logger.client, logger.run_id, wait=False) or logger.run_id  # a stand-in if not made
+            err.kept_at = keep_locally(run_id, config, model, result, logger.unsent(), err)
         except Exception as keep_err:  # the store's error stays the one reported
             log.error("could not keep run %s's fit locally either: %s", logger.run_id, keep_err)
         raise

@@ -33,6 +33,7 @@ from .tracking import (
     log_curve,
     log_metrics_batched,
 )
+from .writer import WriteBehindClient
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,18 @@ class RunLogger:
 
     def unsent(self) -> list[Metric]:
         """Every metric buffered and not written yet."""
-        return self.pending + [Metric(k, v, t, s) for k, vs, ss, t in self.curves for v, s in zip(vs, ss, strict=True)]
+        return self.pending + self._curve_points()
+
+    def _curve_points(self) -> list[Metric]:
+        return [Metric(k, v, t, s) for k, vs, ss, t in self.curves for v, s in zip(vs, ss, strict=True)]
 
     def flush(self) -> None:
         """Write the buffered metrics. While the fit runs, a store that fails (a server that dropped out,
         after MLflow's bounded retries) does not stop it: the unsent metrics stay buffered, in order, and the
         next flush tries again. Outside the fit the error propagates (the run then keeps its record locally)."""
+        if not isinstance(self.client, WriteBehindClient):  # one log_batch for all, as points (see log_curve)
+            self.pending.extend(self._curve_points())
+            self.curves.clear()
         sent = curves = 0
         try:
             while sent < len(self.pending):

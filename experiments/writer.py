@@ -34,8 +34,10 @@ What it keeps (tests/test_writer.py):
   logs how many writes were kept.
 - **A helper that dies** (killed on its own, or before it started): this process keeps every write until the
   helper acknowledges it, so the next call here notices, logs one line, makes the unacknowledged writes
-  itself and every later one. The helper acknowledges every ACK_EVERY writes while it is behind, so up to
-  that many writes it had made may be made twice (a curve point twice, a tag set again).
+  itself and every later one (keeping those that fail, as the helper would). The helper acknowledges every
+  ACK_EVERY writes while it is behind, so up to that many writes it had made may be made twice (a curve point
+  twice, a tag set again); it acknowledges a new run at once, so a run is made twice only if the helper died
+  between making it and saying so. A helper whose pipe fails while it still runs is killed first.
 - **A run whose creation failed** (after the retry) has its create_run kept in the unsent file like any
   failed write; the writes to it are kept there too, without a try, and `real_id` gives None for it.
 - **Messages are whole.** SIGINT and SIGTERM are held back while a message is written to the pipe or a reply
@@ -93,7 +95,7 @@ class WriteBehindClient:
         # its own interpreter (no forked SQLite connections, none of this program's imports); stdin and stdout
         # are its pipes, its stderr is ours; its own session: Ctrl-C at the terminal reaches this process only
         # (which ends its runs KILLED through the helper), also while the helper is still starting
-        command = [sys.executable, "-m", "experiments.writer", uri, str(path)]
+        command = [sys.executable, "-m", "experiments.writer", uri, str(path), str(os.getpid())]
         self._proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
         )  # fmt: skip
@@ -133,24 +135,42 @@ class WriteBehindClient:
         def call(*args, **kwargs):
             if name not in DIRECT:
                 self.drain()  # a read sees every write sent before it
-            args = tuple(self.real_id(a) if _is_stand_in(a) else a for a in args)
-            kwargs = {k: self.real_id(v) if _is_stand_in(v) else v for k, v in kwargs.items()}
+            args = tuple(self._made(a) for a in args)
+            kwargs = {k: self._made(v) for k, v in kwargs.items()}
             if isinstance(kwargs.get("tags"), dict):  # create_run's parent
-                kwargs["tags"] = {k: self.real_id(v) if _is_stand_in(v) else v for k, v in kwargs["tags"].items()}
+                kwargs["tags"] = {k: self._made(v) for k, v in kwargs["tags"].items()}
             return attr(*args, **kwargs)
 
         return call
 
+    def _made(self, value):
+        """`value`, or for a stand-in id its run's id; raises MlflowException when that run was not created."""
+        if not _is_stand_in(value):
+            return value
+        real = self.real_id(value)
+        if real is None:
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+            raise MlflowException(f"run {value} was not created (see {self._path})", RESOURCE_DOES_NOT_EXIST)
+        return real
+
     def _write(self, name: str, *args, **kwargs) -> int | None:
-        """Send a write (returns its number), or make it here when the helper is gone (returns None)."""
+        """Send a write (returns its number), or make it here when the helper is gone (returns None; a write that
+        fails here is kept and counted as the helper would)."""
         with self._lock:
             if self._alive:
                 try:
                     self._collect()
-                    return self._post(name, args, kwargs)
                 except (EOFError, OSError):
                     self._lost()
-            self._maker.call(name, args, kwargs)
+            if self._alive:
+                try:
+                    return self._post(name, args, kwargs)
+                except (EOFError, OSError):
+                    self._lost()  # it makes this write too: it was kept before the send failed
+                    return None
+            self._failed += not self._maker.make(name, args, kwargs)
         return None
 
     def _post(self, name: str, args: tuple = (), kwargs: dict | None = None) -> int:
@@ -172,12 +192,12 @@ class WriteBehindClient:
             while drain is not None and not self._replies.poll(0.5):
                 if self._proc.poll() is not None:
                     raise EOFError
-            with _signals_held():  # a reply is read whole
+            with _signals_held():  # a reply is read and recorded whole
                 done, failed, ids = self._replies.recv()
-            while self._pending and self._pending[0][0] <= done:
-                self._pending.popleft()
-            self._failed += failed
-            self._maker.ids.update(ids)
+                while self._pending and self._pending[0][0] <= done:
+                    self._pending.popleft()
+                self._failed += failed
+                self._maker.ids.update(ids)
             if drain is not None and done >= drain:
                 return
 
@@ -190,6 +210,9 @@ class WriteBehindClient:
                 self._collect()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=1)
+        if self._proc.poll() is None:  # alive but unusable (its pipe failed): it must not write beside this one
+            self._proc.kill()
+            self._proc.wait()
         log.error(
             "the MLflow writer process ended (exit code %s); this process makes its %d unacknowledged writes and "
             "every later one", self._proc.returncode, len(self._pending),
@@ -223,9 +246,11 @@ class WriteBehindClient:
                 with contextlib.suppress(EOFError, OSError):  # a gone helper is noticed by the next call
                     self._collect()
                 return self._maker.ids.get(run_id)
-            while run_id not in self._maker.ids and self._alive:
+            seq = self._creates.get(run_id, 0)  # 0: made here
+            # until the helper has made it (once acknowledged, its id came with the acknowledgement)
+            while run_id not in self._maker.ids and self._alive and self._pending and self._pending[0][0] <= seq:
                 try:
-                    self._collect(drain=self._creates[run_id])
+                    self._collect(drain=seq)
                 except (EOFError, OSError):
                     self._lost()
             return self._maker.ids.get(run_id)
@@ -425,6 +450,9 @@ class _Maker:
             name, args = f"{args[0].__module__}.{args[0].__qualname__}", args[1:]
         elif name == _CREATE:
             name = "create_run"
+        else:  # the run's id where it was made (a stand-in only for a run that was not)
+            args = tuple(self.ids.get(a) or a if _is_stand_in(a) else a for a in args)
+            kwargs = {k: self.ids.get(v) or v if _is_stand_in(v) else v for k, v in kwargs.items()}
         run_id = args[0] if args else kwargs.get("run_id", "?")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,17 +477,17 @@ def _jsonable(obj):
 
 
 def main(argv: list[str]) -> int:
-    """python -m experiments.writer URI UNSENT_FILE: serve the pipes on stdin and stdout (started by
+    """python -m experiments.writer URI UNSENT_FILE PARENT_PID: serve the pipes on stdin and stdout (started by
     WriteBehindClient; not a command for people)."""
     from multiprocessing.connection import Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a signal to the group: the parent ends its runs, through here
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    uri, path = argv
+    uri, path, parent = argv
     recv = Connection(os.dup(0), writable=False)
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # whatever MLflow prints goes to stderr, not into the replies
-    serve(uri, recv, replies, Path(path), os.getppid())
+    serve(uri, recv, replies, Path(path), int(parent))
     return 0
 
 

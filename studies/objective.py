@@ -393,11 +393,14 @@ class _TrialState:
         self.pruned = False
         self.wall_time = 0.0
         self.value = math.nan
+        self.run: tuple | None = None  # (client, run_id) of the trial's MLflow run
         self.linked = False
 
     def link(self, client, run_id: str, wait: bool = True) -> None:
-        """The trial's MLflow run as its user attribute `mlflow_run_id`, once. Inside write_behind the helper
-        makes the run: this waits until it has (wait=False: nothing yet if it has not)."""
+        """The trial's MLflow run as its user attribute `mlflow_run_id`, once (studies.stale ends a dead
+        worker's runs through it). Inside write_behind the helper makes the run: this waits until it has
+        (wait=False: nothing yet if it has not; every evaluation of the trial's fits tries again)."""
+        self.run = (client, run_id)
         if not self.linked and (real := real_run_id(client, run_id, wait=wait)) is not None:
             self.trial.set_user_attr("mlflow_run_id", real)
             self.linked = True
@@ -406,6 +409,8 @@ class _TrialState:
         self.index, self.name = index, name
 
     def on_eval(self, step: int, val_nll: float) -> None:
+        if not self.linked and self.run is not None:
+            self.link(*self.run, wait=False)
         if not math.isfinite(val_nll):
             raise StopRun(f"{self.name}: the validation NLL became {val_nll} at step {step}", status="FAILED")
 

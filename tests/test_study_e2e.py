@@ -194,6 +194,34 @@ class _AlwaysPrune(optuna.pruners.BasePruner):
         return True
 
 
+def test_a_batch_written_behind_links_each_trial_to_its_real_run_and_no_stand_in_id_reaches_a_record(tmp_path):
+    # the helper creates the runs (stand-in ids in this process): Optuna's mlflow_run_id, the fit runs' parent
+    # tags and every other tag hold the store's ids, for a trial pruned after its first dataset too
+    from experiments.tracking import write_behind
+    from experiments.writer import STAND_IN
+    from studies.objective import Objective, StudySettings
+    from studies.space import load_space
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    names = (f"{FAMILY}-separated", f"{FAMILY}-overlapping")
+    settings = StudySettings(FAMILY, names, load_space(FAMILY), iterations=20, eval_every=10)
+    study = optuna.create_study(pruner=_AlwaysPrune())
+    trials = [study.ask() for _ in range(2)]
+    with write_behind(uri):
+        outcomes = Objective(settings, uri, "behind").run_batch(trials)
+    assert [state for state, _ in outcomes] == [TrialState.PRUNED] * 2
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("behind").experiment_id], max_results=100)
+    ids = {r.info.run_id for r in runs}
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)  # 2 trial runs, a fit run each
+    assert not any(STAND_IN in v for r in runs for v in (*r.data.tags.values(), *r.data.params.values()))
+    for trial in trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert run_id in ids and client.get_run(run_id).data.tags["trial"] == str(trial.number)
+        (fit,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run_id]
+        assert fit.data.tags["kind"] == "fit" and fit.data.tags["dataset"] == names[0]
+
+
 def test_a_pruned_trial_ends_finished_in_mlflow_with_a_pruned_tag(tmp_path):
     from studies.objective import Objective, StudySettings
     from studies.space import load_space

@@ -69,21 +69,23 @@ def test_writes_that_fail_are_kept_and_counted_and_the_next_ones_go_on(mlflow_ur
                 client.set_tag(gone, "k", str(k))
             log_curve(client, gone, "c", [1.5], [7], timestamp=5)  # a write the helper builds: kept as its numbers
             client.set_tag(run_id, "after", "yes")
-            assert client.drain() == 7
+            client.log_param(run_id, "p", "1")
+            client.log_param(run_id, "p", "2")  # refused (params do not change): kept under the run's real id
+            assert client.drain() == 8
             run_id = real_run_id(client, run_id)
             assert client.drain() == 0  # each failure is counted once
     tags = MlflowClient(mlflow_uri).get_run(run_id).data.tags
     assert tags["between"] == "yes" and tags["after"] == "yes"
     (kept,) = (tmp_path / "unsent").glob("writes-*.jsonl")
     records = [json.loads(line) for line in kept.read_text().splitlines()]
-    methods = ["log_batch"] + ["set_tag"] * 5 + ["experiments.tracking._log_curve_now"]
+    methods = ["log_batch"] + ["set_tag"] * 5 + ["experiments.tracking._log_curve_now", "log_param"]
     assert [r["method"] for r in records] == methods and records[0]["args"][0] == gone
     assert len(records[0]["kwargs"]["metrics"]) == 3 and records[0]["kwargs"]["metrics"][2]["step"] == 2
     assert [r["args"][2] for r in records[1:6]] == ["0", "1", "2", "3", "4"]  # in the order they were made
-    assert records[6]["args"] == [gone, "c", [1.5], [7], 5]
+    assert records[6]["args"] == [gone, "c", [1.5], [7], 5] and records[7]["args"] == [run_id, "p", "2"]
     err = capfd.readouterr().err
     assert f"log_batch of run {gone} was not made" in err and f"_log_curve_now of run {gone} was not made" in err
-    assert "7 MLflow writes" in caplog.text and str(kept) in caplog.text
+    assert "8 MLflow writes" in caplog.text and str(kept) in caplog.text
 
 
 @pytest.mark.parametrize("when", ["starting", "writing"])
@@ -117,6 +119,8 @@ from experiments.tracking import tracked_run, write_behind
 faulthandler.dump_traceback_later(90)  # a hang shows every thread's stack in the test's failure
 uri, how = sys.argv[1], sys.argv[2]
 with write_behind(uri):
+    with tracked_run(uri, "wb", run_name="ended " + how):
+        pass
     with tracked_run(uri, "wb", run_name="parent " + how) as (client, run_id):
         print(run_id, flush=True)  # a stand-in: the helper creates the run, maybe after this process is dead
         for k in range(40):  # about 0.5 MB of curves: most are still in the pipe when this process dies
@@ -166,6 +170,8 @@ def test_a_killed_or_interrupted_parent_loses_no_write_it_sent(mlflow_uri, tmp_p
     else:
         assert proc.returncode != 0 and run.info.status == "KILLED"
         assert run.data.tags["stop_reason"].startswith("interrupted")
+    (ended,) = raw.search_runs([experiment], f"attributes.run_name = 'ended {how}'")
+    assert ended.info.status == "FINISHED"  # ended before the parent died: the helper leaves it so
 
 
 def test_runs_opened_in_the_block_are_made_by_the_helper_and_their_stand_in_ids_work_everywhere(mlflow_uri, tmp_path):
@@ -229,3 +235,39 @@ def test_a_run_stays_open_while_the_helper_of_its_dead_process_still_writes(mlfl
     assert client._proc.poll() is not None  # the block ended: the helper is gone
     assert "is gone" in why_dead(orphaned, time.time(), host)
     assert why_dead({**orphaned, WRITER_TAG: str(os.getpid())}, time.time(), host)  # a live pid of another program
+
+
+def test_a_message_whose_send_fails_is_made_once_here_and_the_helper_is_stopped(mlflow_uri):
+    # a pipe that fails while the helper still runs: the message sent last (a run's creation) was kept before
+    # the send, so it is made here once; the helper is killed so that it cannot write beside this process
+    raw = MlflowClient(mlflow_uri)
+    with write_behind(mlflow_uri):
+        with tracked_run(mlflow_uri, "wb", run_name="first") as (client, first):
+            assert client.get_run(first).info.run_name == "first"  # the helper is up
+            client._send.close()  # the next send fails
+            with tracked_run(mlflow_uri, "wb", run_name="once") as (_, once):
+                client.set_tag(once, "t", "1")  # made here
+            assert client._proc.poll() is not None
+    experiment = raw.get_experiment_by_name("wb").experiment_id
+    (run,) = raw.search_runs([experiment], "attributes.run_name = 'once'")
+    assert run.info.status == "FINISHED" and run.data.tags["t"] == "1" and real_run_id(client, once) == run.info.run_id
+
+
+def test_once_the_helper_is_gone_a_write_to_a_run_not_created_is_kept_and_a_read_of_it_raises(
+    mlflow_uri, tmp_path, monkeypatch
+):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("GMM_UNSENT_DIR", str(tmp_path / "unsent"))
+    monkeypatch.setattr(writer, "RETRY_SECONDS", 0.01)
+    with write_behind(mlflow_uri):
+        client = get_client(mlflow_uri)
+        client._proc.kill()  # before it made anything: this process makes the creation, which fails
+        client._proc.wait(timeout=30)
+        nowhere = client.create_run_later("987654", int(time.time() * 1000), {}, "in no experiment")
+        client.set_tag(nowhere, "k", "v")  # kept, not raised, as the helper would
+        assert client.drain() == 2 and real_run_id(client, nowhere) is None
+        with pytest.raises(MlflowException, match="was not created"):
+            client.get_run(nowhere)
+    (kept,) = (tmp_path / "unsent").glob("writes-*.jsonl")
+    assert [json.loads(line)["method"] for line in kept.read_text().splitlines()] == ["create_run", "set_tag"]
