@@ -95,7 +95,7 @@ class WriteBehindClient:
         # its own interpreter (no forked SQLite connections, none of this program's imports); stdin and stdout
         # are its pipes, its stderr is ours; its own session: Ctrl-C at the terminal reaches this process only
         # (which ends its runs KILLED through the helper), also while the helper is still starting
-        command = [sys.executable, "-m", "experiments.writer", uri, str(path), str(os.getpid())]
+        command = [sys.executable, "-m", "experiments.writer", uri, str(path), str(os.getpid()), str(RETRY_SECONDS)]
         self._proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
         )  # fmt: skip
@@ -477,13 +477,15 @@ def _jsonable(obj):
 
 
 def main(argv: list[str]) -> int:
-    """python -m experiments.writer URI UNSENT_FILE PARENT_PID: serve the pipes on stdin and stdout (started by
-    WriteBehindClient; not a command for people)."""
+    """python -m experiments.writer URI UNSENT_FILE PARENT_PID RETRY_SECONDS: serve the pipes on stdin and stdout
+    (started by WriteBehindClient; not a command for people)."""
+    global RETRY_SECONDS
     from multiprocessing.connection import Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a signal to the group: the parent ends its runs, through here
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    uri, path, parent = argv
+    uri, path, parent, retry = argv
+    RETRY_SECONDS = float(retry)  # the parent's (read when it started the helper)
     recv = Connection(os.dup(0), writable=False)
     replies = Connection(os.dup(1), readable=False)
     os.dup2(2, 1)  # whatever MLflow prints goes to stderr, not into the replies
