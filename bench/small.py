@@ -1,8 +1,8 @@
 """Small-problem benchmark (N=1000, K=5, D=2, full, float32): ms per iteration of this project's fit against
 the original-style baseline, timed in the same run, plus the analytic path's agreement with autograd.
 
-    python -m bench.small                  # 15 rounds of 400 iterations per variant; check over 20,000 steps
-    python -m bench.small --quick          # 5 rounds of 200; check over 1,000 steps
+    python -m bench.small                  # 15 rounds of 400 iterations per variant; check over 1,000 steps
+    python -m bench.small --quick          # 5 rounds of 200; check over 200 steps
     python -m bench.small --threads 1      # one intra-op thread for every variant (steadier on a busy machine)
 
 Timing: variants are timed in short interleaved blocks (one block of each per round), so a change in the
@@ -10,6 +10,13 @@ load of a shared machine hits every variant alike; a variant's figure is the med
 per iteration, and its speedup the median over rounds of (baseline block / variant block). Our variants run
 the whole `gmm.fit` loop (step, clamp, collapse check, history), from `FitResult.wall_time`; initialization
 and compilation are excluded and the compile time is printed on its own line.
+
+The agreement check fits in float64, over the first 1,000 steps: there the analytic paths' NLL histories
+match autograd's to 1e-11 to 5e-11 (on this VM's AVX-512 kernels and on ATEN_CPU_CAPABILITY=default; CHECK_TOL
+is 1e-9, 20x and more above that). Later, at
+the demo's learning rates, the fit goes through a stretch (around steps 1,800-3,500) that amplifies any
+difference, rounding included: there two correct paths part by 1e-4 in float64 as in float32, and by how
+much depends on the CPU's math kernels. So the check stops before it, and the final NLLs are only printed.
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ VARIANTS = {  # name -> fit options
 TARGETS = {"autograd (fused Adam)": 2.5, "analytic, compiled": 10.0}  # issues 2 and 3
 
 
+CHECK_TOL = 1e-9  # float64 NLL histories, first `--check` steps (see the module docstring)
+
+
 def _fit(x: torch.Tensor, iterations: int, **options) -> gmm.FitResult:
-    model = gmm.GmmFull(NUM_COMPONENTS, NUM_DIMS)
+    model = gmm.GmmFull(NUM_COMPONENTS, NUM_DIMS, dtype=x.dtype)
     model.fit(x, num_iterations=iterations, mixture_lr=MIXTURE_LR, component_lr=COMPONENT_LR, seed=42, **options)
     return model.fit_result_
 
@@ -55,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="timing rounds (default 15, quick 5)")
     parser.add_argument("--block", type=int, help="iterations per timed block (default 400, quick 200)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for every variant (default: torch's)")
-    parser.add_argument("--check", type=int, help="iterations of the history check (default 20000, quick 1000)")
+    parser.add_argument("--check", type=int, help="iterations of the history check (default 1000, quick 200)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (5 if args.quick else 15)
     block = args.block or (200 if args.quick else 400)
-    check = args.check or (1000 if args.quick else 20_000)
+    check = args.check or (200 if args.quick else 1000)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\..*")  # inductor's own deprecations
@@ -106,16 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compile time ({name}): {seconds:.1f} s (first compile in this process), excluded from ms/iter")
 
     # the analytic paths must reproduce autograd's NLL history at the demo's learning rates
-    reference = _fit(x, check, gradients="autograd")
+    reference = _fit(x.double(), check, gradients="autograd")
     for name, opts in VARIANTS.items():
         if opts["gradients"] == "autograd":
             continue
-        result = _fit(x, check, **opts)
+        result = _fit(x.double(), check, **opts)
         gap = float((result.nll_history - reference.nll_history).abs().max())
-        ok = gap <= 1e-5
+        ok = gap <= CHECK_TOL
         status |= 0 if ok else 1
-        print(f"NLL history, {name} vs autograd, {check} steps: max |diff| = {gap:.2e} ({'ok' if ok else 'MISSED'} <= 1e-5)")
-    print(f"final NLL after {check} steps: {reference.final_nll:.4f} (autograd)")
+        verdict = f"{'ok' if ok else 'MISSED'} <= {CHECK_TOL:.0e}"
+        print(f"NLL history, {name} vs autograd, float64, {check} steps: max |diff| = {gap:.2e} ({verdict})")
+    print(f"final NLL after {check} steps: {reference.final_nll:.6f} (autograd, float64)")
     return status
 
 
