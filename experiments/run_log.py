@@ -29,6 +29,7 @@ from .tracking import (
     csv_text,
     deferred_signals,
     finite_or_none,
+    history_metrics,
     log_csv,
     log_curve,
     log_metrics_batched,
@@ -99,7 +100,7 @@ class RunLogger:
         return self.pending + self._curve_points()
 
     def _curve_points(self) -> list[Metric]:
-        return [Metric(k, v, t, s) for k, vs, ss, t in self.curves for v, s in zip(vs, ss, strict=True)]
+        return [m for key, vs, ss, t in self.curves for m in history_metrics(key, vs, ss, [t] * len(vs))]
 
     def flush(self) -> None:
         """Write the buffered metrics. While the fit runs, a store that fails (a server that dropped out,

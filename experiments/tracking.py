@@ -556,7 +556,7 @@ def log_curve(
 
 
 def _log_curve_now(client: MlflowClient, run_id: str, key: str, values: list, steps: list, stamp: int) -> None:
-    log_metrics_batched(client, run_id, [Metric(key, v, stamp, s) for v, s in zip(values, steps, strict=True)])
+    log_metric_history(client, run_id, key, values, steps, [stamp] * len(values))
 
 
 def csv_text(columns: Sequence[str], rows: Iterable[Sequence]) -> str:

@@ -386,20 +386,22 @@ class _Maker:
         self.open: dict[str, None] = {}  # runs created here and not ended yet, in order
 
     def _real(self, value):
-        if isinstance(value, str) and value.startswith(STAND_IN):
-            real = self.ids.get(value)
-            if real is None:
-                raise _NotCreated(f"its run was not created (stand-in id {value})")
-            return real
-        return value
+        if not _is_stand_in(value):
+            return value
+        if self.ids.get(value) is None:
+            raise _NotCreated(f"its run was not created (stand-in id {value})")
+        return self.ids[value]
+
+    def _shown(self, value):
+        """`value`, or for a stand-in its run's id where that run was made (a kept write names it)."""
+        return (self.ids.get(value) or value) if _is_stand_in(value) else value
 
     def call(self, name: str, args: tuple, kwargs: dict) -> None:
         """Make the message once; raises what the store raised."""
         if name == _CREATE:
             stand_in, experiment_id, start_time, tags, run_name = args
-            tags = {k: v for k, v in tags.items() if not (isinstance(v, str) and v.startswith(STAND_IN))} | {
-                k: self.ids[v] for k, v in tags.items() if isinstance(v, str) and self.ids.get(v) is not None
-            }  # a parent that was not created is left out
+            tags = {k: self.ids.get(v) if _is_stand_in(v) else v for k, v in tags.items()}
+            tags = {k: v for k, v in tags.items() if v is not None}  # a parent that was not created is left out
             try:
                 run = self.client.create_run(experiment_id, start_time=start_time, tags=tags, run_name=run_name)
             except Exception:  # its experiment deleted meanwhile: restored, as tracking.ensure_experiment does
@@ -451,8 +453,8 @@ class _Maker:
         elif name == _CREATE:
             name = "create_run"
         else:  # the run's id where it was made (a stand-in only for a run that was not)
-            args = tuple(self.ids.get(a) or a if _is_stand_in(a) else a for a in args)
-            kwargs = {k: self.ids.get(v) or v if _is_stand_in(v) else v for k, v in kwargs.items()}
+            args = tuple(self._shown(a) for a in args)
+            kwargs = {k: self._shown(v) for k, v in kwargs.items()}
         run_id = args[0] if args else kwargs.get("run_id", "?")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,8 @@ class Objective:
                 parent_run_id=self.parent_run_id,
                 tags={**tags, "kind": "trial"},
             ) as (client, run_id):
-                state.link(client, run_id, wait=False)
+                state.run = (client, run_id)
+                state.link(wait=False)
                 log_params(client, run_id, {**trial.params, **overrides, "datasets": ",".join(s.datasets)})
                 try:
                     for i, (name, config) in enumerate(zip(s.datasets, configs, strict=True)):
@@ -181,7 +182,7 @@ class Objective:
                         except (FloatingPointError, torch.linalg.LinAlgError) as e:
                             raise StopRun(f"{name}: {e}", status="FAILED") from e
                         state.end(name, result)
-                        state.link(client, run_id)  # made by now, unless the store lags a whole fit
+                        state.link()  # made by now, unless the store lags a whole fit
                         state.report(i + 1)
                 finally:
                     state.wall_time = time.perf_counter() - start
@@ -264,8 +265,8 @@ class Objective:
         try:
             for t, cm, state, ov in zip(trials, contexts, states, overrides, strict=True):
                 opened.append(cm.__enter__())
-                client, run_id = opened[-1]
-                state.link(client, run_id, wait=False)
+                client, run_id = state.run = opened[-1]
+                state.link(wait=False)
                 log_params(client, run_id, {**t.params, **ov, "datasets": ",".join(s.datasets)})
             alive = list(range(len(trials)))
             for i, name in enumerate(s.datasets):
@@ -273,8 +274,8 @@ class Objective:
                     break
                 batch = _Batch(trials, states, [c[i] for c in configs], [run_id for _, run_id in opened], tags, ends)
                 alive = self._fit_dataset(batch, i, name, alive)
-                for state, (client, run_id) in zip(states, opened, strict=True):
-                    state.link(client, run_id)  # made by now, unless the store lags a whole population
+                for state in states:
+                    state.link()  # made by now, unless the store lags a whole population
         except BaseException as err:
             info = sys.exc_info()
             ended = {}  # trials pruned or failed before the interrupt keep that outcome (told by optimize_batched)
@@ -396,12 +397,11 @@ class _TrialState:
         self.run: tuple | None = None  # (client, run_id) of the trial's MLflow run
         self.linked = False
 
-    def link(self, client, run_id: str, wait: bool = True) -> None:
-        """The trial's MLflow run as its user attribute `mlflow_run_id`, once (studies.stale ends a dead
-        worker's runs through it). Inside write_behind the helper makes the run: this waits until it has
-        (wait=False: nothing yet if it has not; every evaluation of the trial's fits tries again)."""
-        self.run = (client, run_id)
-        if not self.linked and (real := real_run_id(client, run_id, wait=wait)) is not None:
+    def link(self, wait: bool = True) -> None:
+        """The trial's MLflow run (`run`, once it is open) as its user attribute `mlflow_run_id`, once
+        (studies.stale ends a dead worker's runs through it). Inside write_behind the helper makes the run:
+        this waits until it has (wait=False: nothing yet if it has not; every evaluation tries again)."""
+        if self.run is not None and not self.linked and (real := real_run_id(*self.run, wait=wait)) is not None:
             self.trial.set_user_attr("mlflow_run_id", real)
             self.linked = True
 
@@ -409,8 +409,7 @@ class _TrialState:
         self.index, self.name = index, name
 
     def on_eval(self, step: int, val_nll: float) -> None:
-        if not self.linked and self.run is not None:
-            self.link(*self.run, wait=False)
+        self.link(wait=False)
         if not math.isfinite(val_nll):
             raise StopRun(f"{self.name}: the validation NLL became {val_nll} at step {step}", status="FAILED")
 
@@ -436,7 +435,7 @@ class _TrialState:
 
     def record(self, client, run_id: str) -> None:
         """User attributes on the trial, final metrics and the reported curve on its MLflow run."""
-        self.link(client, run_id)
+        self.link()
         counts = {
             "clamp_count": sum(v for k, v in self.attrs.items() if k.startswith("clamp_count/")),
             "reset_count": sum(v for k, v in self.attrs.items() if k.startswith("reset_count/")),
